@@ -1,6 +1,6 @@
 """Build-time code (host only, never shipped in the initrd): one module per build.py subcommand.
 
-Each module defines ``register(subparsers)`` adding its subcommand(s) with ``set_defaults(func=...)``.
+Each module defines ``register(subparsers)`` adding subcommands with ``set_defaults(func=...)``.
 Outputs default to ``out/``, downloads are cached in ``cache/`` (both git-ignored).
 """
 

@@ -38,7 +38,7 @@ class Completed:
 def run(
     argv: Sequence[str],
     *,
-    input: bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: bytes | None = None,
     env: Mapping[str, str] | None = None,
     check: bool = True,
     ok_codes: Sequence[int] = (0,),
@@ -62,9 +62,7 @@ def run(
         )
     except FileNotFoundError:
         raise CommandError(f"{argv[0]} not found.") from None
-    result = Completed(
-        tuple(argv), proc.returncode, proc.stdout or b"", proc.stderr or b""
-    )
+    result = Completed(tuple(argv), proc.returncode, proc.stdout or b"", proc.stderr or b"")
     if check and proc.returncode not in ok_codes:
         err = result.stderr.decode(errors="replace").strip()
         last = err.splitlines()[-1] if err else "no error output"
