@@ -1,0 +1,50 @@
+#!/bin/bash
+# shellcheck disable=SC2154 # moddir, initdir, systemdsystemunitdir, SYSTEMCTL come from dracut
+# dracut module "pystate": mounts the state partition and binds its entries
+# onto the new root before switch-root (see README.md and docs/).
+# The frozen program comes from a payload directory built by
+# `build.py payload DIR` (default /usr/lib/pystate): pystate, python311.zip, lib-dynload/.
+
+# Only when asked for (dracut --add pystate), never by host-only autodetection.
+check() {
+	require_binaries python3.11 e2fsck || return 1
+	[[ -e "${PYSTATE_PAYLOAD:-/usr/lib/pystate}/pystate" ]] || return 1
+	return 255
+}
+
+depends() {
+	return 0
+}
+
+installkernel() {
+	hostonly='' instmods loop ext4 btrfs xfs erofs squashfs overlay \
+		tpm_tis tpm_crb tpm_tis_core dm_crypt
+}
+
+install() {
+	local payload="${PYSTATE_PAYLOAD:-/usr/lib/pystate}" so
+	inst_binary /usr/bin/python3.11
+	ln_r /usr/bin/python3.11 /usr/bin/python3
+	inst_simple "$payload/python311.zip" /usr/lib/python311.zip
+	inst_simple "$payload/pystate" /usr/bin/pystate
+	for so in "$payload"/lib-dynload/*.so; do
+		[[ -e "$so" ]] && inst_library "$so" "/usr/lib/python3.11/lib-dynload/${so##*/}"
+	done
+
+	inst_multiple e2fsck resize2fs
+	inst_multiple -o btrfs xfs_growfs fsck.ext4 \
+		cryptsetup tpm2_createprimary tpm2_load tpm2_unseal tpm2_create tpm2_pcrread \
+		tpm2_startauthsession tpm2_policypcr tpm2_flushcontext tpm2_pcrextend
+	# tpm2-tools dlopen() their TCTI; dracut cannot see that dependency.
+	inst_libdir_file "libtss2-tcti-device.so*"
+
+	local conf="${PYSTATE_CONF:-/etc/pystate/pystate.conf}"
+	[[ -e "$conf" ]] && inst_simple "$conf" /etc/pystate/pystate.conf
+
+	if dracut_module_included "systemd"; then
+		inst_simple "$moddir/pystate.service" "$systemdsystemunitdir/pystate.service"
+		$SYSTEMCTL -q --root "$initdir" add-wants initrd-root-fs.target pystate.service
+	else
+		inst_hook pre-pivot 50 "$moddir/pystate-hook.sh"
+	fi
+}
