@@ -1,23 +1,105 @@
 """Argument parsing and error reporting for the pystate command.
 
 Subcommands import their modules lazily so that ``--version`` and the boot
-path start fast in the initrd.
+path start fast in the initrd. Library code raises PystateError; only main()
+turns it into one line on stderr and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import PystateError
 
 
+def _cmd_boot(args: argparse.Namespace) -> int:
+    from .boot import BootPaths, run_boot
+
+    paths = BootPaths(
+        sysroot=Path(args.sysroot),
+        config=Path(args.config),
+        cmdline=Path(args.cmdline),
+        run_dir=Path(args.run_dir),
+    )
+    return run_boot(paths)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from . import plan
+
+    cfg = config_mod.load_config(Path(args.config) if args.config else None, "")
+    mount_plan = plan.build_plan(
+        Path(args.state),
+        Path(args.encrypted) if args.encrypted else None,
+        plain_allowlist=cfg.plain_allowlist,
+        modes={t: plan.MountMode(m) for t, m in cfg.mount_modes.items()},
+    )
+    if args.json:
+        print(json.dumps(mount_plan.to_json(), indent=2))
+    else:
+        sysroot = Path(args.sysroot)
+        rows = [("AREA", "ENTRY", "TARGET", "MODE", "OPTIONS")]
+        for m in mount_plan.mounts:
+            target = str(sysroot / m.target.lstrip("/"))
+            rows.append((str(m.area), m.name, target, str(m.mode), ",".join(m.options) or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+            print("  ".join([*cells, row[-1]]))
+        for r in mount_plan.rejected:
+            print(f"rejected {r.area} entry {r.name!r}: {r.reason}")
+    return 1 if mount_plan.rejected else 0
+
+
+def _cmd_gpt(args: argparse.Namespace) -> int:
+    from . import gpt
+
+    table = gpt.read_gpt(args.image)
+    if args.json:
+        print(json.dumps(table.to_json(), indent=2))
+        return 0
+    print(f"{args.image}: GPT, {table.sector_size}-byte sectors, disk GUID {table.disk_guid}")
+    if table.used_backup:
+        print("warning: the primary GPT is damaged; read from the backup header")
+    for p in table.partitions:
+        mark = "  <- pystate state partition" if p.type_guid == gpt.STATE_TYPE_GUID else ""
+        print(
+            f"{p.index:>3}  {p.first_lba:>10}-{p.last_lba:<10} {p.size:>14}  "
+            f"{p.type_guid}  {p.part_guid}  attrs={p.attributes:#x}  {p.name!r}{mark}"
+        )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pystate", description="pystate state partition tool")
     parser.add_argument("--version", action="version", version=f"pystate {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("boot", help="(initrd) mount the state partition and its entries")
+    p.add_argument("--sysroot", default="/sysroot", help="the new root (default /sysroot)")
+    p.add_argument("--config", default="/etc/pystate/pystate.conf", help="trusted configuration")
+    p.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file")
+    p.add_argument("--run-dir", default="/run/pystate", help="where boot.json goes")
+    p.set_defaults(func=_cmd_boot)
+
+    p = sub.add_parser("plan", help="show the mount plan for a state tree")
+    p.add_argument("--state", required=True, help="the plain state directory")
+    p.add_argument("--encrypted", help="the opened encrypted image's directory")
+    p.add_argument("--sysroot", required=True, help="the new root the targets are under")
+    p.add_argument("--config", help="pystate.conf (default: built-in defaults)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("gpt", help="list a disk's GPT partitions, state partitions marked")
+    p.add_argument("image", help="disk image file or block device")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_gpt)
     return parser
 
 
@@ -32,4 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PystateError as exc:
         print(f"pystate: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # Anything not already explained by a module: still one line, naming the file.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pystate: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return result
