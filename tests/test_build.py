@@ -1,0 +1,309 @@
+"""build.py zipapp / tree / closure: the frozen program, the minimal root and library closures.
+
+Real interpreter, real chroot, ldd as the oracle for closures. The tree is built
+once per session (module fixture); reproducibility builds the zipapp twice more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, needs_root
+
+from pystate_build.elfclosure import ClosureError, known_dlopen, library_closure
+from pystate_build.freeze import TARGET_PYTHON, freeze, target_info
+from pystate_build.tree import TreeReport, build_tree
+
+EPOCH = 1_700_000_000
+TWO_MIB = 2 * 1024 * 1024
+CHROOT = shutil.which("chroot", path="/usr/sbin:/usr/bin:/sbin:/bin") or "chroot"
+pytestmark = pytest.mark.skipif(not TARGET_PYTHON.exists(), reason=f"{TARGET_PYTHON} missing")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> TreeReport:
+    base = tmp_path_factory.mktemp("build")
+    return build_tree(base / "root", freeze_dir=base / "freeze", epoch=EPOCH)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _chroot(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CHROOT, str(root), *argv],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin", "LANG": "C"},
+        timeout=30,
+        check=False,
+    )
+
+
+# --- the frozen program -------------------------------------------------------------------
+
+
+def test_size_bound(tree: TreeReport) -> None:
+    total = tree.freeze.zipapp_size + tree.freeze.stdlib_size
+    assert total < TWO_MIB, f"zipapp + stdlib = {total} bytes, over 2 MiB"
+
+
+def test_reproducible(tmp_path: Path) -> None:
+    # A snapshot of the package, so that edits in the checkout meanwhile cannot interfere.
+    package = tmp_path / "pystate_initrd"
+    shutil.copytree(REPO / "pystate_initrd", package, ignore=shutil.ignore_patterns("__pycache__"))
+    one = freeze(tmp_path / "one", epoch=EPOCH, package=package)
+    two = freeze(tmp_path / "two", epoch=EPOCH, package=package)
+    assert _sha256(one.zipapp) == _sha256(two.zipapp)
+    assert _sha256(one.stdlib_zip) == _sha256(two.stdlib_zip)
+    later = freeze(tmp_path / "later", epoch=EPOCH + 86_400, package=package)
+    assert later.zipapp.read_bytes() != one.zipapp.read_bytes()
+    assert later.stdlib_zip.read_bytes() != one.stdlib_zip.read_bytes()
+
+
+def test_shebang_and_mode(tree: TreeReport) -> None:
+    with tree.freeze.zipapp.open("rb") as f:
+        assert f.readline() == b"#!/usr/bin/python3.11 -IS\n"
+    assert (tree.dest / "usr/bin/pystate").stat().st_mode & 0o7777 == 0o755
+
+
+@pytest.mark.parametrize("which", ["zipapp", "stdlib_zip"])
+def test_zip_entries(tree: TreeReport, which: str) -> None:
+    magic = target_info().magic
+    path: Path = getattr(tree.freeze, which)
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        assert names == sorted(names)
+        for info in infos:
+            assert info.filename.endswith(".pyc"), info.filename
+            assert info.external_attr >> 16 == 0o100644
+            assert info.date_time == infos[0].date_time
+            data = zf.read(info)
+            assert data[:4] == magic, info.filename
+            # PEP 552 flags: bit 0 hash-based, bit 1 check_source: 0b01 = unchecked hash.
+            assert int.from_bytes(data[4:8], "little") == 0b01, info.filename
+
+
+def test_zip_contents_follow_analysis(tree: TreeReport) -> None:
+    analysis = tree.freeze.analysis
+    with zipfile.ZipFile(tree.freeze.stdlib_zip) as zf:
+        modules = {
+            n.removesuffix(".pyc").removesuffix("/__init__").replace("/", ".")
+            for n in zf.namelist()
+        }
+    assert modules == set(analysis.stdlib)
+    info = target_info()
+    assert not modules & info.builtin
+    assert not modules & set(analysis.frozen)
+    # What the interpreter needs to start, and what pystate's own imports pull in.
+    assert {"encodings", "encodings.utf_8", "argparse"} <= modules
+    assert "os" not in modules  # frozen into Debian's python3.11
+    assert "_cffi_backend" in tree.freeze.extensions
+    with zipfile.ZipFile(tree.freeze.zipapp) as zf:
+        names = set(zf.namelist())
+    assert "__main__.pyc" in names
+    assert "pystate_initrd/cli.pyc" in names
+    assert not any("_ffi_build" in n for n in names)
+
+
+# --- the tree -----------------------------------------------------------------------------
+
+
+def test_tree_has_nothing_else_of_python(tree: TreeReport) -> None:
+    pythonish = {
+        f
+        for f in (*tree.files, *tree.symlinks)
+        if re.search(r"python|\.py|dist-packages|site-packages", f)
+    }
+    expected = {
+        "usr/bin/python3.11",
+        "usr/bin/python3",
+        "usr/lib/python311.zip",
+        "usr/lib/python3.11/lib-dynload/_cffi_backend.cpython-311-x86_64-linux-gnu.so",
+    }
+    assert expected <= pythonish
+    extra = pythonish - expected
+    assert all(
+        re.fullmatch(r"usr/lib/python3\.11/lib-dynload/\w+\.cpython-311-\S+\.so", f) for f in extra
+    )
+    assert {Path(f).name.split(".")[0] for f in extra} == set(tree.freeze.extensions) - {
+        "_cffi_backend"
+    }
+
+
+def test_tree_symlinks(tree: TreeReport) -> None:
+    root = tree.dest
+    assert os.readlink(root / "usr/bin/python3") == "python3.11"
+    for link in ("lib", "lib64"):
+        if Path("/", link).is_symlink():
+            assert os.readlink(root / link) == os.readlink(Path("/", link))
+    interp = root / "lib64/ld-linux-x86-64.so.2"
+    assert interp.is_symlink() or interp.is_file()
+    assert interp.resolve().is_relative_to(root.resolve()) or interp.is_file()
+    # SONAME links kept: libffi.so.8 -> libffi.so.8.x.y, real file present.
+    libffi = root / "usr/lib/x86_64-linux-gnu/libffi.so.8"
+    assert libffi.is_symlink()
+    assert (libffi.parent / os.readlink(libffi)).is_file()
+
+
+def test_tree_describe(tree: TreeReport) -> None:
+    line = tree.describe()
+    assert re.match(r"zipapp [\d.]+ KiB, stdlib [\d.]+ (KiB|MiB), tree [\d.]+ MiB", line), line
+
+
+@needs_root
+def test_chroot_version(tree: TreeReport) -> None:
+    proc = _chroot(tree.dest, "/usr/bin/pystate", "--version")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "pystate 0.1.0\n", "")
+
+
+@needs_root
+def test_chroot_help(tree: TreeReport) -> None:
+    proc = _chroot(tree.dest, "/usr/bin/pystate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: pystate") and proc.stderr == ""
+
+
+@needs_root
+def test_chroot_interpreter_paths(tree: TreeReport) -> None:
+    code = "import sys, encodings; print(sys.prefix, sys.exec_prefix, encodings.__file__)"
+    proc = _chroot(tree.dest, "/usr/bin/python3.11", "-IS", "-c", code)
+    assert proc.stderr == ""  # no "Could not find platform independent libraries"
+    assert proc.stdout.split() == ["/usr", "/usr", "/usr/lib/python311.zip/encodings/__init__.pyc"]
+
+
+@needs_root
+def test_chroot_imports_every_package_module(tree: TreeReport) -> None:
+    with zipfile.ZipFile(tree.freeze.zipapp) as zf:
+        modules = sorted(
+            n.removesuffix(".pyc").removesuffix("/__init__").replace("/", ".")
+            for n in zf.namelist()
+            if n.startswith("pystate_initrd/") and not n.endswith("__main__.pyc")
+        )
+    code = (
+        "import importlib, sys; sys.path.insert(0, '/usr/bin/pystate')\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "import hashlib, json, uuid, shutil; hashlib.sha256(); print('ok')"
+    )
+    proc = _chroot(tree.dest, "/usr/bin/python3.11", "-IS", "-c", code)
+    assert (proc.stdout, proc.stderr) == ("ok\n", "")
+
+
+@needs_root
+def test_chroot_cffi_backend(tree: TreeReport) -> None:
+    code = "import _cffi_backend; print(_cffi_backend.__file__)"
+    proc = _chroot(tree.dest, "/usr/bin/python3.11", "-IS", "-c", code)
+    assert proc.stdout.startswith("/usr/lib/python3.11/lib-dynload/_cffi_backend"), proc.stderr
+
+
+# --- library closure ----------------------------------------------------------------------
+
+
+def _ldd(binary: str) -> set[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    paths = set()
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("linux-vdso"):
+            continue
+        path = line.split(" => ")[-1].split(" (")[0].strip()
+        paths.add(path)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["python3.11", "cryptsetup", "tpm2_unseal", "e2fsck", "mount"])
+def test_closure_matches_ldd(name: str) -> None:
+    binary = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if binary is None:
+        pytest.skip(f"{name} not installed")
+    got = {str(p) for p in library_closure([binary], use_known_dlopen=False)}
+    assert got == _ldd(binary)
+
+
+@pytest.mark.parametrize(
+    ("binary", "expected"),
+    [
+        ("tpm2_unseal", ("libtss2-tcti-device.so.0",)),
+        ("tpm2_createprimary", ("libtss2-tcti-device.so.0",)),
+        ("tpm2", ("libtss2-tcti-device.so.0",)),
+        ("cryptsetup", ()),
+        ("python3.11", ()),
+    ],
+)
+def test_known_dlopen_table(binary: str, expected: tuple[str, ...]) -> None:
+    assert known_dlopen(f"/usr/bin/{binary}") == expected
+
+
+def test_closure_with_dlopen() -> None:
+    tpm2 = shutil.which("tpm2_unseal")
+    if tpm2 is None:
+        pytest.skip("tpm2-tools not installed")
+    plain = set(library_closure([tpm2], use_known_dlopen=False))
+    full = set(library_closure([tpm2]))
+    names = {p.name for p in full - plain}
+    assert "libtss2-tcti-device.so.0" in names
+    explicit = set(library_closure([tpm2], ["libtss2-tcti-device.so.0"], use_known_dlopen=False))
+    assert explicit == full
+
+
+def test_closure_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "build.py"), "closure", "mount", "/usr/bin/python3.11"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = library_closure(["/usr/bin/mount", "/usr/bin/python3.11"])
+    assert proc.stdout.splitlines() == [str(p) for p in expected]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["closure", str(REPO / "build.py")], "is not an ELF file"),
+        (["closure", "/nonexistent/binary"], "cannot read /nonexistent/binary"),
+        (["closure", "no-such-tool-anywhere"], "no-such-tool-anywhere not found"),
+        (["closure", "/usr/bin/mount", "--dlopen", "libnope.so.9"], "libnope.so.9, needed by"),
+    ],
+)
+def test_closure_errors(argv: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "build.py"), *argv], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_closure_error_type(tmp_path: Path) -> None:
+    (tmp_path / "text").write_text("not elf\n")
+    with pytest.raises(ClosureError, match="not an ELF file"):
+        library_closure([tmp_path / "text"])
+
+
+def test_zipapp_cli(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "build.py"), "zipapp", str(tmp_path / "z")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"zipapp [\d.]+ KiB, stdlib [\d.]+ (KiB|MiB)", proc.stdout), proc.stdout
+    assert (tmp_path / "z/pystate").is_file()
+    with zipfile.ZipFile(tmp_path / "z/python311.zip") as zf:
+        stamp = zf.infolist()[0].date_time
+    utc = time.gmtime(EPOCH)
+    assert stamp == (*utc[:5], utc[5] // 2 * 2)  # DOS time: 2-second resolution
