@@ -28,7 +28,19 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class EscapeError(PystateError, ValueError):
-    """A path that cannot be escaped, or a name that is not a valid escaped path."""
+    """A path that cannot be escaped, or a name that is not a valid escaped path.
+
+    The message names the input; .reason is the reason alone, for callers that
+    report the input themselves.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _fail(verb: str, text: str, reason: str) -> EscapeError:
+    return EscapeError(f"cannot {verb} {text!r}: {reason}", reason)
 
 
 def _to_bytes(text: str, what: str) -> bytes:
@@ -36,9 +48,9 @@ def _to_bytes(text: str, what: str) -> bytes:
         data = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         # Surrogates outside U+DC80..U+DCFF stand for no byte at all.
-        raise EscapeError(f"cannot {what} {text!r}: it contains a lone surrogate") from None
+        raise _fail(what, text, "it contains a lone surrogate") from None
     if b"\0" in data:
-        raise EscapeError(f"cannot {what} {text!r}: it contains a NUL byte")
+        raise _fail(what, text, "it contains a NUL byte")
     return data
 
 
@@ -76,11 +88,11 @@ def escape_path(path: str) -> str:
         if absolute:
             return "-"
         # A relative path of only "." components simplifies to "." itself.
-        raise EscapeError(f"cannot escape path {path!r}: it names the current directory")
+        raise _fail("escape path", path, "it names the current directory")
     simplified = b"/" * absolute + b"/".join(components)
     problem = _path_problem(simplified)
     if problem:
-        raise EscapeError(f"cannot escape path {path!r}: {problem}")
+        raise _fail("escape path", path, problem)
 
     out: list[str] = []
     for i, byte in enumerate(b"/".join(components)):
@@ -105,7 +117,7 @@ def unescape_path(name: str) -> str:
     """
     data = _to_bytes(name, "unescape")
     if not data:
-        raise EscapeError(f"cannot unescape {name!r}: it is empty")
+        raise _fail("unescape", name, "it is empty")
     if data == b"-":
         return "/"
 
@@ -118,14 +130,15 @@ def unescape_path(name: str) -> str:
         elif byte == 0x5C:
             digits = data[i + 2 : i + 4]
             if data[i + 1 : i + 2] != b"x" or len(digits) != 2 or not set(digits) <= _HEX:
-                raise EscapeError(
-                    f"cannot unescape {name!r}: '\\' at offset {i} is not followed by"
-                    " 'x' and two hex digits"
+                raise _fail(
+                    "unescape",
+                    name,
+                    f"'\\' at offset {i} is not followed by 'x' and two hex digits",
                 )
             value = int(digits, 16)
             if value == 0:
                 # systemd would truncate the path here; a truncated target is never wanted.
-                raise EscapeError(f"cannot unescape {name!r}: it escapes a NUL byte")
+                raise _fail("unescape", name, "it escapes a NUL byte")
             out.append(value)
             i += 3
         else:
@@ -133,17 +146,15 @@ def unescape_path(name: str) -> str:
         i += 1
 
     if out.startswith(b"/"):
-        raise EscapeError(f"cannot unescape {name!r}: it starts with '-' or an escaped '/'")
+        raise _fail("unescape", name, "it starts with '-' or an escaped '/'")
     if out.endswith(b"/"):
-        raise EscapeError(f"cannot unescape {name!r}: it ends with '-' or an escaped '/'")
+        raise _fail("unescape", name, "it ends with '-' or an escaped '/'")
     if b"//" in out:
-        raise EscapeError(
-            f"cannot unescape {name!r}: it has an empty component ('--' or an escaped '/')"
-        )
+        raise _fail("unescape", name, "it has an empty component ('--' or an escaped '/')")
     if b"." in out.split(b"/"):
-        raise EscapeError(f"cannot unescape {name!r}: it contains a '.' component")
+        raise _fail("unescape", name, "it contains a '.' component")
     path = b"/" + bytes(out)
     problem = _path_problem(path)
     if problem:
-        raise EscapeError(f"cannot unescape {name!r}: {problem}")
+        raise _fail("unescape", name, problem)
     return path.decode("utf-8", "surrogateescape")
