@@ -89,7 +89,7 @@ class FreezeError(PystateError):
 
 # Runs inside the target interpreter; reads a JSON request on stdin, answers on stdout.
 _TARGET_SCRIPT = r"""
-import _imp, importlib.util, json, modulefinder, py_compile, sys, sysconfig
+import _imp, ast, importlib.util, json, modulefinder, py_compile, sys, sysconfig
 req = json.load(sys.stdin)
 op = req["op"]
 if op == "info":
@@ -126,7 +126,25 @@ elif op == "analyse":
     def is_deep(name):
         return name.startswith(deep) or name in direct
 
+    def is_main_guard(node):
+        return isinstance(node, ast.If) and ast.unparse(node.test).replace('"', "'") in (
+            "__name__ == '__main__'", "'__main__' == __name__"
+        )
+
     class Finder(modulefinder.ModuleFinder):
+        # A stdlib module's `if __name__ == "__main__":` block (its self-test or command
+        # line: doctest, unittest, pdb...) never runs when it is imported: not scanned.
+        def load_module(self, fqname, fp, pathname, file_info):
+            if file_info[2] != modulefinder._PY_SOURCE or fqname.startswith(deep):
+                return super().load_module(fqname, fp, pathname, file_info)
+            tree = ast.parse(fp.read(), pathname)
+            tree.body = [node for node in tree.body if not is_main_guard(node)]
+            m = self.add_module(fqname)
+            m.__file__ = pathname
+            m.__code__ = compile(tree, pathname, "exec")
+            self.scan_code(m.__code__, m)
+            return m
+
         # Imports inside functions are followed in pystate's own modules only; in the
         # stdlib just the code that runs at import time (module and class bodies).
         def scan_code(self, co, m):
