@@ -25,6 +25,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         config=Path(args.config),
         cmdline=Path(args.cmdline),
         run_dir=Path(args.run_dir),
+        log=Path(args.log),
     )
     return run_boot(paths)
 
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="/etc/pystate/pystate.conf", help="trusted configuration")
     p.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file")
     p.add_argument("--run-dir", default="/run/pystate", help="where boot.json goes")
+    p.add_argument("--log", default="/dev/kmsg", help="log device or file (default /dev/kmsg)")
     p.set_defaults(func=_cmd_boot)
 
     p = sub.add_parser("plan", help="show the mount plan for a state tree")

@@ -1,0 +1,132 @@
+"""``build.py payload`` and ``build.py initrd``: the dracut module's input and a test initrd.
+
+The payload is what a distribution package installs in /usr/lib/pystate for
+the dracut module: the zipapp (``pystate``), the frozen stdlib
+(``python311.zip``) and the extension modules it needs (``lib-dynload/``).
+It is the same freeze that ``build.py tree`` lays out and the chroot test
+runs, so the initrd runs exactly what was tested.
+
+The initrd is made by the system's dracut with the module taken from this
+checkout: dracut is pointed at a private module directory (symlinks to the
+system's modules plus ours), so nothing is installed on the build machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from pystate_initrd.errors import PystateError
+from pystate_initrd.run import run
+
+from . import OUT, REPO
+from .kernel import Kernel, ensure_kernel
+
+SYSTEM_DRACUT = Path("/usr/lib/dracut")
+MODULE_NAME = "90pystate"
+
+# The fewest dracut modules that boot a GPT root partition; dependencies are added by dracut.
+SYSTEMD_MODULES = ("systemd-initrd", "dracut-systemd", "rootfs-block", "udev-rules", "fs-lib")
+SHELL_MODULES = ("rootfs-block", "udev-rules", "fs-lib", "kernel-modules")
+DRIVERS = ("virtio_blk", "virtio_pci", "virtio_console", "erofs", "ext4", "btrfs", "xfs", "loop")
+
+
+class InitrdError(PystateError):
+    """The payload or the initrd could not be built."""
+
+
+def build_payload(dest: Path) -> Path:
+    """Lay out the dracut module's payload in dest (replaced if present)."""
+    from .freeze import freeze
+
+    report = freeze(OUT / "freeze")
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "lib-dynload").mkdir(parents=True)
+    shutil.copy2(report.zipapp, dest / "pystate")
+    shutil.copy2(report.stdlib_zip, dest / "python311.zip")
+    for so in sorted(report.extensions.values()):
+        shutil.copy2(so, dest / "lib-dynload" / so.name, follow_symlinks=True)
+    return dest
+
+
+def dracut_basedir(dest: Path) -> Path:
+    """A dracut base directory: the system's files plus this checkout's module."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "modules.d").mkdir(parents=True)
+    for entry in SYSTEM_DRACUT.iterdir():
+        if entry.name != "modules.d":
+            (dest / entry.name).symlink_to(entry)
+    for module in (SYSTEM_DRACUT / "modules.d").iterdir():
+        (dest / "modules.d" / module.name).symlink_to(module)
+    (dest / "modules.d" / MODULE_NAME).symlink_to(REPO / "dracut-module")
+    return dest
+
+
+def build_initrd(
+    out: Path,
+    *,
+    systemd: bool = True,
+    with_pystate: bool = True,
+    conf: Path | None = None,
+    kernel: Kernel | None = None,
+    extra_modules: tuple[str, ...] = (),
+) -> Path:
+    """Build a dracut initrd for the harness kernel; returns out."""
+    kernel = kernel or ensure_kernel()
+    work = OUT / "initrd-work"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"dracutbasedir": str(dracut_basedir(work / "dracut-base"))}
+    modules = list(SYSTEMD_MODULES if systemd else SHELL_MODULES) + list(extra_modules)
+    if with_pystate:
+        env["PYSTATE_PAYLOAD"] = str(build_payload(work / "payload"))
+        modules.append("pystate")
+        if conf is not None:
+            env["PYSTATE_CONF"] = str(conf.resolve())
+    argv = [
+        "dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline",
+        "--no-early-microcode", "--reproducible", "--compress", "zstd",
+        "--conf", "/dev/null", "--confdir", str(work / "no-conf.d"),
+        "--kver", kernel.version, "--kmoddir", str(kernel.moduledir),
+        "--modules", " ".join(modules), "--drivers", " ".join(DRIVERS),
+    ]  # fmt: skip
+    if not systemd:
+        argv += ["--omit", "systemd systemd-initrd dracut-systemd"]
+    argv.append(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (work / "no-conf.d").mkdir(exist_ok=True)
+    run(argv, env={**env, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
+    return out
+
+
+def _cmd_payload(args: argparse.Namespace) -> int:
+    dest = build_payload(Path(args.dir))
+    for path in sorted(p for p in dest.rglob("*") if p.is_file()):
+        print(f"{path.stat().st_size:>10}  {path}")
+    return 0
+
+
+def _cmd_initrd(args: argparse.Namespace) -> int:
+    out = build_initrd(
+        Path(args.out),
+        systemd=not args.no_systemd,
+        with_pystate=not args.no_pystate,
+        conf=Path(args.conf) if args.conf else None,
+    )
+    print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("payload", help="the dracut module's payload (zipapp, stdlib, .so)")
+    p.add_argument("dir", help="destination, e.g. /usr/lib/pystate")
+    p.set_defaults(func=_cmd_payload)
+    p = subparsers.add_parser("initrd", help="a dracut initrd with the pystate module")
+    p.add_argument("out", help="the initrd file to write")
+    p.add_argument("--no-systemd", action="store_true", help="dracut's shell init, no systemd")
+    p.add_argument("--no-pystate", action="store_true", help="leave the pystate module out")
+    p.add_argument("--conf", help="pystate.conf to put in the initrd's /etc/pystate/")
+    p.set_defaults(func=_cmd_initrd)

@@ -1,0 +1,138 @@
+"""The initrd program: a straight pipeline of named, timed steps.
+
+config → discover → fsck → mount-state → (unlock, issue 4) → plan → mounts → report.
+Each step logs one line with its duration to /dev/kmsg; the whole run is
+summarized in /run/pystate/boot.json. Any failure stops here with one clear
+line on the console; the unit's OnFailure (or dracut's die) takes the boot to
+the emergency target. Nothing is written to the state partition but mounts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PystateError
+from .log import Log
+from .report import BootReport
+
+DEFAULT_CONFIG = Path("/etc/pystate/pystate.conf")
+RUN_DIR = Path("/run/pystate")
+
+
+@dataclass(frozen=True)
+class BootPaths:
+    sysroot: Path = Path("/sysroot")
+    config: Path = DEFAULT_CONFIG
+    cmdline: Path = Path("/proc/cmdline")
+    run_dir: Path = RUN_DIR
+    log: Path = Path("/dev/kmsg")
+
+
+def _state_mountpoint(paths: BootPaths) -> Path:
+    """/sysroot/state when the image has that directory, else the /run fallback (SPEC §2)."""
+    in_image = paths.sysroot / "state"
+    if in_image.is_dir() and not in_image.is_symlink():
+        return in_image
+    fallback = paths.run_dir / "state"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def run_boot(paths: BootPaths) -> int:
+    from . import config as config_mod
+    from . import discover, fsck, fsprobe, linux, mounts, plan
+
+    cmdline = paths.cmdline.read_text(errors="replace")
+    debug = any(w == "pystate.debug" or w.startswith("pystate.debug=") for w in cmdline.split())
+    log = Log(kmsg_path=str(paths.log), debug=debug)
+    report = BootReport(log)
+    try:
+        with report.step("config") as s:
+            cfg = config_mod.load_config(paths.config if paths.config.exists() else None, cmdline)
+            for warning in cfg.warnings:
+                log.warning(warning)
+            s.detail = "disabled by pystate=0" if not cfg.enabled else ""
+        if not cfg.enabled:
+            report.outcome = "disabled"
+            return 0
+
+        with report.step("discover") as s:
+            choice = discover.discover_state(cfg.state_device, sysroot=paths.sysroot)
+            s.detail = f"{choice.device} (PARTUUID {choice.part_uuid}, {choice.reason})"
+            report.facts["partition"] = choice.to_json()
+        if choice.no_auto:
+            report.outcome = "ignored"
+            return 0
+
+        with report.step("probe") as s:
+            fs = fsprobe.probe(choice.device)
+            s.detail = f"{fs.fstype} {fs.uuid}"
+
+        read_only = choice.read_only
+        with report.step("fsck") as s:
+            if read_only:
+                s.detail = "skipped: partition is read-only (GPT bit 60)"
+            else:
+                result = fsck.check(choice.device, fs.fstype)
+                s.detail = str(result.verdict)
+
+        with report.step("mount-state") as s:
+            target = _state_mountpoint(paths)
+            flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+            if read_only:
+                flags |= linux.MS_RDONLY
+            linux.mount(choice.device, str(target), fs.fstype, flags, None)
+            s.detail = f"{choice.device} on {target} ({'ro' if read_only else 'rw'})"
+            report.facts["state"] = {
+                "device": choice.device,
+                "fstype": fs.fstype,
+                "uuid": str(fs.uuid),
+                "mountpoint": str(target),
+                "read_only": read_only,
+            }
+
+        if choice.grow_fs and not read_only:
+            with report.step("grow-state-fs") as s:
+                from .growfs import grow
+
+                s.detail = grow(choice.device, fs.fstype, target)
+
+        with report.step("plan") as s:
+            mount_plan = plan.build_plan(
+                target,
+                None,
+                plain_allowlist=cfg.plain_allowlist,
+                modes={t: plan.MountMode(m) for t, m in cfg.mount_modes.items()},
+            )
+            for rejection in mount_plan.rejected:
+                log.warning(
+                    f"rejected {rejection.area} entry {rejection.name!r}: {rejection.reason}"
+                )
+            s.detail = f"{len(mount_plan.mounts)} mounts, {len(mount_plan.rejected)} rejected"
+            report.facts.update(mount_plan.to_json())
+
+        with report.step("mounts") as s:
+            done = mounts.apply_plan(
+                mount_plan.mounts, sysroot=paths.sysroot, area_dirs={"plain": target}
+            )
+            for d in done:
+                log.info(f"mounted {d.mount.area} {d.mount.name} on {d.mount.target}")
+            s.detail = ", ".join(d.mount.target for d in done) or "nothing to mount"
+        report.outcome = "ok"
+        return 0
+    except PystateError as exc:
+        report.outcome = "failed"
+        report.error = str(exc)
+        log.error(f"boot stopped: {exc}")
+        return 1
+    finally:
+        try:
+            report.write(paths.run_dir / "boot.json")
+        except OSError as exc:
+            log.error(f"cannot write {paths.run_dir / 'boot.json'}: {exc.strerror}")
+        log.info(f"finished ({report.outcome}) in {report.total_ms():.1f} ms")
+        log.close()
+        if os.environ.get("PYSTATE_PRINT_REPORT"):
+            print((paths.run_dir / "boot.json").read_text(), end="")
