@@ -1,0 +1,69 @@
+"""`build.py initrd-plain`: a plain dracut initrd (no pystate) that boots a GPT root partition.
+
+The QEMU harness's own tests boot with it, so that a failure there points at the harness, the
+kernel or the disk image, never at pystate. dracut's shell init (no systemd) with the fewest
+modules that mount ``root=PARTUUID=…`` read-only; cached in ``out/`` per kernel version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from pystate_initrd.run import run
+
+from . import OUT
+from .kernel import Kernel, ensure_kernel
+
+MODULES = ("base", "rootfs-block", "udev-rules", "kernel-modules", "fs-lib")
+OMIT = ("systemd", "systemd-initrd", "dracut-systemd")
+DRIVERS = ("virtio_blk", "virtio_pci", "erofs", "squashfs", "ext4", "btrfs", "xfs")
+
+
+def plain_initrd_path(kernel: Kernel) -> Path:
+    return OUT / f"initrd-plain-{kernel.version}.img"
+
+
+def build_plain_initrd(
+    out: Path | None = None, *, kernel: Kernel | None = None, force: bool = False
+) -> Path:
+    """The plain initrd for the harness kernel; built once, then reused unless ``force``."""
+    kernel = kernel or ensure_kernel()
+    out = out or plain_initrd_path(kernel)
+    if out.is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dracut-plain-", dir=out.parent) as tmp:
+        confdir = Path(tmp) / "conf.d"
+        confdir.mkdir()
+        image = Path(tmp) / "initrd.img"
+        argv = [
+            "dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline",
+            "--no-early-microcode", "--reproducible", "--no-compress",
+            "--conf", "/dev/null", "--confdir", str(confdir), "--tmpdir", tmp,
+            "--kver", kernel.version, "--kmoddir", str(kernel.moduledir),
+            "--modules", " ".join(MODULES), "--omit", " ".join(OMIT),
+            "--drivers", " ".join(DRIVERS), str(image),
+        ]  # fmt: skip
+        run(argv, env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
+        image.rename(out)
+    return out
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    out = build_plain_initrd(Path(args.out) if args.out else None, force=args.force)
+    print(out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "initrd-plain",
+        help="a plain dracut initrd (no pystate) for the harness tests (cached)",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("out", nargs="?", help=f"default: {OUT}/initrd-plain-KVER.img")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.set_defaults(func=_cmd)
