@@ -90,6 +90,21 @@ class Partition:
     def is_state(self) -> bool:
         return self.type_guid == STATE_TYPE_GUID
 
+    def to_json(self) -> dict[str, object]:
+        """The fields, GUIDs as lowercase strings, plus whether it is a state partition."""
+        return {
+            "index": self.index,
+            "type_guid": str(self.type_guid),
+            "part_guid": str(self.part_guid),
+            "name": self.name,
+            "first_lba": self.first_lba,
+            "last_lba": self.last_lba,
+            "attributes": self.attributes,
+            "start": self.start,
+            "size": self.size,
+            "state": self.is_state,
+        }
+
 
 @dataclass(frozen=True)
 class GptTable:
@@ -107,6 +122,20 @@ class GptTable:
 
     def state_partitions(self) -> tuple[Partition, ...]:
         return tuple(p for p in self.partitions if p.is_state)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "sector_size": self.sector_size,
+            "disk_guid": str(self.disk_guid),
+            "disk_size": self.disk_size,
+            "first_usable_lba": self.first_usable_lba,
+            "last_usable_lba": self.last_usable_lba,
+            "entry_count": self.entry_count,
+            "entry_size": self.entry_size,
+            "used_backup": self.used_backup,
+            "warning": self.warning,
+            "partitions": [p.to_json() for p in self.partitions],
+        }
 
 
 @dataclass(frozen=True)

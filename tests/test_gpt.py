@@ -341,6 +341,18 @@ def test_base_images_match_sfdisk(tmp_path: Path) -> None:
     assert table.partitions[0].read_only and not table.partitions[0].is_state
 
 
+def test_to_json() -> None:
+    data, layout = base_image(512)
+    js = json.loads(json.dumps(parse_bytes(data).to_json()))
+    assert js["disk_guid"] == str(layout.disk_guid) and js["sector_size"] == 512
+    assert js["used_backup"] is False and js["warning"] is None
+    assert [p["index"] for p in js["partitions"]] == [1, 2, 128]
+    state = js["partitions"][1]
+    assert state["type_guid"] == "24436126-bb50-47e3-b47b-21dbd57591c7" and state["state"] is True
+    assert state["part_guid"] == str(layout.parts[1].part_guid)
+    assert state["attributes"] == GROW_FS and state["start"] == state["first_lba"] * 512
+
+
 @pytest.mark.parametrize("ss", SIZES)
 def test_sector_size_probe_and_forced(ss: int) -> None:
     data, layout = base_image(ss)
