@@ -21,6 +21,10 @@ DEFAULT_CONFIG = Path("/etc/pystate/pystate.conf")
 RUN_DIR = Path("/run/pystate")
 
 
+class BootError(PystateError):
+    """A boot step failed in a way its own module does not describe."""
+
+
 @dataclass(frozen=True)
 class BootPaths:
     sysroot: Path = Path("/sysroot")
@@ -62,10 +66,6 @@ def run_boot(paths: BootPaths) -> int:
             choice = discover.discover_state(cfg.state_device, sysroot=paths.sysroot)
             s.detail = f"{choice.device} (PARTUUID {choice.part_uuid}, {choice.reason})"
             report.facts["partition"] = choice.to_json()
-        if choice.no_auto:
-            report.outcome = "ignored"
-            return 0
-
         with report.step("probe") as s:
             fs = fsprobe.probe(choice.device)
             s.detail = f"{fs.fstype} {fs.uuid}"
@@ -80,10 +80,20 @@ def run_boot(paths: BootPaths) -> int:
 
         with report.step("mount-state") as s:
             target = _state_mountpoint(paths)
-            flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+            # The outer file system is writable by anyone holding the disk, so nothing on
+            # it may be a set-uid program or a device node; plain entries inherit this.
+            flags = linux.MS_NOSUID | linux.MS_NODEV
             if read_only:
                 flags |= linux.MS_RDONLY
-            linux.mount(choice.device, str(target), fs.fstype, flags, None)
+            try:
+                linux.mount(choice.device, str(target), fs.fstype, flags, None)
+            except OSError as exc:
+                raise BootError(
+                    f"mounting the state partition {choice.device} ({fs.fstype}) on {target} "
+                    f"failed: {exc.strerror}",
+                    hint=f"check it with 'fsck.{fs.fstype} -f {choice.device}' "
+                    "from the emergency shell",
+                ) from None
             s.detail = f"{choice.device} on {target} ({'ro' if read_only else 'rw'})"
             report.facts["state"] = {
                 "device": choice.device,
@@ -126,6 +136,13 @@ def run_boot(paths: BootPaths) -> int:
         report.outcome = "failed"
         report.error = str(exc)
         log.error(f"boot stopped: {exc}")
+        return 1
+    except OSError as exc:
+        # Not explained by a step: still one line naming the file, and the boot stops.
+        where = f"{exc.filename}: " if exc.filename else ""
+        report.outcome = "failed"
+        report.error = f"{where}{exc.strerror or exc}"
+        log.error(f"boot stopped: {report.error}")
         return 1
     finally:
         try:

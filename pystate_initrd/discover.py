@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import fsprobe
 from .errors import PystateError
 from .gpt import STATE_TYPE_GUID, GptError, GptTable, Partition, read_gpt
 
@@ -398,35 +399,12 @@ def root_disk_of(
 
 
 # (offset of the magic, magic, offset of the 16-byte UUID) per file system
-_SUPERBLOCKS = (
-    ("ext4", 1024 + 0x38, b"\x53\xef", 1024 + 0x68),
-    ("btrfs", 0x10000 + 0x40, b"_BHRfS_M", 0x10000 + 0x20),
-    ("xfs", 0, b"XFSB", 32),
-)
-
-
-def fs_uuid_from(read_at: Callable[[int, int], bytes]) -> uuid.UUID | None:
-    """UUID of an ext2/3/4, btrfs or xfs file system, or None if none is recognized."""
-    for _name, magic_at, magic, uuid_at in _SUPERBLOCKS:
-        if read_at(magic_at, len(magic)) == magic:
-            raw = read_at(uuid_at, 16)
-            if len(raw) == 16:
-                return uuid.UUID(bytes=raw)
-    return None
-
-
 def read_fs_uuid(device: str | Path) -> uuid.UUID | None:
     """File-system UUID of a device or image; None when unreadable or unrecognized."""
     try:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        return fsprobe.probe(str(device)).uuid
+    except fsprobe.FsProbeError:
         return None
-    try:
-        return fs_uuid_from(lambda offset, length: os.pread(fd, length, offset))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def scan_disks(
@@ -464,11 +442,18 @@ def discover_state(
     if state and state.startswith("/") and os.path.exists(state):
         state = os.path.realpath(state)  # /dev/disk/by-… links, where something made them
     root_disk = None if state else root_disk_of(sysroot, mountinfo=mountinfo, sys_dir=sys_dir)
-    disks, skipped = scan_disks(
-        sys_dir,
-        include_virtual=include_virtual,
-        also=[os.path.basename(root_disk)] if root_disk else [],
-    )
+    also = [os.path.basename(root_disk)] if root_disk else []
+    if state and state.startswith("/dev/"):
+        # A named device's own disk is read even when virtual (loop, …): its GPT
+        # attributes (read-only, grow) still apply.
+        try:
+            rdev = os.stat(state).st_rdev
+            named_disk = disk_of_devnum(os.major(rdev), os.minor(rdev), sys_dir)
+        except OSError:
+            named_disk = None
+        if named_disk:
+            also.append(os.path.basename(named_disk))
+    disks, skipped = scan_disks(sys_dir, include_virtual=include_virtual, also=also)
     return find_state_partition(
         disks,
         cmdline_state=state,

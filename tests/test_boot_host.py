@@ -1,0 +1,189 @@
+"""The initrd pipeline (`pystate boot`) on the host: real GPT image, loop device, e2fsck, mounts.
+
+No QEMU: a tmpfs stands in for /sysroot and `pystate.state=` names the loop
+partition, so every step after discovery runs exactly as in the initrd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO, needs_root
+
+pytestmark = needs_root
+
+STATE_TYPE = "24436126-bb50-47e3-b47b-21dbd57591c7"
+
+
+def sh(*argv: str, input: bytes | None = None) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, input=input).stdout.decode()
+
+
+@dataclass
+class Machine:
+    tmp: Path
+    device: str
+    sysroot: Path
+
+    def boot(self, *cmdline: str, config: str | None = None) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+        (self.tmp / "cmdline").write_text(" ".join(["quiet", *cmdline]) + "\n")
+        conf = self.tmp / "pystate.conf"
+        if config is not None:
+            conf.write_text(config)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pystate_initrd", "boot", "--sysroot", str(self.sysroot),
+             "--cmdline", str(self.tmp / "cmdline"), "--run-dir", str(self.tmp / "run"),
+             "--log", "/dev/stderr", "--config", str(conf)],
+            cwd=REPO, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        report = json.loads((self.tmp / "run/boot.json").read_text())
+        return proc.returncode, report, proc.stderr
+
+    def mounts(self) -> dict[str, str]:
+        """target → options of everything mounted below the sysroot."""
+        out = {}
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if fields[4].startswith(str(self.sysroot) + "/"):
+                out[fields[4][len(str(self.sysroot)) :]] = fields[5]
+        return out
+
+
+def make_state_disk(tmp: Path, state: Path, *, attrs: str = "") -> Path:
+    fs = tmp / "state.fs"
+    subprocess.run(["truncate", "-s", "64M", str(fs)], check=True)
+    sh("mkfs.ext4", "-q", "-d", str(state), str(fs))
+    disk = tmp / "disk.img"
+    subprocess.run(["truncate", "-s", "80M", str(disk)], check=True)
+    attr = f", attrs={attrs}" if attrs else ""
+    script = f"label: gpt\nstart=2048, size=131072, type={STATE_TYPE}, name=state{attr}\n"
+    sh("sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk), input=script.encode())
+    subprocess.run(
+        ["dd", f"if={fs}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc", "status=none"],
+        check=True,
+    )
+    return disk
+
+
+@pytest.fixture
+def state_tree(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    (state / "home/alice").mkdir(parents=True)
+    (state / "home/alice/notes.txt").write_text("kept\n")
+    (state / "etc").mkdir()  # plain /etc: off the default allowlist
+    os.symlink("/etc", state / "srv")  # a symlink entry must never be followed
+    (state / "usr-local").mkdir()  # forbidden target
+    (state / ".pystate").mkdir()  # reserved: silently skipped
+    return state
+
+
+@pytest.fixture
+def machine(tmp_path: Path, state_tree: Path, request: pytest.FixtureRequest) -> Iterator[Machine]:
+    attrs = getattr(request, "param", "")
+    disk = make_state_disk(tmp_path, state_tree, attrs=attrs)
+    loop = sh("losetup", "-f", "--show", str(disk)).strip()
+    sysroot = tmp_path / "sysroot"
+    sysroot.mkdir()
+    try:
+        # The host kernel may not scan partition tables itself; partx adds the nodes.
+        sh("partx", "-a", loop)
+        sh("mount", "-t", "tmpfs", "tmpfs", str(sysroot))
+        for d in ("home", "state", "etc", "srv"):
+            (sysroot / d).mkdir()
+        yield Machine(tmp_path, f"{loop}p1", sysroot)
+    finally:
+        subprocess.run(["umount", "-R", str(sysroot)], check=False, capture_output=True)
+        subprocess.run(["partx", "-d", loop], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=False, capture_output=True)
+
+
+def test_binds_home_and_rejects_hostile_entries(machine: Machine) -> None:
+    rc, report, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 0, log
+    assert report["outcome"] == "ok"
+    assert (machine.sysroot / "home/alice/notes.txt").read_text() == "kept\n"
+    mounts = machine.mounts()
+    assert set(mounts) == {"/state", "/home"}
+    assert "nosuid" in mounts["/home"] and "nodev" in mounts["/home"]
+    rejected = {r["name"]: r["reason"] for r in report["rejected"]}
+    assert set(rejected) == {"etc", "srv", "usr-local"}
+    assert "symbolic link" in rejected["srv"]
+    assert "rejected plain entry 'srv'" in log
+    assert [s["name"] for s in report["steps"]] == [
+        "config", "discover", "probe", "fsck", "mount-state", "plan", "mounts",
+    ]  # fmt: skip
+    assert all(s["ok"] for s in report["steps"])
+
+
+def test_dirty_state_fs_is_repaired_then_mounted(machine: Machine) -> None:
+    # Mark the file system as not cleanly unmounted with errors: e2fsck -p must run and fix.
+    sh("debugfs", "-w", "-R", "ssv state 2", machine.device)
+    rc, report, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 0, log
+    fsck = next(s for s in report["steps"] if s["name"] == "fsck")
+    assert fsck["detail"] in ("corrected", "clean")
+    assert (machine.sysroot / "home/alice/notes.txt").exists()
+
+
+def test_damaged_state_fs_stops_boot_and_mounts_nothing(machine: Machine) -> None:
+    # Clear the root directory's inode and flag the errors: e2fsck -p won't fix that unattended.
+    sh("debugfs", "-w", "-R", "clri <2>", machine.device)
+    sh("debugfs", "-w", "-R", "ssv state 2", machine.device)
+    rc, report, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 1, log
+    assert report["outcome"] == "failed", log
+    assert "e2fsck -p" in report["error"] and machine.device in report["error"]
+    assert machine.mounts() == {}
+
+
+@pytest.mark.parametrize("machine", ["60"], indirect=True)
+def test_read_only_bit_mounts_read_only_without_fsck(machine: Machine) -> None:
+    rc, report, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 0, log
+    assert report["partition"]["read_only"] is True
+    assert machine.mounts()["/state"].startswith("ro")
+    with pytest.raises(OSError):
+        (machine.sysroot / "home/alice/new").write_text("x")
+
+
+def test_missing_target_in_read_only_root_stops_boot(machine: Machine) -> None:
+    (machine.sysroot / "home").rmdir()
+    sh("mount", "-o", "remount,ro", str(machine.sysroot))
+    rc, report, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 1
+    assert "target /home does not exist" in report["error"]
+    assert "read-only" in report["error"]
+    # The state partition itself stays mounted (read-only root still had /state).
+    assert "/home" not in machine.mounts()
+
+
+def test_disabled_on_the_command_line(machine: Machine) -> None:
+    rc, report, _ = machine.boot("pystate=0", f"pystate.state={machine.device}")
+    assert rc == 0
+    assert report["outcome"] == "disabled"
+    assert machine.mounts() == {}
+
+
+def test_allowlist_from_trusted_config(machine: Machine) -> None:
+    config = "[state]\nplain-allowlist = /home /etc\n"
+    rc, report, log = machine.boot(f"pystate.state={machine.device}", config=config)
+    assert rc == 0, log
+    assert set(machine.mounts()) == {"/state", "/home", "/etc"}
+
+
+def test_unmountable_state_fs_gives_one_clear_line(machine: Machine) -> None:
+    # Damage that the "clean" flag hides from e2fsck -p: the mount itself fails.
+    sh("debugfs", "-w", "-R", "clri <2>", machine.device)
+    rc, report, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 1, log
+    assert report["outcome"] == "failed"
+    assert report["error"].startswith(f"mounting the state partition {machine.device} (ext4)")
+    assert "Traceback" not in log
+    assert machine.mounts() == {}
