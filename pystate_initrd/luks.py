@@ -1,0 +1,719 @@
+"""LUKS2 on encrypted.img: cryptsetup 2.6 for every change, a header reader for lookups.
+
+Commands (format, add/kill keyslot, erase, tokens, open/close, volume key) run
+cryptsetup with argument lists. Keys never appear in argv or on disk: the first
+key goes on stdin (``--key-file=-``), a second one through a pipe named as
+``/dev/fd/N``. Both pipes are filled before cryptsetup starts (a key is at most
+4 KiB, which an empty pipe always takes), so nothing waits on anything.
+
+Lookups (keyslots, tokens, UUID) read the LUKS2 header straight from the file
+with ``parse_luks2_header``, checksums included: no process, which counts on
+the unlock path (SPEC §10). docs/luks.md explains every parameter chosen here.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import selectors
+import shlex
+import struct
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PystateError
+from .run import _BASE_ENV, CommandError, run
+from .secret import wipe as _wipe
+
+CRYPTSETUP = "cryptsetup"
+DM_NAME = "pystate-encrypted"
+LABEL = "pystate"
+CIPHER = "aes-xts-plain64"
+KEY_BITS = 512
+SECTOR_SIZE = 4096
+HASH = "sha256"
+PBKDF2_MIN_ITERATIONS = 1000  # cryptsetup 2.6 refuses fewer ("minimum is 1000")
+TPM2_KEYSLOT = 0
+RECOVERY_KEYSLOT = 1
+MAX_KEYSLOTS = 32  # LUKS2 keyslot and token ids are 0..31
+MAX_KEY_BYTES = 4096  # a key fits an empty pipe, so writing it never blocks
+
+Key = bytes | bytearray | memoryview
+
+
+class LuksError(PystateError):
+    """A LUKS2 operation on encrypted.img failed."""
+
+
+class BadKey(LuksError):
+    """The key does not open the keyslot."""
+
+
+class NoKeyslot(LuksError):
+    """The keyslot asked for is empty (killed, erased, never enrolled)."""
+
+
+class NotLuks(LuksError):
+    """Not a LUKS2 image, or both copies of its header are damaged."""
+
+
+# --- the header, read without cryptsetup ------------------------------------------------------
+
+_MAGIC_PRIMARY = b"LUKS\xba\xbe"
+_MAGIC_SECONDARY = b"SKUL\xba\xbe"
+_BINARY = struct.Struct(">6sHQQ48s32s64s40s48sQ184s64s")  # struct luks2_hdr_disk, 512 bytes
+_BINARY_SIZE = 4096  # the binary header with its padding; the JSON area follows
+_CSUM_OFFSET = 448
+_CSUM_SIZE = 64
+# Allowed sizes of one header copy (binary header + JSON area): 16 KiB .. 4 MiB.
+HEADER_SIZES = tuple(16384 << i for i in range(9))
+_JSON_SECTIONS = ("keyslots", "tokens", "segments", "digests", "config")
+
+
+@dataclass(frozen=True)
+class Luks2Header:
+    """One valid copy of a LUKS2 header (the newer if both are valid)."""
+
+    uuid: str
+    label: str
+    subsystem: str
+    seqid: int
+    header_size: int  # bytes per copy, binary header and JSON area
+    metadata: dict[str, Any]  # the JSON area: keyslots, tokens, segments, digests, config
+    primary_ok: bool
+    secondary_ok: bool
+
+    @property
+    def data_offset(self) -> int:
+        return _int(self.metadata["segments"].get("0", {}).get("offset", 0), "segment offset")
+
+
+@dataclass(frozen=True)
+class KeyslotInfo:
+    slot: int
+    type: str  # "luks2"
+    key_bits: int  # volume key size
+    cipher: str  # keyslot area encryption
+    pbkdf: str  # "pbkdf2", "argon2id", "argon2i"
+    hash: str | None  # pbkdf2 only
+    iterations: int | None  # pbkdf2 only
+    time: int | None  # argon2 only
+    memory_kib: int | None  # argon2 only
+    parallel: int | None  # argon2 only
+    priority: int  # 0 ignore, 1 normal, 2 prefer
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("ascii", errors="replace")
+
+
+def _int(value: object, what: str) -> int:
+    """LUKS2 JSON numbers: JSON ints, or decimal strings for 64-bit values."""
+    if isinstance(value, bool):
+        raise NotLuks(f"LUKS2 header: {what} is not a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return int(value)
+    raise NotLuks(f"LUKS2 header: {what} is not a number")
+
+
+def _copy_at(data: bytes, offset: int, magic: bytes) -> tuple[int, int, dict[str, Any]] | None:
+    """(seqid, hdr_size, JSON) of the header copy at offset, or None when it is not valid."""
+    if len(data) < offset + _BINARY_SIZE:
+        return None
+    fields = _BINARY.unpack_from(data, offset)
+    got_magic, version, hdr_size, seqid = fields[0:4]
+    csum_alg, hdr_offset, csum = _text(fields[5]), fields[9], fields[11]
+    if got_magic != magic or version != 2 or hdr_size not in HEADER_SIZES:
+        return None
+    if hdr_offset != offset or len(data) < offset + hdr_size:
+        return None
+    if csum_alg not in ("sha1", "sha256", "sha512"):
+        return None
+    digest = hashlib.new(csum_alg)
+    digest.update(data[offset : offset + _CSUM_OFFSET])
+    digest.update(bytes(_CSUM_SIZE))
+    digest.update(data[offset + _CSUM_OFFSET + _CSUM_SIZE : offset + hdr_size])
+    if digest.digest() != csum[: digest.digest_size]:
+        return None
+    area = data[offset + _BINARY_SIZE : offset + hdr_size].split(b"\0", 1)[0]
+    try:
+        metadata = json.loads(area.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(metadata, dict) or not all(
+        isinstance(metadata.get(k), dict) for k in _JSON_SECTIONS
+    ):
+        return None
+    return seqid, hdr_size, metadata
+
+
+def parse_luks2_header(data: bytes, name: str = "image") -> Luks2Header:
+    """The LUKS2 header at the start of data (pure).
+
+    Both copies are checked (magic, version, size, offset, checksum, a JSON
+    object with the five sections); the newer valid one is returned, as
+    cryptsetup does. data should hold both copies: twice the header size, normally
+    32 KiB (the secondary of a damaged primary is looked for at every allowed
+    size, up to 4 MiB + 4 KiB).
+    """
+    primary = _copy_at(data, 0, _MAGIC_PRIMARY)
+    secondary = None
+    candidates = (primary[1],) if primary else HEADER_SIZES
+    for offset in candidates:
+        secondary = _copy_at(data, offset, _MAGIC_SECONDARY)
+        if secondary:
+            break
+    if primary is None and secondary is None:
+        if data[:6] == _MAGIC_PRIMARY and data[6:8] == b"\0\1":
+            raise NotLuks(f"{name} is a LUKS1 image, not LUKS2")
+        magics = [data[o : o + 6] for o in (0, *HEADER_SIZES)]
+        if _MAGIC_PRIMARY not in magics and _MAGIC_SECONDARY not in magics:
+            raise NotLuks(f"{name} is not a LUKS2 image (no LUKS2 header)")
+        raise NotLuks(
+            f"{name}: both copies of the LUKS2 header are damaged",
+            hint="nothing was changed; restore the header from a backup",
+        )
+    if primary and (secondary is None or primary[0] >= secondary[0]):
+        chosen, offset = primary, 0
+    else:
+        assert secondary is not None
+        chosen, offset = secondary, secondary[1]
+    fields = _BINARY.unpack_from(data, offset)
+    return Luks2Header(
+        uuid=_text(fields[7]),
+        label=_text(fields[4]),
+        subsystem=_text(fields[8]),
+        seqid=chosen[0],
+        header_size=chosen[1],
+        metadata=chosen[2],
+        primary_ok=primary is not None,
+        secondary_ok=secondary is not None,
+    )
+
+
+def read_header(image: str | os.PathLike[str]) -> Luks2Header:
+    """The LUKS2 header of image (a file or block device), read directly: no process."""
+    name = os.fspath(image)
+    try:
+        with builtins.open(name, "rb", buffering=0) as f:  # this module has its own open()
+            data = f.read(2 * HEADER_SIZES[0])
+            try:
+                header = parse_luks2_header(data, name)
+                if header.primary_ok and header.secondary_ok:
+                    return header
+            except NotLuks:
+                pass
+            # A larger header or a damaged copy: read enough for any layout.
+            f.seek(0)
+            data = f.read(2 * HEADER_SIZES[-1] + _BINARY_SIZE)
+    except OSError as e:
+        raise LuksError(f"cannot read the LUKS2 header of {name}: {e.strerror}") from None
+    return parse_luks2_header(data, name)
+
+
+def keyslot_infos(metadata: dict[str, Any]) -> dict[int, KeyslotInfo]:
+    """Keyslots from the LUKS2 JSON metadata (pure)."""
+    result = {}
+    for key, slot in metadata["keyslots"].items():
+        number = _id(key, "keyslot")
+        if not isinstance(slot, dict) or not isinstance(slot.get("kdf"), dict):
+            raise NotLuks(f"LUKS2 header: keyslot {key} is malformed")
+        kdf, area = slot["kdf"], slot.get("area", {})
+        pbkdf = str(kdf.get("type"))
+        optional = {
+            k: _int(kdf[k], f"keyslot {key} {k}") if k in kdf else None
+            for k in ("iterations", "time", "memory", "cpus")
+        }
+        result[number] = KeyslotInfo(
+            slot=number,
+            type=str(slot.get("type")),
+            key_bits=8 * _int(slot.get("key_size"), f"keyslot {key} key_size"),
+            cipher=str(area.get("encryption")) if isinstance(area, dict) else "",
+            pbkdf=pbkdf,
+            hash=str(kdf["hash"]) if "hash" in kdf else None,
+            iterations=optional["iterations"],
+            time=optional["time"],
+            memory_kib=optional["memory"],
+            parallel=optional["cpus"],
+            priority=_int(slot.get("priority", 1), f"keyslot {key} priority"),
+        )
+    return dict(sorted(result.items()))
+
+
+def token_dicts(metadata: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Tokens from the LUKS2 JSON metadata (pure). Their content is untrusted input."""
+    result = {}
+    for key, token in metadata["tokens"].items():
+        if not isinstance(token, dict):
+            raise NotLuks(f"LUKS2 header: token {key} is not an object")
+        result[_id(key, "token")] = token
+    return dict(sorted(result.items()))
+
+
+def _id(key: object, what: str) -> int:
+    if isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < MAX_KEYSLOTS:
+        return int(key)
+    raise NotLuks(f"LUKS2 header: {what} id {key!r} is invalid")
+
+
+def keyslots(image: str | os.PathLike[str]) -> dict[int, KeyslotInfo]:
+    return keyslot_infos(read_header(image).metadata)
+
+
+def tokens(image: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
+    return token_dicts(read_header(image).metadata)
+
+
+def uuid(image: str | os.PathLike[str]) -> str:
+    return read_header(image).uuid
+
+
+# --- running cryptsetup ----------------------------------------------------------------------
+
+
+def _error(image: str, action: str, status: int, stderr: str, slot: int | None) -> LuksError:
+    """The one-line error for a failed cryptsetup call."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no error output"
+    which = f"keyslot {slot}" if slot is not None else "any keyslot"
+    if status == 2 and "No key available" in stderr:
+        return BadKey(f"the key does not open {which} of {image}")
+    if "is not a valid LUKS" in stderr:
+        return NotLuks(
+            f"{image} is not a LUKS2 image or its header is damaged",
+            hint="nothing was changed; restore the header from a backup",
+        )
+    if "No usable keyslot" in stderr or "is not active" in stderr:
+        return NoKeyslot(f"{image} has no usable {which}")
+    if status == 4:
+        return LuksError(f"cryptsetup {action}: {image} does not exist or cannot be opened")
+    return LuksError(f"cryptsetup {action} failed on {image} with status {status}: {last}")
+
+
+def _cryptsetup(image: str, action: str, args: Sequence[str], *, data: bytes | None = None) -> str:
+    """Run cryptsetup with no key; its standard output as text."""
+    try:
+        result = run([CRYPTSETUP, *args], input=data, check=False)
+    except CommandError as e:
+        raise LuksError(str(e)) from None
+    if result.returncode != 0:
+        raise _error(image, action, result.returncode, result.stderr.decode(errors="replace"), None)
+    return result.stdout.decode(errors="replace")
+
+
+def _key_pipe(key: Key, what: str) -> int:
+    """The read end of a pipe already holding key (write end closed)."""
+    if not key:
+        raise LuksError(f"the {what} is empty, refusing")
+    if len(key) > MAX_KEY_BYTES:
+        raise LuksError(f"the {what} has {len(key)} bytes, more than {MAX_KEY_BYTES}, refusing")
+    r, w = os.pipe()
+    try:
+        written = os.write(w, key)  # <= 4096 bytes (PIPE_BUF) into an empty pipe: atomic
+        assert written == len(key)
+    except OSError:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+def _with_keys(
+    image: str,
+    action: str,
+    argv_for: Callable[[int | None], list[str]],
+    *,
+    key: Key,
+    extra: Key | None = None,
+    extra_what: str = "new key",
+    slot: int | None = None,
+    output_max: int = 65536,
+) -> tuple[bytearray, int]:
+    """Run cryptsetup with key on stdin and extra on /dev/fd/N; (stdout buffer, length).
+
+    ``argv_for(fd)`` builds the argument list given the extra pipe's fd (or
+    None). The output goes into a preallocated bytearray (never an immutable
+    bytes object, never resized, so never copied by realloc), which the caller
+    wipes when it holds a secret (a volume key dump).
+    The local equivalent of run.run for commands that take keys through pipes.
+    """
+    fds = [_key_pipe(key, "key")]
+    try:
+        if extra is not None:
+            fds.append(_key_pipe(extra, extra_what))
+        argv = [CRYPTSETUP, *argv_for(fds[1] if extra is not None else None)]
+        return _spawn(
+            image, action, argv, stdin=fds[0], pass_fds=fds[1:], slot=slot, output_max=output_max
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _spawn(
+    image: str,
+    action: str,
+    argv: list[str],
+    *,
+    stdin: int,
+    pass_fds: Sequence[int],
+    slot: int | None,
+    output_max: int,
+) -> tuple[bytearray, int]:
+    if os.environ.get("PYSTATE_DEBUG"):
+        print(f"pystate: + {shlex.join(argv)}", flush=True)
+    out, size, err = bytearray(output_max), 0, bytearray()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=tuple(pass_fds),
+            env=dict(_BASE_ENV),
+            bufsize=0,
+        )
+    except FileNotFoundError:
+        raise LuksError(f"{argv[0]} not found.") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc, selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        while selector.get_map():
+            for ready, _ in selector.select():
+                fd = ready.fd
+                if ready.fileobj is proc.stdout:
+                    if size == len(out):
+                        proc.kill()
+                        _wipe(out)
+                        raise LuksError(f"cryptsetup {action} on {image}: too much output")
+                    with memoryview(out) as view, view[size:] as rest:
+                        got = os.readv(fd, [rest])
+                    size += got
+                else:
+                    chunk = os.read(fd, 65536)
+                    got = len(chunk)
+                    err += chunk
+                if not got:
+                    selector.unregister(ready.fileobj)
+        status = proc.wait()
+    if status != 0:
+        _wipe(out)
+        raise _error(image, action, status, err.decode(errors="replace"), slot)
+    return out, size
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def format_argv(
+    image: str,
+    *,
+    sector_size: int = SECTOR_SIZE,
+    label: str = LABEL,
+    uuid: str | None = None,
+    key_slot: int = TPM2_KEYSLOT,
+    volume_key_fd: int | None = None,
+) -> list[str]:
+    argv = ["luksFormat", "--type", "luks2", "--batch-mode"]
+    argv += ["--cipher", CIPHER, "--key-size", str(KEY_BITS), "--sector-size", str(sector_size)]
+    argv += ["--hash", HASH, "--pbkdf", "pbkdf2"]
+    argv += ["--pbkdf-force-iterations", str(PBKDF2_MIN_ITERATIONS)]
+    argv += ["--key-slot", str(key_slot), "--label", label]
+    if uuid is not None:
+        argv += ["--uuid", uuid]
+    if volume_key_fd is not None:
+        argv += ["--volume-key-file", f"/dev/fd/{volume_key_fd}"]
+    return [*argv, "--key-file=-", image]
+
+
+def format(
+    image: str | os.PathLike[str],
+    *,
+    key: Key,
+    sector_size: int = SECTOR_SIZE,
+    label: str = LABEL,
+    uuid: str | None = None,
+    key_slot: int = TPM2_KEYSLOT,
+    volume_key: Key | None = None,
+) -> None:
+    """Make image a LUKS2 container whose keyslot key_slot opens with key.
+
+    aes-xts-plain64, 512-bit volume key, 4096-byte sectors, PBKDF2 at the
+    minimum 1000 iterations (key has full entropy), default 16 MiB header, no
+    integrity. volume_key (64 bytes), when given, is used instead of a random
+    one, so the caller holds it without a dump. Overwrites any existing header.
+    """
+    name = os.fspath(image)
+    if volume_key is not None and len(volume_key) != KEY_BITS // 8:
+        raise LuksError(f"a volume key has {KEY_BITS // 8} bytes, not {len(volume_key)}")
+    _with_keys(
+        name,
+        "luksFormat",
+        lambda fd: format_argv(
+            name,
+            sector_size=sector_size,
+            label=label,
+            uuid=uuid,
+            key_slot=key_slot,
+            volume_key_fd=fd,
+        ),
+        key=key,
+        extra=volume_key,
+        extra_what="volume key",
+        slot=key_slot,
+    )
+
+
+def add_keyslot_argv(
+    image: str,
+    *,
+    slot: int,
+    new_key_fd: int,
+    existing_slot: int | None = None,
+    pbkdf: str = "pbkdf2",
+    iterations: int | None = None,
+    iter_time_ms: int | None = None,
+    memory_kib: int | None = None,
+) -> list[str]:
+    if pbkdf not in ("pbkdf2", "argon2id"):
+        raise LuksError(f"unknown PBKDF {pbkdf!r}; expected pbkdf2 or argon2id")
+    argv = ["luksAddKey", "--batch-mode", "--key-file=-"]
+    if existing_slot is not None:
+        argv += ["--key-slot", str(existing_slot)]
+    argv += ["--new-key-slot", str(slot), "--new-keyfile", f"/dev/fd/{new_key_fd}"]
+    argv += ["--pbkdf", pbkdf]
+    if pbkdf == "pbkdf2":
+        argv += ["--hash", HASH]
+        argv += ["--pbkdf-force-iterations", str(iterations or PBKDF2_MIN_ITERATIONS)]
+    else:
+        if iterations is not None:
+            argv += ["--pbkdf-force-iterations", str(iterations)]
+        if iter_time_ms is not None:
+            argv += ["--iter-time", str(iter_time_ms)]
+        if memory_kib is not None:
+            argv += ["--pbkdf-memory", str(memory_kib)]
+    return [*argv, image]
+
+
+def add_keyslot(
+    image: str | os.PathLike[str],
+    *,
+    existing_key: Key,
+    new_key: Key,
+    slot: int,
+    existing_slot: int | None = None,
+    pbkdf: str = "pbkdf2",
+    iterations: int | None = None,
+    iter_time_ms: int | None = None,
+    memory_kib: int | None = None,
+) -> None:
+    """Enrol new_key in keyslot slot; existing_key (in existing_slot, if given) unlocks.
+
+    Default PBKDF2 at the minimum iterations, for keys with full entropy (the
+    TPM secret, the recovery key). argon2id uses cryptsetup's benchmark unless
+    iterations/iter_time_ms/memory_kib say otherwise.
+    """
+    name = os.fspath(image)
+
+    def argv(fd: int | None) -> list[str]:
+        assert fd is not None
+        return add_keyslot_argv(
+            name,
+            slot=slot,
+            new_key_fd=fd,
+            existing_slot=existing_slot,
+            pbkdf=pbkdf,
+            iterations=iterations,
+            iter_time_ms=iter_time_ms,
+            memory_kib=memory_kib,
+        )
+
+    _with_keys(name, "luksAddKey", argv, key=existing_key, extra=new_key, slot=existing_slot)
+
+
+def kill_keyslot(image: str | os.PathLike[str], slot: int) -> None:
+    """Remove keyslot slot, no key needed (even the last one: the data is then lost)."""
+    name = os.fspath(image)
+    try:
+        _cryptsetup(name, "luksKillSlot", ["luksKillSlot", "--batch-mode", name, str(slot)])
+    except NoKeyslot:
+        raise NoKeyslot(f"{name} has no keyslot {slot} to remove") from None
+
+
+def erase(image: str | os.PathLike[str]) -> None:
+    """Crypto-erase: destroy every keyslot; the data can never be decrypted again."""
+    name = os.fspath(image)
+    _cryptsetup(name, "erase", ["erase", "--batch-mode", name])
+
+
+def token_import(
+    image: str | os.PathLike[str],
+    token_json: str,
+    token_id: int | None = None,
+    *,
+    replace: bool = False,
+) -> int:
+    """Store token_json (a JSON object with "type" and "keyslots") as a token; its id.
+
+    Without token_id the lowest free id is used. replace overwrites that id.
+    """
+    name = os.fspath(image)
+    if token_id is None:
+        used = token_dicts(read_header(name).metadata)
+        free = [i for i in range(MAX_KEYSLOTS) if i not in used]
+        if not free:
+            raise LuksError(f"{name} has no free token id")
+        token_id = free[0]
+    argv = ["token", "import", "--json-file=-", "--token-id", str(token_id)]
+    if replace:
+        argv.append("--token-replace")
+    _cryptsetup(name, "token import", [*argv, name], data=token_json.encode())
+    return token_id
+
+
+def token_export(image: str | os.PathLike[str], token_id: int) -> str:
+    """The JSON text of token token_id, as cryptsetup prints it."""
+    name = os.fspath(image)
+    return _cryptsetup(name, "token export", ["token", "export", "--token-id", str(token_id), name])
+
+
+def open_argv(
+    device: str,
+    name: str | None = DM_NAME,
+    *,
+    key_slot: int,
+    keyring: bool = False,
+    readonly: bool = False,
+    discards: bool = False,
+    test: bool = False,
+) -> list[str]:
+    """``cryptsetup open`` for one keyslot, key on stdin, no token tried (SPEC §10).
+
+    --disable-external-tokens keeps token plugins (systemd-tpm2: ~300 ms) from
+    loading; --key-slot keeps cryptsetup from trying the other slots. Without
+    keyring the volume key goes into the dm table instead of the kernel keyring,
+    so that ``cryptsetup resize`` needs no key in the booted system (docs/luks.md).
+    test: only check the key (--test-passphrase), no device-mapper needed.
+    """
+    argv = ["open", "--type", "luks2", "--key-slot", str(key_slot), "--key-file=-"]
+    argv.append("--disable-external-tokens")
+    if not keyring:
+        argv.append("--disable-keyring")
+    if readonly:
+        argv.append("--readonly")
+    if discards:
+        argv.append("--allow-discards")
+    if test:
+        return [*argv, "--test-passphrase", device]
+    if not name:
+        raise LuksError("cryptsetup open needs a device-mapper name")
+    return [*argv, device, name]
+
+
+def open(
+    device: str | os.PathLike[str],
+    name: str = DM_NAME,
+    *,
+    key: Key,
+    key_slot: int,
+    keyring: bool = False,
+    readonly: bool = False,
+    discards: bool = False,
+) -> None:
+    """Activate /dev/mapper/name from device (a loop device or the image) with one keyslot."""
+    path = os.fspath(device)
+    argv = open_argv(
+        path, name, key_slot=key_slot, keyring=keyring, readonly=readonly, discards=discards
+    )
+    _with_keys(path, "open", lambda _fd: argv, key=key, slot=key_slot)
+
+
+def check_key(image: str | os.PathLike[str], *, key: Key, key_slot: int) -> None:
+    """Raise BadKey/NoKeyslot unless key opens key_slot (no activation, no device-mapper)."""
+    path = os.fspath(image)
+    argv = open_argv(path, None, key_slot=key_slot, test=True)
+    _with_keys(path, "open --test-passphrase", lambda _fd: argv, key=key, slot=key_slot)
+
+
+def close(name: str = DM_NAME) -> None:
+    """Deactivate /dev/mapper/name."""
+    _cryptsetup(f"/dev/mapper/{name}", "close", ["close", name])
+
+
+def volume_key_argv(image: str, *, key_slot: int) -> list[str]:
+    # --batch-mode: no "are you sure" question. No token is tried by luksDump.
+    return [
+        "luksDump",
+        "--dump-volume-key",
+        "--batch-mode",
+        "--key-slot",
+        str(key_slot),
+        "--key-file=-",
+        image,
+    ]
+
+
+def volume_key(image: str | os.PathLike[str], *, key: Key, key_slot: int) -> bytearray:
+    """The volume key (64 bytes) from key in key_slot; caller wipes it.
+
+    ``luksDump --dump-volume-key`` prints it in hex on stdout, which arrives in
+    a bytearray and is wiped after decoding: the key is never on disk.
+    """
+    path = os.fspath(image)
+    out, size = _with_keys(
+        path,
+        "luksDump --dump-volume-key",
+        lambda _fd: volume_key_argv(path, key_slot=key_slot),
+        key=key,
+        slot=key_slot,
+        output_max=8192,
+    )
+    try:
+        return parse_volume_key_dump(out, path, length=size)
+    finally:
+        _wipe(out)
+
+
+_HEX = {c: i for i, c in enumerate(b"0123456789abcdef")}
+
+
+def parse_volume_key_dump(
+    out: bytes | bytearray, name: str = "image", *, length: int | None = None
+) -> bytearray:
+    """The key from luksDump --dump-volume-key's text ("MK bits:", "MK dump:" hex lines).
+
+    Reads out[:length] in place: no slice of the text (which holds the key) is copied.
+    """
+    end = len(out) if length is None else length
+    marker, bits_marker = out.find(b"MK dump:", 0, end), out.find(b"MK bits:", 0, end)
+    if marker < 0 or bits_marker < 0:
+        raise LuksError(f"cryptsetup printed no volume key for {name}")
+    bits_end = out.find(b"\n", bits_marker, end)
+    bits_line = bytes(out[bits_marker + 8 : bits_end if bits_end > 0 else end]).strip()
+    if not bits_line.isdigit() or int(bits_line) % 8 or not 0 < int(bits_line) <= 4096:
+        raise LuksError(f"cryptsetup printed an unexpected volume key size for {name}")
+    key = bytearray(int(bits_line) // 8)
+    nibbles = 0
+    for i in range(marker + 8, end):
+        value = _HEX.get(out[i])
+        if value is None:
+            if out[i] in b" \t\n":
+                continue
+            break  # a following field
+        if nibbles == 2 * len(key):
+            _wipe(key)
+            raise LuksError(f"cryptsetup printed a longer volume key than announced for {name}")
+        key[nibbles // 2] |= value << (4 * (1 - nibbles % 2))
+        nibbles += 1
+    if nibbles != 2 * len(key):
+        _wipe(key)
+        raise LuksError(f"cryptsetup printed a shorter volume key than announced for {name}")
+    return key
