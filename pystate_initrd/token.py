@@ -1,0 +1,247 @@
+"""The `pystate-tpm2` LUKS2 token: a sealed key as JSON in the LUKS2 header (pure).
+
+The header is read from the unencrypted state partition, so the token is hostile
+input until proven otherwise: `decode_token` accepts exactly what `encode_token`
+writes (docs/tpm2.md lists the fields) and raises `TokenError` with one specific
+reason for anything else. Unknown keys are tolerated (and ignored) so that a
+later pystate may add fields without breaking an older initrd; every known key
+is required and checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import PystateError
+from .tpm2 import BANKS, PCR_COUNT, PCR_VOLUME, POLICY_HASH_SIZE, PRIMARY_ALG, SealedKey
+
+TOKEN_TYPE = "pystate-tpm2"
+TOKEN_VERSION = 1
+MAX_TOKEN_BYTES = 64 * 1024
+MAX_KEYSLOT = 31  # LUKS2 keyslots are 0..31
+MAX_PUBLIC = 1024  # TPM2B_PUBLIC of a sealed object is ~80 bytes; RSA-4096 keys ~600
+MAX_PRIVATE = 1024  # TPM2B_PRIVATE of a 32-byte secret is ~160 bytes
+_TPM_ALG_KEYEDHASH = 0x0008
+_TPM_ALG_SHA256 = 0x000B
+
+FIELDS = (
+    "type",
+    "keyslots",
+    "version",
+    "tpm2-blob-public",
+    "tpm2-blob-private",
+    "tpm2-pcr-bank",
+    "tpm2-pcrs",
+    "tpm2-primary-alg",
+    "tpm2-policy-hash",
+    "pystate-pcr15",
+)
+
+
+class TokenError(PystateError):
+    """A `pystate-tpm2` token that is not exactly what pystate writes."""
+
+
+def encode_token(key: SealedKey, keyslot: int) -> dict[str, Any]:
+    """The token object for `cryptsetup token import` (validated like a decoded one)."""
+    if isinstance(keyslot, bool) or not isinstance(keyslot, int):
+        raise TokenError(f"keyslot {keyslot!r} is not an integer")
+    token: dict[str, Any] = {
+        "type": TOKEN_TYPE,
+        "keyslots": [str(keyslot)],
+        "version": TOKEN_VERSION,
+        "tpm2-blob-public": base64.b64encode(key.public).decode(),
+        "tpm2-blob-private": base64.b64encode(key.private).decode(),
+        "tpm2-pcr-bank": key.bank,
+        "tpm2-pcrs": list(key.pcrs),
+        "tpm2-primary-alg": key.primary_alg,
+        "tpm2-policy-hash": key.policy_hash.hex(),
+        "pystate-pcr15": key.pcr15_zero,
+    }
+    decoded, slot = _decode_object(token)  # never write what we would refuse to read
+    if decoded != key or slot != keyslot:
+        raise TokenError("sealed key does not survive encoding")
+    return token
+
+
+def encode_token_json(key: SealedKey, keyslot: int) -> str:
+    """`encode_token` as compact JSON text."""
+    return json.dumps(encode_token(key, keyslot), separators=(",", ":"))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise TokenError(f"token JSON contains {name}, which is not JSON")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise TokenError(f"token JSON has the key {k!r} twice")
+        obj[k] = v
+    return obj
+
+
+def decode_token(text: str | bytes | bytearray | Mapping[str, Any]) -> tuple[SealedKey, int]:
+    """The sealed key and keyslot of a `pystate-tpm2` token; TokenError if it is not one.
+
+    `text` is the JSON text (`cryptsetup token export`) or the already-parsed object
+    (from a LUKS2 header's `tokens` section).
+    """
+    if isinstance(text, Mapping):
+        return _decode_object(text)
+    if isinstance(text, str):
+        if len(text) > MAX_TOKEN_BYTES:
+            raise TokenError(f"token of {len(text)} characters exceeds {MAX_TOKEN_BYTES} bytes")
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenError("token is not valid UTF-8") from None
+    elif isinstance(text, bytes | bytearray):
+        raw = bytes(text)
+    else:
+        raise TokenError(f"token of type {type(text).__name__} is not JSON text")
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise TokenError(f"token of {len(raw)} bytes exceeds {MAX_TOKEN_BYTES} bytes")
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TokenError("token is not valid UTF-8") from None
+    try:
+        obj = json.loads(decoded, object_pairs_hook=_unique_object, parse_constant=_refuse_constant)
+    except TokenError:
+        raise
+    except RecursionError:
+        raise TokenError("token JSON is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and int() of a too-long number
+        raise TokenError(f"token is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise TokenError(f"token JSON is a {type(obj).__name__}, not an object")
+    return _decode_object(obj)
+
+
+def _decode_object(obj: Mapping[str, Any]) -> tuple[SealedKey, int]:
+    for name in FIELDS:
+        if name not in obj:
+            raise TokenError(f"token has no {name!r}")
+    if obj["type"] != TOKEN_TYPE:
+        raise TokenError(f"token type {_show(obj['type'])} is not {TOKEN_TYPE!r}")
+    version = obj["version"]
+    if type(version) is not int or version != TOKEN_VERSION:
+        raise TokenError(f"token version {_show(version)} is not {TOKEN_VERSION}")
+    keyslot = _keyslot(obj["keyslots"])
+
+    bank = obj["tpm2-pcr-bank"]
+    if not isinstance(bank, str) or bank not in BANKS:
+        raise TokenError(f"tpm2-pcr-bank {_show(bank)} is not one of {', '.join(BANKS)}")
+    pcrs = _pcrs(obj["tpm2-pcrs"])
+    primary = obj["tpm2-primary-alg"]
+    if primary != PRIMARY_ALG:
+        raise TokenError(f"tpm2-primary-alg {_show(primary)} is not {PRIMARY_ALG!r}")
+    pcr15 = obj["pystate-pcr15"]
+    if not isinstance(pcr15, bool):
+        raise TokenError(f"pystate-pcr15 {_show(pcr15)} is not true or false")
+    if pcr15 and PCR_VOLUME not in pcrs:
+        raise TokenError(f"pystate-pcr15 is true but PCR {PCR_VOLUME} is not in tpm2-pcrs")
+
+    policy_hash = _policy_hash(obj["tpm2-policy-hash"])
+    public = _blob(obj["tpm2-blob-public"], "tpm2-blob-public", MAX_PUBLIC)
+    private = _blob(obj["tpm2-blob-private"], "tpm2-blob-private", MAX_PRIVATE)
+    _check_public(public, policy_hash)
+    key = SealedKey(
+        public=public,
+        private=private,
+        bank=bank,
+        pcrs=pcrs,
+        policy_hash=policy_hash,
+        pcr15_zero=pcr15,
+        primary_alg=PRIMARY_ALG,
+    )
+    return key, keyslot
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _keyslot(value: Any) -> int:
+    if not isinstance(value, list) or len(value) != 1:
+        raise TokenError(f"keyslots {_show(value)} is not a list of one keyslot")
+    slot = value[0]
+    if (
+        not isinstance(slot, str)
+        or not slot.isascii()
+        or not slot.isdigit()
+        or (len(slot) > 1 and slot[0] == "0")
+        or len(slot) > 2
+        or int(slot) > MAX_KEYSLOT
+    ):
+        raise TokenError(f"keyslot {_show(slot)} is not a decimal string 0-{MAX_KEYSLOT}")
+    return int(slot)
+
+
+def _pcrs(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise TokenError(f"tpm2-pcrs {_show(value)} is not a non-empty list")
+    if len(value) > PCR_COUNT:
+        raise TokenError(f"tpm2-pcrs lists {len(value)} PCRs, more than {PCR_COUNT}")
+    for i in value:
+        if type(i) is not int or not 0 <= i < PCR_COUNT:
+            raise TokenError(f"tpm2-pcrs entry {_show(i)} is not a PCR index 0-{PCR_COUNT - 1}")
+    if len(set(value)) != len(value):
+        raise TokenError(f"tpm2-pcrs {_show(value)} lists a PCR twice")
+    return tuple(sorted(value))
+
+
+def _policy_hash(value: Any) -> bytes:
+    want = 2 * POLICY_HASH_SIZE
+    if (
+        not isinstance(value, str)
+        or len(value) != want
+        or not all(c in "0123456789abcdef" for c in value)
+    ):
+        raise TokenError(f"tpm2-policy-hash {_show(value)} is not {want} lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _blob(value: Any, name: str, limit: int) -> bytes:
+    if not isinstance(value, str):
+        raise TokenError(f"{name} {_show(value)} is not a base64 string")
+    if len(value) > 4 * ((limit + 2) // 3):
+        raise TokenError(f"{name} is longer than {limit} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise TokenError(f"{name} is not valid base64") from None
+    if base64.b64encode(raw).decode() != value:
+        raise TokenError(f"{name} is not canonical base64")
+    if not 3 <= len(raw) <= limit:
+        raise TokenError(f"{name} has {len(raw)} bytes, expected 3-{limit}")
+    size = int.from_bytes(raw[:2], "big")
+    if size != len(raw) - 2:
+        raise TokenError(f"{name} declares {size} bytes but holds {len(raw) - 2}")
+    return raw
+
+
+def _check_public(public: bytes, policy_hash: bytes) -> None:
+    """The public area is a sha256 sealed data object whose authPolicy is the token's hash.
+
+    TPM2B_PUBLIC: size(2) type(2) nameAlg(2) objectAttributes(4) authPolicy(2 + n) …
+    """
+    if len(public) < 12:
+        raise TokenError("tpm2-blob-public is too short for a TPM2 public area")
+    kind = int.from_bytes(public[2:4], "big")
+    name_alg = int.from_bytes(public[4:6], "big")
+    if kind != _TPM_ALG_KEYEDHASH:
+        raise TokenError(f"tpm2-blob-public is of type {kind:#06x}, not a sealed data object")
+    if name_alg != _TPM_ALG_SHA256:
+        raise TokenError(f"tpm2-blob-public has name algorithm {name_alg:#06x}, not sha256")
+    size = int.from_bytes(public[10:12], "big")
+    if public[12 : 12 + size] != policy_hash or size != len(policy_hash):
+        raise TokenError("tpm2-policy-hash is not the policy in tpm2-blob-public")
