@@ -384,10 +384,41 @@ def _module_names(pkg_root: Path) -> list[str]:
     return names
 
 
+def codec_modules(sources: list[Path]) -> list[str]:
+    """``encodings.*`` modules named by string in the package's encode/decode calls.
+
+    Codecs are imported by name at run time (``b.decode("utf-16-le")``), which no
+    import analysis sees; a missing one fails only when that line runs in the initrd.
+    """
+    import ast
+    import encodings
+    import encodings.aliases
+
+    names: set[str] = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if not isinstance(node, ast.Call):
+                continue
+            args = (
+                list(node.args[:1])
+                if isinstance(node.func, ast.Attribute) and (node.func.attr in ("encode", "decode"))
+                else []
+            )
+            if isinstance(node.func, ast.Name) and node.func.id in ("bytearray", "bytes", "str"):
+                args = list(node.args[1:2])
+            args += [k.value for k in node.keywords if k.arg == "encoding"]
+            for arg in args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    norm = encodings.normalize_encoding(arg.value).lower()
+                    names.add(encodings.aliases.aliases.get(norm, norm))
+    return sorted(f"encodings.{name}" for name in names)
+
+
 def analyse(pkg_root: Path, main: Path, target: TargetInfo) -> Analysis:
     """Find every module the staged package and main script import, with the target's stdlib."""
     startup = startup_modules(target.python, pkg_root.parent)
-    roots = [*_module_names(pkg_root), *startup]
+    codecs = codec_modules(sorted((pkg_root / PACKAGE).rglob("*.py")))
+    roots = [*_module_names(pkg_root), *startup, *codecs]
     ans = _run_target(
         target.python,
         {

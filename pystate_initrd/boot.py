@@ -144,6 +144,16 @@ def run_boot(paths: BootPaths) -> int:
         report.error = f"{where}{exc.strerror or exc}"
         log.error(f"boot stopped: {report.error}")
         return 1
+    except Exception as exc:
+        # A bug, not bad input: still one line for the console; the traceback in debug mode.
+        report.outcome = "failed"
+        report.error = f"internal error: {type(exc).__name__}: {exc}"
+        log.error(f"boot stopped: {report.error} (boot with pystate.debug for details)")
+        if log.debug_enabled:
+            import traceback
+
+            log.debug(traceback.format_exc())
+        return 1
     finally:
         try:
             report.write(paths.run_dir / "boot.json")

@@ -123,4 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line, not a traceback, on a boot console
+        print(f"pystate: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return result
