@@ -294,3 +294,30 @@ def test_boot_testroot_from_gpt_disk(tmp_path: Path) -> None:
     (tmp_path / "layout.json").write_text(layout.to_json())
     assert json.loads(layout.to_json())["partitions"][0]["role"] == "root"
     assert re.search(r"reboot: Power down", result.console)
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_sigterm_stops_qemu_and_swtpm(kernel: Path, tiny_initrd: Path, blank_disk: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(BOOT), str(blank_disk), "--kernel", str(kernel),
+         "--initrd", str(tiny_initrd), "--append", "tiny.hang", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not any(_children(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(_children(proc.pid)), "qemu/boot started neither swtpm nor QEMU"
+    time.sleep(1)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(p) for p in out.split()]
