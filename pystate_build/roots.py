@@ -1,7 +1,7 @@
 """`build.py testroot` and `build.py debian-root`: the root file systems the QEMU tests boot.
 
 testroot: Debian's static busybox and a shell PID 1 that prints /proc/mounts, lists the
-paths it was asked to (``--list`` at build time, ``pystate.testroot.list=`` on the kernel
+paths it was asked to (``--list`` at build time, ``testroot.list=`` on the kernel
 command line), prints ``PYSTATE-TESTROOT-OK`` and powers off. Seconds to build and to boot.
 
 debian-root: a real Debian (mmdebstrap minbase + systemd, udev, python3-minimal) that boots
@@ -31,6 +31,8 @@ MOUNTS_BEGIN = "PYSTATE-MOUNTS-BEGIN"
 MOUNTS_END = "PYSTATE-MOUNTS-END"
 LIST_PREFIX = "PYSTATE-LIST "
 FILE_PREFIX = "PYSTATE-FILE "
+CAT_BEGIN = "PYSTATE-CAT-BEGIN "
+CAT_END = "PYSTATE-CAT-END"
 
 BUSYBOX = Path("/bin/busybox")
 # Mount points a pystate root needs (targets of state entries) plus what switch_root moves.
@@ -50,7 +52,9 @@ class RootError(PystateError):
 #   PYSTATE-MOUNTS-BEGIN / <each line of /proc/mounts> / PYSTATE-MOUNTS-END
 #   PYSTATE-LIST <path> <octal mode> <uid>:<gid> <type>     (every entry below each listed path)
 #   PYSTATE-FILE <path>: <first line>                        (regular files below listed paths)
+#   PYSTATE-CAT-BEGIN <path> / <its lines> / PYSTATE-CAT-END  (pystate.testroot.cat=P1,P2)
 #   PYSTATE-TESTROOT-OK
+# pystate.testroot.write=PATH:TEXT appends TEXT (no spaces) as a line to PATH first.
 TESTROOT_INIT = r"""#!/bin/busybox sh
 # PID 1 of pystate's minimal test root (build.py testroot): report, then power off.
 export PATH=/bin:/sbin
@@ -63,7 +67,7 @@ list=""
 [ -r /etc/testroot.list ] && list="$(cat /etc/testroot.list)"
 for word in $(cat /proc/cmdline); do
 	case "$word" in
-	pystate.testroot.list=*) list="$list $(echo "${word#*=}" | tr , ' ')" ;;
+	testroot.list=*) list="$list $(echo "${word#*=}" | tr , ' ')" ;;
 	esac
 done
 for top in $list; do
@@ -103,10 +107,28 @@ def build_testroot(dest: Path | str, *, lists: Sequence[str] = ()) -> Path:
     init.write_text(TESTROOT_INIT)
     init.chmod(0o755)
     (dest / "etc/hostname").write_text("pystate-testroot\n")
+    # systemd's switch-root refuses a new root that is not an OS tree (no os-release).
+    (dest / "etc/os-release").write_text('ID=pystate-testroot\nNAME="pystate test root"\n')
     (dest / "etc/testroot.list").write_text("".join(f"{p}\n" for p in lists))
     (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (dest / "etc/group").write_text("root:x:0:\n")
     return dest
+
+
+def parse_cats(console: str) -> dict[str, str]:
+    """The whole files printed for ``pystate.testroot.cat=``: path -> text."""
+    cats: dict[str, str] = {}
+    current: str | None = None
+    lines: list[str] = []
+    for raw in console.splitlines():
+        if current is None and raw.startswith(CAT_BEGIN):
+            current, lines = raw[len(CAT_BEGIN) :], []
+        elif current is not None and raw == CAT_END:
+            cats[current] = "\n".join(lines) + "\n"
+            current = None
+        elif current is not None:
+            lines.append(raw)
+    return cats
 
 
 def parse_report(
