@@ -7,7 +7,7 @@
 
 # Only when asked for (dracut --add pystate), never by host-only autodetection.
 check() {
-	require_binaries python3.11 e2fsck || return 1
+	require_binaries python3.11 e2fsck cryptsetup mkfs.ext4 cp || return 1
 	[[ -e "${PYSTATE_PAYLOAD:-/usr/lib/pystate}/pystate" ]] || return 1
 	return 255
 }
@@ -17,8 +17,9 @@ depends() {
 }
 
 installkernel() {
+	# dm-crypt with aes-xts-plain64; cryptsetup decrypts keyslots through AF_ALG.
 	hostonly='' instmods loop ext4 btrfs xfs erofs squashfs overlay \
-		tpm_tis tpm_crb tpm_tis_core dm_crypt
+		tpm_tis tpm_crb tpm_tis_core dm_crypt xts ecb aesni_intel algif_skcipher
 }
 
 install() {
@@ -31,10 +32,11 @@ install() {
 		[[ -e "$so" ]] && inst_library "$so" "/usr/lib/python3.11/lib-dynload/${so##*/}"
 	done
 
-	inst_multiple e2fsck resize2fs
-	inst_multiple -o btrfs xfs_growfs fsck.ext4 \
-		cryptsetup tpm2_createprimary tpm2_load tpm2_unseal tpm2_create tpm2_pcrread \
-		tpm2_startauthsession tpm2_policypcr tpm2_flushcontext tpm2_pcrextend
+	# cp (coreutils, for xattrs and ACLs) seeds new entries; mkfs makes the image's fs.
+	inst_multiple e2fsck resize2fs cryptsetup mkfs.ext4 cp
+	inst_multiple -o btrfs mkfs.btrfs xfs_growfs fsck.ext4 /etc/mke2fs.conf \
+		systemd-ask-password tpm2_createprimary tpm2_createpolicy tpm2_create \
+		tpm2_load tpm2_unseal tpm2_pcrread tpm2_pcrextend tpm2_flushcontext
 	# tpm2-tools dlopen() their TCTI; dracut cannot see that dependency.
 	inst_libdir_file "libtss2-tcti-device.so*"
 

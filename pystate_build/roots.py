@@ -31,8 +31,7 @@ MOUNTS_BEGIN = "PYSTATE-MOUNTS-BEGIN"
 MOUNTS_END = "PYSTATE-MOUNTS-END"
 LIST_PREFIX = "PYSTATE-LIST "
 FILE_PREFIX = "PYSTATE-FILE "
-CAT_BEGIN = "PYSTATE-CAT-BEGIN "
-CAT_END = "PYSTATE-CAT-END"
+BOOT_JSON_PREFIX = "PYSTATE-BOOT-JSON "
 
 BUSYBOX = Path("/bin/busybox")
 # Mount points a pystate root needs (targets of state entries) plus what switch_root moves.
@@ -52,9 +51,10 @@ class RootError(PystateError):
 #   PYSTATE-MOUNTS-BEGIN / <each line of /proc/mounts> / PYSTATE-MOUNTS-END
 #   PYSTATE-LIST <path> <octal mode> <uid>:<gid> <type>     (every entry below each listed path)
 #   PYSTATE-FILE <path>: <first line>                        (regular files below listed paths)
-#   PYSTATE-CAT-BEGIN <path> / <its lines> / PYSTATE-CAT-END  (pystate.testroot.cat=P1,P2)
+#   PYSTATE-BOOT-JSON <boot.json on one line>               (when /run/pystate/boot.json exists)
 #   PYSTATE-TESTROOT-OK
-# pystate.testroot.write=PATH:TEXT appends TEXT (no spaces) as a line to PATH first.
+# testroot.write=PATH:TEXT on the kernel command line appends TEXT (no spaces) as a line to
+# PATH before the report (PYSTATE-WROTE PATH), so a later boot can look for it.
 TESTROOT_INIT = r"""#!/bin/busybox sh
 # PID 1 of pystate's minimal test root (build.py testroot): report, then power off.
 export PATH=/bin:/sbin
@@ -68,8 +68,14 @@ list=""
 for word in $(cat /proc/cmdline); do
 	case "$word" in
 	testroot.list=*) list="$list $(echo "${word#*=}" | tr , ' ')" ;;
+	testroot.write=*)
+		spec="${word#*=}"
+		echo "${spec#*:}" >>"${spec%%:*}" && sync && echo "PYSTATE-WROTE ${spec%%:*}"
+		;;
 	esac
 done
+# pystate's boot report, on one line so kernel messages cannot split it
+[ -r /run/pystate/boot.json ] && echo "PYSTATE-BOOT-JSON $(tr -d '\n' </run/pystate/boot.json)"
 for top in $list; do
 	if [ ! -e "$top" ] && [ ! -L "$top" ]; then
 		echo "PYSTATE-LIST $top missing"
@@ -113,22 +119,6 @@ def build_testroot(dest: Path | str, *, lists: Sequence[str] = ()) -> Path:
     (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (dest / "etc/group").write_text("root:x:0:\n")
     return dest
-
-
-def parse_cats(console: str) -> dict[str, str]:
-    """The whole files printed for ``pystate.testroot.cat=``: path -> text."""
-    cats: dict[str, str] = {}
-    current: str | None = None
-    lines: list[str] = []
-    for raw in console.splitlines():
-        if current is None and raw.startswith(CAT_BEGIN):
-            current, lines = raw[len(CAT_BEGIN) :], []
-        elif current is not None and raw == CAT_END:
-            cats[current] = "\n".join(lines) + "\n"
-            current = None
-        elif current is not None:
-            lines.append(raw)
-    return cats
 
 
 def parse_report(

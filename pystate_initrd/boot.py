@@ -1,6 +1,7 @@
 """The initrd program: a straight pipeline of named, timed steps.
 
-config → discover → fsck → mount-state → (unlock, issue 4) → plan → mounts → report.
+config → discover → fsck → mount-state → encrypted area (provision or unlock, see
+encrypted.py) → plan → mounts → report.
 Each step logs one line with its duration to /dev/kmsg; the whole run is
 summarized in /run/pystate/boot.json. Any failure stops here with one clear
 line on the console; the unit's OnFailure (or dracut's die) takes the boot to
@@ -109,10 +110,16 @@ def run_boot(paths: BootPaths) -> int:
 
                 s.detail = grow(choice.device, fs.fstype, target)
 
+        from . import encrypted
+
+        encrypted_dir = encrypted.setup(
+            cfg, target, paths.sysroot, report, cmdline, read_only=read_only
+        )
+
         with report.step("plan") as s:
             mount_plan = plan.build_plan(
                 target,
-                None,
+                encrypted_dir,
                 plain_allowlist=cfg.plain_allowlist,
                 modes={t: plan.MountMode(m) for t, m in cfg.mount_modes.items()},
             )
@@ -124,9 +131,10 @@ def run_boot(paths: BootPaths) -> int:
             report.facts.update(mount_plan.to_json())
 
         with report.step("mounts") as s:
-            done = mounts.apply_plan(
-                mount_plan.mounts, sysroot=paths.sysroot, area_dirs={"plain": target}
-            )
+            area_dirs = {"plain": target}
+            if encrypted_dir is not None:
+                area_dirs["encrypted"] = encrypted_dir
+            done = mounts.apply_plan(mount_plan.mounts, sysroot=paths.sysroot, area_dirs=area_dirs)
             for d in done:
                 log.info(f"mounted {d.mount.area} {d.mount.name} on {d.mount.target}")
             s.detail = ", ".join(d.mount.target for d in done) or "nothing to mount"

@@ -1,0 +1,158 @@
+"""The encrypted area at boot: provision encrypted.img or unlock it, then hand back its mount.
+
+Called by the boot pipeline between mount-state and plan. Decisions, in order:
+
+1. read-only state partition (GPT bit 60): open an existing image read-only, never provision;
+2. ``pystate.factory-reset=1``: crypto-erase the image and delete the plain entries;
+3. a leftover ``encrypted.img.new``: an interrupted first boot, deleted (SPEC §6);
+4. no ``encrypted.img``: provision it (provision.py) — unless the machine has no TPM at
+   all, in which case nothing is made: the boot goes on with the plain entries, loudly;
+5. else unlock it (unlock.py): TPM2, then the recovery key.
+
+Debug words on the (trusted) kernel command line, for the QEMU tests:
+``pystate.debug-stop=STEP`` cuts the power (sysrq ``o``: no sync, no unmount) right after
+provisioning step STEP (allocate, luks-format, mkfs, layout, commit);
+``pystate.debug-extend-pcr=N`` extends PCR N before unsealing, as a firmware change would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+from . import askpass, luks, provision, tpm2, unlock
+from .config import Config, parse_cmdline
+from .errors import PystateError
+from .report import BootReport
+
+RESERVED = frozenset({provision.IMAGE, provision.NEW_IMAGE, provision.MOUNT_DIR, "lost+found"})
+
+
+class EncryptedError(PystateError):
+    """The encrypted area's files on /state are not what pystate made."""
+
+
+def _debug_words(cmdline: str) -> dict[str, str]:
+    return {
+        key: value or ""
+        for key, value in parse_cmdline(cmdline)
+        if key in ("pystate.debug-stop", "pystate.debug-extend-pcr")
+    }
+
+
+def _power_cut_hook(report: BootReport, stop_at: str | None) -> provision.Hook:
+    def hook(step: str) -> None:
+        if step != stop_at:
+            return
+        report.log.error(f"debug-stop after {step}: cutting the power now (pystate.debug-stop)")
+        time.sleep(0.5)  # let the console show the line
+        with open("/proc/sysrq-trigger", "w") as f:
+            f.write("o")
+        time.sleep(60)
+
+    return hook
+
+
+def factory_reset(state_dir: Path) -> list[str]:
+    """Crypto-erase encrypted.img and delete it and every plain entry; what went."""
+    gone = []
+    image = state_dir / provision.IMAGE
+    if image.is_file() and not image.is_symlink():
+        # Not a LUKS image: nothing to erase; it is deleted all the same.
+        with contextlib.suppress(luks.NotLuks):
+            luks.erase(image)
+        gone.append(provision.IMAGE)
+    for entry in os.scandir(state_dir):
+        if entry.name.startswith(".") or entry.name in RESERVED - {provision.IMAGE}:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+        gone.append(entry.name)
+    provision.fsync_dir(state_dir)
+    return sorted(set(gone))
+
+
+def _check_image(image: Path) -> bool:
+    """Whether encrypted.img exists; EncryptedError when it is not a regular file."""
+    try:
+        st = os.lstat(image)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise EncryptedError(
+            f"{image} is not a regular file; refusing to open or replace it",
+            hint="move it away from the emergency shell; nothing was changed",
+        )
+    return True
+
+
+def setup(
+    cfg: Config,
+    state_dir: Path,
+    sysroot: Path,
+    report: BootReport,
+    cmdline: str,
+    *,
+    read_only: bool = False,
+    tcti: str | None = None,
+    ask: unlock.Ask = askpass.ask,
+) -> Path | None:
+    """Provision or unlock encrypted.img; the opened image's mount point, or None."""
+    log = report.log
+    image = state_dir / provision.IMAGE
+    mountpoint = state_dir / provision.MOUNT_DIR
+    debug = _debug_words(cmdline)
+
+    if read_only:
+        if not _check_image(image):
+            report.facts["encrypted"] = {"state": "absent (read-only state partition)"}
+            return None
+        opened = unlock.unlock(cfg, image, mountpoint, report, ask=ask, tcti=tcti, read_only=True)
+        report.facts["encrypted"] = opened.to_json()
+        return opened.mountpoint
+
+    if cfg.factory_reset:
+        with report.step("factory-reset") as s:
+            gone = factory_reset(state_dir)
+            s.detail = "removed " + (", ".join(gone) or "nothing")
+    if (state_dir / provision.NEW_IMAGE).exists() or (state_dir / provision.NEW_IMAGE).is_symlink():
+        with report.step("discard-leftover") as s:
+            provision.remove_leftover(state_dir)
+            s.detail = f"deleted {provision.NEW_IMAGE} of an interrupted first boot"
+
+    if "pystate.debug-extend-pcr" in debug:
+        index = int(debug["pystate.debug-extend-pcr"])
+        tpm2.pcr_extend(
+            index, str(cfg.pcr_bank), bytes(tpm2.bank_digest_size(str(cfg.pcr_bank))), tcti
+        )
+        log.warning(f"debug: extended PCR {index} (pystate.debug-extend-pcr)")
+
+    if not _check_image(image):
+        unlock.wait_for_tpm(tcti)
+        if not tpm2.tpm_present(tcti):
+            log.error(
+                f"no TPM2 on this machine: {image} is not created and the encrypted entries "
+                "are not mounted; only plain entries are"
+            )
+            report.facts["encrypted"] = {"state": "not provisioned: no TPM2"}
+            return None
+        made = provision.provision(
+            cfg,
+            state_dir,
+            sysroot,
+            report,
+            tcti=tcti,
+            hook=_power_cut_hook(report, debug.get("pystate.debug-stop")),
+        )
+        report.facts["encrypted"] = {**made.opened.to_json(), "size": made.size}
+        return made.opened.mountpoint
+
+    opened = unlock.unlock(cfg, image, mountpoint, report, ask=ask, tcti=tcti)
+    report.facts["encrypted"] = opened.to_json()
+    return opened.mountpoint

@@ -1,0 +1,285 @@
+"""First boot (and factory reset): build encrypted.img from nothing (SPEC §6).
+
+Everything is made in ``encrypted.img.new``; only when it is complete and on
+disk is it renamed to ``encrypted.img`` (and the directory fsynced). A power
+cut at any point therefore leaves either no image or a complete one; a
+leftover ``.new`` is an interrupted run, deleted at the next boot.
+
+The steps, in order (each a ``report`` step, so boot.json times them):
+seal (a random 32-byte secret sealed by the TPM, before anything touches the
+disk: no TPM, no image), allocate, luks-format (TPM keyslot, recovery keyslot,
+``pystate-tpm2`` token), mkfs, layout (entries, seeded from the OS image;
+``.pystate/recovery-key``, mode 0400), commit (fsync, rename, fsync dir).
+The image is left open and mounted: the caller goes on as after an unlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import linux, luks, recovery, seed, tpm2, unlock
+from .config import Allocation, Area, Config
+from .errors import PystateError
+from .escape import escape_path
+from .report import BootReport
+from .resize_policy import ALIGN, PPM, PolicyParams, human_size, params_from_config
+from .run import CommandError, run
+from .secret import Secret
+from .token import encode_token_json
+
+IMAGE = "encrypted.img"
+NEW_IMAGE = "encrypted.img.new"
+MOUNT_DIR = "encrypted"
+META_DIR = ".pystate"
+RECOVERY_FILE = "recovery-key"
+HEADER_SIZE = 16 * 1024 * 1024  # cryptsetup 2.6's default LUKS2 header (both copies + slots)
+FS_LABEL = "pystate"
+
+# Debug hook for the power-cut tests: pystate.debug-stop=STEP cuts power after STEP.
+Hook = Callable[[str], None]
+
+
+class ProvisionError(PystateError):
+    """encrypted.img could not be made."""
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def initial_size(outer_size: int, outer_free: int, params: PolicyParams) -> int:
+    """The first size of encrypted.img: the resize policy's buffer for an empty image.
+
+    SPEC §6: the policy's share of the free space (§7), at least the minimum size.
+    With nothing used yet the buffer is min(buffer_min, encrypted share of the pool),
+    the pool being the outer free space above the reserve; the image is the LUKS
+    header plus that buffer, at least min_image_size, at most the room above the
+    reserve. ProvisionError when the room is below the minimum.
+    """
+    reserve = max(params.reserve_min, -(-outer_size * params.reserve_ppm // PPM))
+    room = max(0, outer_free - reserve)
+    w_plain, w_encrypted = params.weights
+    share = -(-room * w_encrypted // (w_plain + w_encrypted))
+    buffer = min(params.buffer_min, share)
+    size = max(params.min_image_size, HEADER_SIZE + buffer)
+    size = -(-size // ALIGN) * ALIGN
+    cap = room - room % ALIGN
+    if cap < params.min_image_size:
+        raise ProvisionError(
+            f"the state partition has {human_size(outer_free)} free; the encrypted image needs "
+            f"{human_size(params.min_image_size)} above the reserve of {human_size(reserve)}",
+            hint="make the state partition larger or free space on it",
+        )
+    return min(size, cap)
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftover(state_dir: Path) -> bool:
+    """Delete an interrupted provisioning's encrypted.img.new; whether there was one."""
+    new = state_dir / NEW_IMAGE
+    try:
+        os.unlink(new)  # a file, a symlink: the name goes, nothing is followed
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError:
+        shutil.rmtree(new)
+    fsync_dir(state_dir)
+    return True
+
+
+def allocate(path: Path, size: int, allocation: Allocation) -> None:
+    """Create path (it must not exist) with size bytes: fully allocated, or sparse."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        if allocation is Allocation.FULL:
+            try:
+                linux.fallocate(fd, 0, 0, size)
+            except OSError as exc:
+                raise ProvisionError(
+                    f"allocating {human_size(size)} for {path} failed: {exc.strerror}"
+                ) from None
+        else:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_recovery_key(inner_root: Path, key_text: str) -> Path:
+    """.pystate/recovery-key inside the image: the key and a line on its use, mode 0400."""
+    meta = inner_root / META_DIR
+    meta.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(meta, 0o700)
+    path = meta / RECOVERY_FILE
+    text = (
+        f"{key_text}\n"
+        "# pystate recovery key for this encrypted.img (LUKS2 keyslot "
+        f"{luks.RECOVERY_KEYSLOT}).\n"
+        "# Keep it somewhere safe, then delete this file. It is asked for when the TPM\n"
+        "# cannot unlock the image (firmware update, other machine, no TPM).\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o400)
+    try:
+        os.write(fd, text.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def mkfs_argv(device: str, fstype: str) -> list[str]:
+    if fstype == "btrfs":
+        return ["mkfs.btrfs", "--quiet", "--label", FS_LABEL, device]
+    # 1 % reserved for root (not 5 %): the image is resized to its use anyway.
+    return ["mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-m", "1", device]
+
+
+def make_layout(
+    cfg: Config, inner_root: Path, state_dir: Path, sysroot: Path
+) -> list[tuple[str, str, bool]]:
+    """Create the default layout's entries; (area, target, seeded) for each created."""
+    done = []
+    for entry in cfg.layout:
+        name = escape_path(entry.target)
+        parent = inner_root if entry.area is Area.ENCRYPTED else state_dir
+        path = parent / name
+        if entry.area is Area.PLAIN and (path.exists() or path.is_symlink()):
+            continue  # plain entries survive; a factory reset removes them first
+        path.mkdir(mode=0o755)
+        seeded = False
+        if entry.seed:
+            seeded = seed.seed(sysroot / entry.target.lstrip("/"), path)
+        done.append((str(entry.area), entry.target, seeded))
+    return done
+
+
+def format_image(
+    image: Path,
+    *,
+    secret: bytearray,
+    volume_key: bytearray,
+    recovery_pass: bytearray,
+    sealed: tpm2.SealedKey,
+) -> str:
+    """LUKS2 on image: TPM keyslot, recovery keyslot, pystate-tpm2 token; its UUID."""
+    luks.format(image, key=secret, volume_key=volume_key, key_slot=luks.TPM2_KEYSLOT)
+    luks.add_keyslot(
+        image,
+        existing_key=secret,
+        existing_slot=luks.TPM2_KEYSLOT,
+        new_key=recovery_pass,
+        slot=luks.RECOVERY_KEYSLOT,
+    )
+    luks.token_import(image, encode_token_json(sealed, luks.TPM2_KEYSLOT))
+    return luks.uuid(image)
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    opened: unlock.Opened
+    size: int
+    layout: list[tuple[str, str, bool]]
+
+
+def provision(
+    cfg: Config,
+    state_dir: Path,
+    sysroot: Path,
+    report: BootReport,
+    *,
+    tcti: str | None = None,
+    hook: Hook = lambda step: None,
+) -> Provisioned:
+    """Make, fill and commit encrypted.img; it is left open and mounted at state_dir/encrypted."""
+    new, final = state_dir / NEW_IMAGE, state_dir / IMAGE
+    with contextlib.ExitStack() as stack:
+        secret = stack.enter_context(Secret.random(32))
+        volume_key = stack.enter_context(Secret.random(luks.KEY_BITS // 8))
+        recovery_text = recovery.generate_recovery_key()
+        recovery_pass = stack.enter_context(Secret(recovery.recovery_passphrase(recovery_text)))
+
+        with report.step("seal") as s:
+            sealed = tpm2.seal(
+                secret.value,
+                pcrs=cfg.pcrs,
+                bank=str(cfg.pcr_bank),
+                pcr15_zero=cfg.measure_pcr15,
+                tcti=tcti,
+            )
+            s.detail = f"to {sealed.pcr_spec}"
+        with report.step("allocate") as s:
+            st = os.statvfs(state_dir)
+            size = initial_size(
+                st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, params_from_config(cfg)
+            )
+            allocate(new, size, cfg.allocation)
+            s.detail = f"{new} {human_size(size)} ({cfg.allocation})"
+        hook("allocate")
+        with report.step("luks-format") as s:
+            uuid = format_image(
+                new,
+                secret=secret.value,
+                volume_key=volume_key.value,
+                recovery_pass=recovery_pass.value,
+                sealed=sealed,
+            )
+            s.detail = f"LUKS2 {uuid}, keyslots {luks.TPM2_KEYSLOT} (tpm2), 1 (recovery)"
+        hook("luks-format")
+        with report.step("mkfs") as s:
+            loop = unlock.attach(new)
+            stack.callback(unlock.teardown, loop.path, state_dir / MOUNT_DIR)
+            luks.open(loop.path, key=secret.value, key_slot=luks.TPM2_KEYSLOT)
+            try:
+                run(mkfs_argv(unlock.DM_PATH, str(cfg.inner_fs)))
+            except CommandError as exc:
+                raise ProvisionError(f"making the encrypted file system failed: {exc}") from None
+            s.detail = f"{cfg.inner_fs} on {unlock.DM_PATH}"
+        hook("mkfs")
+        with report.step("layout") as s:
+            mountpoint = unlock.mount_inner(state_dir / MOUNT_DIR, str(cfg.inner_fs))
+            os.chmod(mountpoint, 0o755)
+            layout = make_layout(cfg, mountpoint, state_dir, sysroot)
+            write_recovery_key(mountpoint, recovery_text)
+            seeded = [t for _, t, did in layout if did]
+            s.detail = ", ".join(f"{a} {t}" for a, t, _ in layout) + (
+                f"; seeded {', '.join(seeded)}" if seeded else ""
+            )
+        hook("layout")
+        with report.step("commit") as s:
+            os.sync()  # the inner file system's data and metadata down to the image file
+            fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(new, final)
+            fsync_dir(state_dir)
+            s.detail = f"{new.name} -> {final.name}"
+        hook("commit")
+        stack.pop_all()  # committed: keep loop, mapping and mount
+        opened = unlock.Opened(
+            image=final, loop=loop.path, mountpoint=mountpoint, uuid=uuid, how="provisioned"
+        )
+        if cfg.measure_pcr15:
+            with report.step("measure-pcr15") as s:
+                unlock.extend_pcr15(volume_key.value, uuid, str(cfg.pcr_bank), tcti)
+                s.detail = f"PCR 15 ({cfg.pcr_bank}) extended with the volume's measurement"
+        return Provisioned(opened=opened, size=size, layout=layout)
+    raise AssertionError("unreachable")

@@ -1,0 +1,360 @@
+"""Opening encrypted.img at boot: TPM2 first, the recovery key when the TPM cannot (SPEC §5).
+
+The path, one timed step each (SPEC §10 counts every process):
+luks-header (read and check both header copies, no process) → unseal (the
+``pystate-tpm2`` token's blob, ``tpm2_load`` + ``tpm2_unseal``) → loop-attach
+(LOOP_CONFIGURE with direct I/O, no process) → luks-open (``cryptsetup open
+--key-slot N``, key on a pipe, no token plugins) → inner-fsck (superblock
+probe, ``e2fsck -p``) → mount-encrypted → measure-pcr15.
+
+Refusals are stops, never repairs: a damaged header copy, a file system that
+is not there or fails its check. Nothing is written to the image before it is
+open and checked; on every failure what was set up is torn down again. Only a
+successful recovery unlock writes: the re-seal of the TPM keyslot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import fsck, fsprobe, linux, luks, recovery, tpm2
+from .config import Config
+from .errors import PystateError
+from .report import BootReport
+from .secret import Secret
+from .token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
+
+DM_PATH = f"/dev/mapper/{luks.DM_NAME}"
+INNER_TYPES = ("ext4", "btrfs")
+
+# ask(prompt, attempt) -> the typed text in a bytearray (caller wipes), None: nobody there.
+Ask = Callable[[str, int], bytearray | None]
+
+
+class UnlockError(PystateError):
+    """encrypted.img could not be opened, checked or mounted."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    image: Path
+    loop: str
+    mountpoint: Path
+    uuid: str
+    how: str  # "tpm2", "recovery" or "provisioned"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "image": str(self.image),
+            "loop": self.loop,
+            "device": DM_PATH,
+            "mountpoint": str(self.mountpoint),
+            "luks_uuid": self.uuid,
+            "unlocked_by": self.how,
+        }
+
+
+# --- pieces -------------------------------------------------------------------------------
+
+
+def check_header(image: Path) -> luks.Luks2Header:
+    """The LUKS2 header, refused unless both copies are intact (cryptsetup would "repair")."""
+    try:
+        header = luks.read_header(image)
+    except luks.LuksError as exc:
+        raise UnlockError(
+            f"{image}: {exc}",
+            hint="nothing was changed; boot with pystate=0 to reach the system without it",
+        ) from None
+    if not (header.primary_ok and header.secondary_ok):
+        which = "primary" if not header.primary_ok else "secondary"
+        raise UnlockError(
+            f"the {which} copy of the LUKS2 header of {image} is damaged; not opening it",
+            hint=f"nothing was changed; check the disk, then 'cryptsetup repair {image}'",
+        )
+    return header
+
+
+def tpm_token(header: luks.Luks2Header) -> tuple[int, tpm2.SealedKey, int]:
+    """(token id, sealed key, keyslot) of the first pystate-tpm2 token; TokenError if none."""
+    errors = []
+    for token_id, token in luks.token_dicts(header.metadata).items():
+        if token.get("type") != TOKEN_TYPE:
+            continue
+        try:
+            sealed, slot = decode_token(token)
+        except TokenError as exc:
+            errors.append(f"token {token_id}: {exc}")
+            continue
+        return token_id, sealed, slot
+    raise TokenError("; ".join(errors) or f"no {TOKEN_TYPE} token in the LUKS2 header")
+
+
+def wait_for_tpm(tcti: str | None, seconds: float = 5.0) -> None:
+    """Give a TPM the firmware announces a moment for its driver to register it."""
+    name, _, conf = (tcti or tpm2.DEFAULT_TCTI).partition(":")
+    if name != "device" or os.path.exists(conf):
+        return
+    if not os.path.exists("/sys/firmware/acpi/tables/TPM2") and not any(
+        Path("/sys/class/tpm").glob("tpm*")
+    ):
+        return  # no TPM on this machine: NoTpm right away, not after a wait
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(conf) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def attach(image: Path, *, read_only: bool = False) -> linux.LoopDevice:
+    try:
+        return linux.loop_attach(str(image), read_only=read_only, direct_io=True)
+    except OSError as exc:
+        raise UnlockError(f"attaching {image} to a loop device failed: {exc.strerror}") from None
+
+
+def check_inner(read_only: bool = False) -> tuple[str, str]:
+    """The inner file system's type and fsck verdict; UnlockError stops the boot."""
+    try:
+        info = fsprobe.probe(DM_PATH)
+    except fsprobe.FsProbeError:
+        info = None
+    if info is None or info.fstype not in INNER_TYPES:
+        raise UnlockError(
+            f"encrypted.img opened, but {DM_PATH} holds no ext4 or btrfs file system: "
+            "the image's content is damaged",
+            hint="nothing was written; restore from a backup or check it by hand",
+        )
+    if read_only:
+        return info.fstype, "skipped (read-only)"
+    try:
+        result = fsck.check(DM_PATH, info.fstype)
+    except fsck.FsckError as exc:
+        raise UnlockError(f"the encrypted file system needs a person: {exc}") from None
+    return info.fstype, str(result.verdict)
+
+
+def mount_inner(mountpoint: Path, fstype: str, *, read_only: bool = False) -> Path:
+    if not mountpoint.is_dir() or mountpoint.is_symlink():
+        if mountpoint.is_symlink() or mountpoint.exists():
+            raise UnlockError(f"{mountpoint} is not a directory; cannot mount the image there")
+        mountpoint.mkdir(mode=0o700)
+    try:
+        linux.mount(DM_PATH, str(mountpoint), fstype, linux.MS_RDONLY if read_only else 0, None)
+    except OSError as exc:
+        raise UnlockError(
+            f"mounting {DM_PATH} ({fstype}) on {mountpoint} failed: {exc.strerror}"
+        ) from None
+    return mountpoint
+
+
+def extend_pcr15(volume_key: bytes | bytearray, uuid: str, bank: str, tcti: str | None) -> None:
+    """PCR 15 += HMAC(volume key, "pystate:<uuid>") (SPEC §5)."""
+    digest = tpm2.measure_volume(volume_key, uuid)
+    # The HMAC is sha256; another bank gets it hashed to its own size. hashlib.shaNNN,
+    # not hashlib.new(): the initrd's Python has no OpenSSL.
+    import hashlib
+
+    rehash = {"sha1": hashlib.sha1, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+    if bank in rehash:
+        digest = rehash[bank](digest).digest()
+    tpm2.pcr_extend(tpm2.PCR_VOLUME, bank, digest, tcti)
+
+
+def teardown(loop: str | None, mountpoint: Path | None) -> None:
+    """Undo mount, mapping and loop device, best effort (the boot is failing anyway)."""
+    if mountpoint is not None and os.path.ismount(mountpoint):
+        with contextlib.suppress(OSError):
+            linux.umount2(str(mountpoint))
+    if os.path.exists(DM_PATH):
+        with contextlib.suppress(luks.LuksError):
+            luks.close()
+    if loop:
+        with contextlib.suppress(OSError):
+            linux.loop_detach(loop)
+
+
+def _free_slot(header: luks.Luks2Header) -> int:
+    used = luks.keyslot_infos(header.metadata)
+    for slot in range(luks.MAX_KEYSLOTS):
+        if slot not in used and slot != luks.RECOVERY_KEYSLOT:
+            return slot
+    raise UnlockError("encrypted.img has no free keyslot for the new TPM2 seal")
+
+
+def reseal(
+    cfg: Config,
+    device: str,
+    recovery_pass: bytearray,
+    old: tuple[int, tpm2.SealedKey, int] | None,
+    token_id: int | None,
+    tcti: str | None,
+) -> str:
+    """Seal a new secret to the current PCRs into a new keyslot, then retire the old one.
+
+    Order for crash safety: add the keyslot, point the token at it (replacing the
+    old token in place), then kill the old keyslot. Stopped anywhere, one of the
+    two tokens/keyslot pairs still works or the recovery key does.
+    """
+    with Secret.random(32) as secret:
+        sealed = tpm2.seal(
+            secret.value,
+            pcrs=cfg.pcrs,
+            bank=str(cfg.pcr_bank),
+            pcr15_zero=cfg.measure_pcr15,
+            tcti=tcti,
+        )
+        header = luks.read_header(device)
+        slot = _free_slot(header)
+        luks.add_keyslot(
+            device,
+            existing_key=recovery_pass,
+            existing_slot=luks.RECOVERY_KEYSLOT,
+            new_key=secret.value,
+            slot=slot,
+        )
+    luks.token_import(
+        device, encode_token_json(sealed, slot), token_id, replace=token_id is not None
+    )
+    if old is not None and old[2] not in (slot, luks.RECOVERY_KEYSLOT):
+        with contextlib.suppress(luks.NoKeyslot):
+            luks.kill_keyslot(device, old[2])
+    return f"keyslot {slot} sealed to {sealed.pcr_spec}"
+
+
+# --- the whole unlock ---------------------------------------------------------------------
+
+
+def _recover(loop: str, image: Path, ask: Ask, tries: int, reason: str, log: Any) -> bytearray:
+    """Ask for the recovery key up to `tries` times; the passphrase that opened the image."""
+    log.warning(f"the TPM did not unlock {image}: {reason}")
+    for attempt in range(1, tries + 1):
+        prompt = f"pystate: recovery key for {image} (try {attempt} of {tries}):"
+        typed = ask(prompt, attempt)
+        if typed is None:
+            break
+        try:
+            passphrase = recovery.recovery_passphrase(typed.decode("ascii", errors="replace"))
+        except recovery.RecoveryKeyError as exc:
+            log.error(f"not a recovery key: {exc}")
+            continue
+        finally:
+            typed[:] = bytes(len(typed))
+        try:
+            luks.open(loop, key=passphrase, key_slot=luks.RECOVERY_KEYSLOT)
+        except luks.BadKey:
+            passphrase[:] = bytes(len(passphrase))
+            log.error(f"that recovery key does not open {image}")
+            continue
+        except luks.LuksError:
+            passphrase[:] = bytes(len(passphrase))
+            raise
+        return passphrase
+    raise UnlockError(
+        f"the TPM did not unlock {image} ({reason}) and no valid recovery key was given",
+        hint="nothing was changed; reboot to try again, or boot with pystate=0",
+    )
+
+
+def unlock(
+    cfg: Config,
+    image: Path,
+    mountpoint: Path,
+    report: BootReport,
+    *,
+    ask: Ask,
+    tcti: str | None = None,
+    read_only: bool = False,
+) -> Opened:
+    """Open, check and mount image at mountpoint; the TPM first, then the recovery key."""
+    log = report.log
+    with report.step("luks-header") as s:
+        header = check_header(image)
+        s.detail = f"LUKS2 {header.uuid}"
+
+    secret: bytearray | None = None
+    token: tuple[int, tpm2.SealedKey, int] | None = None
+    reason = ""
+    with report.step("unseal") as s:
+        try:
+            token = tpm_token(header)
+            wait_for_tpm(tcti)
+            secret = tpm2.unseal(token[1], tcti=tcti)
+            s.detail = f"token {token[0]} ({token[1].pcr_spec}) -> keyslot {token[2]}"
+        except (tpm2.Tpm2Error, TokenError) as exc:
+            reason = str(exc)
+            s.detail = f"failed: {reason}"
+
+    loop: linux.LoopDevice | None = None
+    opened_with: tuple[bytearray, int] | None = None
+    try:
+        with report.step("loop-attach") as s:
+            loop = attach(image, read_only=read_only)
+            s.detail = f"{loop.path}{' direct-io' if loop.direct_io else ' (buffered)'}"
+        if secret is not None and token is not None:
+            with report.step("luks-open") as s:
+                try:
+                    luks.open(loop.path, key=secret, key_slot=token[2], readonly=read_only)
+                    opened_with = (secret, token[2])
+                    s.detail = f"keyslot {token[2]} as {luks.DM_NAME}"
+                except (luks.BadKey, luks.NoKeyslot) as exc:
+                    reason = f"the unsealed key does not open keyslot {token[2]}: {exc}"
+                    s.detail = f"failed: {reason}"
+        how = "tpm2"
+        if opened_with is None:
+            with report.step("recovery") as s:
+                passphrase = _recover(loop.path, image, ask, cfg.recovery_tries, reason, log)
+                opened_with = (passphrase, luks.RECOVERY_KEYSLOT)
+                s.detail = f"recovery key, keyslot {luks.RECOVERY_KEYSLOT}"
+            how = "recovery"
+        with report.step("inner-fsck") as s:
+            fstype, verdict = check_inner(read_only)
+            s.detail = f"{fstype}: {verdict}"
+        with report.step("mount-encrypted") as s:
+            mount_inner(mountpoint, fstype, read_only=read_only)
+            s.detail = f"{DM_PATH} on {mountpoint}"
+    except BaseException:
+        for buf in (secret, opened_with[0] if opened_with else None):
+            if buf is not None:
+                buf[:] = bytes(len(buf))
+        teardown(loop.path if loop else None, None)
+        raise
+
+    key, slot = opened_with
+    try:
+        if cfg.measure_pcr15:
+            with report.step("measure-pcr15") as s:
+                try:
+                    with Secret(luks.volume_key(loop.path, key=key, key_slot=slot)) as vk:
+                        extend_pcr15(vk.value, header.uuid, str(cfg.pcr_bank), tcti)
+                    s.detail = f"PCR 15 ({cfg.pcr_bank}) extended"
+                except tpm2.Tpm2Error as exc:
+                    # No TPM (recovery boot): nothing to protect in it either.
+                    s.detail = f"not measured: {exc}"
+                    log.warning(f"PCR 15 not extended: {exc}")
+        if how == "recovery" and cfg.reseal_on_recovery and not read_only:
+            with report.step("reseal") as s:
+                try:
+                    old_id = token[0] if token else _pystate_token_id(header)
+                    s.detail = reseal(cfg, loop.path, key, token, old_id, tcti)
+                except (tpm2.Tpm2Error, luks.LuksError, UnlockError) as exc:
+                    s.detail = f"not resealed: {exc}"
+                    log.warning(f"could not seal the key to the TPM again: {exc}")
+    finally:
+        key[:] = bytes(len(key))
+        if secret is not None:
+            secret[:] = bytes(len(secret))
+    return Opened(image=image, loop=loop.path, mountpoint=mountpoint, uuid=header.uuid, how=how)
+
+
+def _pystate_token_id(header: luks.Luks2Header) -> int | None:
+    """The id of a (possibly damaged) pystate-tpm2 token, to be replaced by the re-seal."""
+    for token_id, token in luks.token_dicts(header.metadata).items():
+        if token.get("type") == TOKEN_TYPE:
+            return token_id
+    return None
