@@ -249,6 +249,8 @@ cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
 target="$(systemctl get-default)"
 echo "PYSTATE-DEBIAN-TARGET $target $(systemctl is-active "$target")"
+# pystate's boot report, on one line so kernel messages cannot split it
+[ -r /run/pystate/boot.json ] && echo "PYSTATE-BOOT-JSON $(tr -d '\n' < /run/pystate/boot.json)"
 for path in $(cat /etc/testroot.list 2>/dev/null); do
 	[ -e "$path" ] || { echo "PYSTATE-LIST $path missing"; continue; }
 	find "$path" | sort | while read -r p; do

@@ -1,0 +1,129 @@
+"""``build.py demo``: the README's first command.
+
+Builds everything (kernel, frozen program, systemd dracut initrd with the pystate
+module, a Debian root image, a GPT disk with a state partition), then boots the
+same machine twice in QEMU with one software TPM — the first boot provisions,
+the second unlocks — and prints, for each boot, what pystate mounted where and
+how long each of its steps took (from /run/pystate/boot.json in the guest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pystate_initrd.errors import PystateError
+
+from . import OUT, REPO
+
+BOOT_JSON_PREFIX = "PYSTATE-BOOT-JSON "
+
+
+class DemoError(PystateError):
+    """A demo boot did not reach its end."""
+
+
+def boot_report(console: str) -> dict[str, object] | None:
+    """The boot.json the guest printed on one console line, if any."""
+    for raw in console.splitlines():
+        line = re.sub(r"^\[\s*\d+\.\d+\]\s*", "", raw)
+        if line.startswith(BOOT_JSON_PREFIX):
+            report: dict[str, object] = json.loads(line[len(BOOT_JSON_PREFIX) :])
+            return report
+    return None
+
+
+def describe_boot(n: int, console: str, seconds: float) -> str:
+    from .roots import parse_report
+
+    mounts, _, _ = parse_report(console)
+    report = boot_report(console)
+    lines = [f"── boot {n}: {seconds:.0f} s in QEMU (TCG) ──"]
+    if report is None:
+        lines.append("  (no /run/pystate/boot.json in the guest)")
+        return "\n".join(lines)
+    lines.append(f"  outcome: {report.get('outcome')}   pystate total: {report.get('total_ms')} ms")
+    state = report.get("state") or {}
+    assert isinstance(state, dict)
+    state_dev = str(state.get("device", ""))
+    lines.append("  mounted:")
+    for source, target, fstype, options, *_ in mounts:
+        if source == state_dev or target.startswith("/state") or "pystate" in source:
+            lines.append(f"    {target:<22} {source:<28} {fstype:<6} {options}")
+    rejected = report.get("rejected") or []
+    assert isinstance(rejected, list)
+    for r in rejected:
+        lines.append(f"  rejected: {r.get('area')} entry {r.get('name')!r}: {r.get('reason')}")
+    lines.append("  steps:")
+    steps = report.get("steps") or []
+    assert isinstance(steps, list)
+    for step in steps:
+        detail = f"  {step['detail']}" if step.get("detail") else ""
+        lines.append(f"    {step['name']:<16} {step['ms']:>8.1f} ms{detail}")
+    return "\n".join(lines)
+
+
+def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
+    sys.path.insert(0, str(REPO / "qemu"))
+    import harness
+
+    from .disk import build_disk
+    from .initrd import build_initrd
+    from .kernel import ensure_kernel
+    from .roots import build_debian_root
+
+    started = time.monotonic()
+    if work.exists() and not keep:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    print("demo: kernel …", flush=True)
+    kernel = ensure_kernel()
+    print(f"demo: kernel {kernel.version}; initrd with the pystate module …", flush=True)
+    initrd = build_initrd(work / "initrd.img", systemd=True, kernel=kernel)
+    print(f"demo: initrd {initrd.stat().st_size / 2**20:.1f} MiB; Debian root …", flush=True)
+    root = build_debian_root(work / "root", lists=["/home/demo"])
+    state = work / "state"
+    (state / "home/demo").mkdir(parents=True, exist_ok=True)
+    (state / "home/demo/hello.txt").write_text("This file lives on the state partition.\n")
+    layout = build_disk(work / "disk.img", root, state, state_size=1 << 30)
+    assert layout.root is not None
+    print(f"demo: disk {layout.path} ({layout.size / 2**30:.2f} GiB, GPT: erofs root + state)")
+    print(f"demo: built in {time.monotonic() - started:.0f} s; {boots} boots follow (TCG: slow)\n")
+    tpm_state = work / "tpm"
+    tpm_state.mkdir(exist_ok=True)
+    append = f"root=PARTUUID={layout.root.uuid} rootfstype=erofs ro"
+    for n in range(1, boots + 1):
+        result = harness.boot(
+            layout.path,
+            kernel=kernel.vmlinuz,
+            initrd=initrd,
+            append=append,
+            tpm_state=tpm_state,
+            expect=["PYSTATE-DEBIAN-OK"],
+            timeout=600,
+            log=work / f"console-{n}.log",
+        )
+        print(describe_boot(n, result.console, result.duration))
+        if not result.ok:
+            raise DemoError(
+                f"boot {n} failed: {result.reason}",
+                hint=f"the whole console is in {work / f'console-{n}.log'}",
+            )
+    print(f"\ndemo: done in {time.monotonic() - started:.0f} s; consoles in {work}/console-*.log")
+    return 0
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    return run_demo(Path(args.work), boots=args.boots)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("demo", help="build everything and boot the demo machine twice")
+    p.add_argument("--work", default=str(OUT / "demo"), help="work directory (default out/demo)")
+    p.add_argument("--boots", type=int, default=2, help="how many boots (default 2)")
+    p.set_defaults(func=_cmd)
