@@ -114,7 +114,7 @@ _RESERVED: Mapping[Area, frozenset[str]] = MappingProxyType(
     }
 )
 
-# SPEC §4: never a target, nor anything below. The same list as config.FORBIDDEN_TARGETS.
+# SPEC §4: never a target, nor anything below (config.py refuses the same, via target_refusal).
 FORBIDDEN_PREFIXES = (
     "/usr",
     "/proc",
@@ -126,7 +126,7 @@ FORBIDDEN_PREFIXES = (
     "/state",
     "/sysroot",
 )
-# The targets of reserved names (SPEC §4), as config.RESERVED_TARGETS.
+# The targets of reserved names (SPEC §4).
 RESERVED_TARGETS = frozenset({"/encrypted", "/encrypted.img", "/encrypted.img.new", "/lost+found"})
 
 # Mount options by target (SPEC §4); any other target keeps what the image has.
@@ -177,7 +177,8 @@ def _target_of(name: str) -> tuple[str | None, str]:
     return target, ""
 
 
-def _forbidden(target: str) -> str | None:
+def target_refusal(target: str) -> str | None:
+    """Why a normalized absolute target may never be mounted on, or None (SPEC §4)."""
     if target == "/":
         return "target / is forbidden"
     if target in RESERVED_TARGETS:
@@ -225,7 +226,7 @@ def plan_entries(
         if entry.kind is not EntryKind.DIR:
             rejected.append(Rejection(entry.area, entry.name, _KIND_REASONS[entry.kind]))
             continue
-        forbidden = _forbidden(target)
+        forbidden = target_refusal(target)
         if forbidden:
             rejected.append(Rejection(entry.area, entry.name, forbidden))
             continue

@@ -465,7 +465,12 @@ LOAD_CASES: list[tuple[str | None, str, Any]] = [
     ("[layout /etc]\nmode = overlay\nseed = yes\n", "", f"{F}:3: [layout /etc] seed = yes with"),
     ("[layout /etc]\nmode = union\n", "", f'{F}:2: [layout /etc] mode = "union": "union" is'),
     ("[layout /etc]\nsize = 1G\n", "", f'{F}:2: [layout /etc] unknown key "size"'),
-    ("[layout /usr/local]\n", "", f'{F}:1: [layout /usr/local]: "/usr/local" is at or below /usr'),
+    (
+        "[layout /usr/local]\n",
+        "",
+        f'{F}:1: [layout /usr/local]: "/usr/local" can never be a target: '
+        "target /usr/local is under forbidden /usr",
+    ),
     ("[layout home]\n", "", '[layout home]: "home" is not a normalized absolute path'),
     ("[layout/etc]\n", "", "a layout section is [layout /absolute/target]"),
     ("[layout /etc/]\n", "", "is not a normalized absolute path"),
