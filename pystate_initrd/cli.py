@@ -77,6 +77,27 @@ def _cmd_gpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resized(args: argparse.Namespace) -> int:
+    from . import resized
+
+    return resized.cmd_resized(args)
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    from . import resized
+
+    return resized.cmd_resize(args)
+
+
+def _resize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", help="the state directory (default /state, else /run/pystate/state)")
+    p.add_argument("--config", default="/etc/pystate/pystate.conf", help="pystate.conf")
+    p.add_argument("--log", default="/dev/kmsg", help="log device or file (default /dev/kmsg)")
+    for hidden in ("--buffer-min", "--margin-min"):  # tests on small disks
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # no LUKS (tests)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pystate", description="pystate state partition tool")
     parser.add_argument("--version", action="version", version=f"pystate {__version__}")
@@ -97,6 +118,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pystate.conf (default: built-in defaults)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("resized", help="the resize service: grow/shrink encrypted.img as needed")
+    _resize_options(p)
+    p.add_argument("--interval-min", type=float, default=0.5, help="seconds (default 0.5)")
+    p.add_argument("--interval-max", type=float, default=30.0, help="seconds (default 30)")
+    p.add_argument("--debug", action="store_true", help="log every decision")
+    p.set_defaults(func=_cmd_resized)
+
+    p = sub.add_parser("resize", help="resize encrypted.img once, by hand or by the policy")
+    _resize_options(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", metavar="SIZE", help="resize encrypted.img to SIZE (e.g. 4G)")
+    what.add_argument("--auto", action="store_true", help="one step of the policy")
+    p.add_argument("--debug-stop", metavar="STEP", help=argparse.SUPPRESS)  # crash tests
+    p.set_defaults(func=_cmd_resize)
 
     p = sub.add_parser("gpt", help="list a disk's GPT partitions, state partitions marked")
     p.add_argument("image", help="disk image file or block device")

@@ -1,0 +1,272 @@
+"""The initrd half of an ext4 shrink: carry out a validated request before mounting.
+
+The resize service cannot shrink a mounted ext4, so it leaves a request in
+``<state>/.pystate/shrink-request`` (resize.write_request). At the next boot, after the
+image is unlocked and checked and before its file system is mounted, the boot calls
+``apply_pending_shrink()``:
+
+  validate (form, LUKS UUID, sizes against the image) -> e2fsck -f -> used + margin,
+  measured offline -> resize2fs -> cryptsetup resize --size -> truncate -> loop capacity
+  -> remove the request.
+
+The request lies on the unencrypted partition, so it is untrusted: anything that does
+not validate is logged and removed, never acted on; the worst a forged valid request
+can do is shrink the image to what its own data plus the margin need, which the service
+grows back. The request is removed only at the end, so a power cut anywhere before
+that repeats the shrink at the next boot (resize2fs to the size it already has does
+nothing), and a cut after the truncate finds the request stale (the image is no longer
+the size it was made for) and removes it. docs/resize.md has the table.
+
+``pystate.debug-resize-stop=STEP`` on the (trusted) kernel command line cuts the power
+after STEP (e2fsck, resize2fs, crypt-resize, truncate, loop-capacity), for the crash tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fsck, fsprobe, linux, luks
+from .config import Config, parse_cmdline
+from .errors import PystateError
+from .log import Log
+from .report import BootReport
+from .resize import (
+    DM_NAME,
+    IMAGE,
+    Hook,
+    RequestError,
+    ShrinkRequest,
+    crypt_resize_argv,
+    fs_size_from_superblock,
+    parse_request,
+    power_cut_hook,
+    read_request,
+    remove_request,
+    validate_request,
+)
+from .resize_policy import human_size, params_from_config
+from .run import CommandError, run
+
+DEBUG_WORD = "pystate.debug-resize-stop"
+OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")
+
+
+class OfflineShrinkError(PystateError):
+    """The shrink failed in a way that leaves the file system needing a person."""
+
+
+@dataclass(frozen=True)
+class Ext4Usage:
+    block_size: int
+    blocks: int
+    free: int
+
+    @property
+    def size(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def used(self) -> int:
+        return (self.blocks - self.free) * self.block_size
+
+
+def ext4_usage(head: bytes) -> Ext4Usage | None:
+    """Block size, block count and free blocks from an ext4 superblock (pure).
+
+    After ``e2fsck -f`` the free count is exact; metadata (inode tables, journal) counts
+    as used, which is what resize2fs has to keep.
+    """
+    size = fs_size_from_superblock(head, "ext4")
+    if size is None:
+        return None
+    sb = head[1024:]
+    block_size = 1024 << int.from_bytes(sb[0x18:0x1C], "little")
+    incompat = int.from_bytes(sb[0x60:0x64], "little")
+    free_lo = int.from_bytes(sb[0xC:0x10], "little")
+    free_hi = int.from_bytes(sb[0x158:0x15C], "little") if incompat & 0x80 else 0
+    return Ext4Usage(block_size, size // block_size, (free_hi << 32) | free_lo)
+
+
+def read_ext4_usage(device: str) -> Ext4Usage:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    usage = ext4_usage(head)
+    if usage is None:
+        raise OfflineShrinkError(f"{device} holds no ext4 superblock")
+    return usage
+
+
+def check_fs_bounds(req: ShrinkRequest, usage: Ext4Usage, margin_of: int) -> str | None:
+    """Why fs_size is too small for the data measured offline (pure); None if it fits."""
+    if req.fs_size < usage.used + margin_of:
+        return (
+            f"fs_size {human_size(req.fs_size)} is below used {human_size(usage.used)} + "
+            f"margin {human_size(margin_of)}"
+        )
+    return None
+
+
+def _margin(margin_min: int, margin_percent: int, used: int) -> int:
+    """The policy's margin (resize_policy.decide): max(64 MiB, 2 % of used) by default."""
+    return max(margin_min, used * margin_percent // 100)
+
+
+def apply_pending_shrink(
+    cfg: Config,
+    state_dir: Path,
+    loop: str,
+    report: BootReport,
+    *,
+    device: str | None = None,
+    crypt_name: str | None = DM_NAME,
+    cmdline: str | None = None,
+) -> str | None:
+    """Carry out <state>/.pystate/shrink-request on the opened, unmounted image.
+
+    None when there is no request; else one line saying what was done or why the request
+    was dropped. Raises OfflineShrinkError only when resize2fs failed and the file system
+    no longer passes e2fsck -p (the boot must stop, as for any failing inner fsck).
+    """
+    log = report.log
+    device = device or (f"/dev/mapper/{crypt_name}" if crypt_name else loop)
+    try:
+        data = read_request(state_dir)
+    except RequestError as exc:
+        return _drop(state_dir, log, str(exc))
+    if data is None:
+        return None
+    if cmdline is None:
+        try:
+            cmdline = Path("/proc/cmdline").read_text(errors="replace")
+        except OSError:
+            cmdline = ""
+    stop_at = dict(parse_cmdline(cmdline)).get(DEBUG_WORD)
+    hook = power_cut_hook(stop_at, log.error)
+    with report.step("offline-shrink") as s:
+        s.detail = _apply(cfg, state_dir, loop, device, crypt_name, data, report, hook)
+        return s.detail
+
+
+def _drop(state_dir: Path, log: Log, why: str) -> str:
+    remove_request(state_dir)
+    line = f"shrink request ignored and removed: {why}"
+    log.warning(line)
+    return line
+
+
+def _apply(
+    cfg: Config,
+    state_dir: Path,
+    loop: str,
+    device: str,
+    crypt_name: str | None,
+    data: bytes,
+    report: BootReport,
+    step: Hook,
+) -> str:
+    log = report.log
+    image = state_dir / IMAGE
+    try:
+        req = parse_request(data)
+    except RequestError as exc:
+        return _drop(state_dir, log, str(exc))
+    params = params_from_config(cfg)
+    if crypt_name is not None:
+        header = luks.read_header(image)
+        uuid, offset = header.uuid, header.data_offset
+    else:
+        uuid, offset = req.luks_uuid, 0  # no LUKS (host tests): nothing to match
+    image_size = os.stat(image).st_size
+    if req.size == image_size:
+        return _drop(state_dir, log, f"already carried out: the image is {human_size(req.size)}")
+    why = validate_request(
+        req,
+        luks_uuid=uuid,
+        header=offset,
+        image_size=image_size,
+        min_image_size=params.min_image_size,
+    )
+    if why:
+        return _drop(state_dir, log, why)
+    try:
+        fstype = fsprobe.probe(device).fstype
+    except fsprobe.FsProbeError as exc:
+        return _drop(state_dir, log, str(exc))
+    if fstype != "ext4":
+        return _drop(state_dir, log, f"the image holds {fstype}, which shrinks online")
+
+    begin = time.monotonic()
+    timings: list[str] = []
+
+    def timed(name: str, t0: float) -> None:
+        timings.append(f"{name} {(time.monotonic() - t0) * 1000:.0f} ms")
+        step(name)
+
+    t0 = time.monotonic()
+    proc = run(["e2fsck", "-f", "-p", device], check=False)
+    if fsck.verdict_for_status(proc.returncode) not in (fsck.Verdict.CLEAN, fsck.Verdict.CORRECTED):
+        last = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()
+        return _drop(
+            state_dir,
+            log,
+            f"e2fsck -f {device} exited {proc.returncode} ({last[-1] if last else 'no output'})"
+            ": not shrinking a file system with errors",
+        )
+    timed("e2fsck", t0)
+    usage = read_ext4_usage(device)
+    margin = _margin(params.margin_min, params.margin_percent, usage.used)
+    why = check_fs_bounds(req, usage, margin)
+    if why:
+        return _drop(state_dir, log, why)
+
+    t0 = time.monotonic()
+    try:
+        run(["resize2fs", device, f"{req.fs_size // 1024}K"])
+    except CommandError as exc:
+        # resize2fs refuses before it starts (size below its minimum) or fails midway;
+        # either way the file system must pass a check before it is mounted.
+        remove_request(state_dir)
+        log.error(f"resize2fs failed, shrink request removed: {exc}")
+        try:
+            fsck.check(device, "ext4")
+        except fsck.FsckError as err:
+            raise OfflineShrinkError(
+                f"the encrypted file system is damaged after a failed shrink: {err}",
+                hint=f"run 'e2fsck {device}' from the emergency shell",
+            ) from None
+        return f"resize2fs failed, nothing else changed: {exc}"
+    timed("resize2fs", t0)
+    now = read_ext4_usage(device).size
+    if now > req.fs_size:
+        return _drop(state_dir, log, f"resize2fs left the file system at {now} B; not truncating")
+
+    t0 = time.monotonic()
+    if crypt_name is not None:
+        run(crypt_resize_argv(crypt_name, req.fs_size))
+    timed("crypt-resize", t0)
+    t0 = time.monotonic()
+    os.sync()  # the shrunk file system reaches the image before the image loses its tail
+    fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, req.size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    timed("truncate", t0)
+    t0 = time.monotonic()
+    linux.loop_set_capacity(loop)
+    timed("loop-capacity", t0)
+    remove_request(state_dir)
+    seconds = time.monotonic() - begin
+    line = (
+        f"shrank {image} {human_size(image_size)} -> {human_size(req.size)} in {seconds:.2f} s "
+        f"(used {human_size(usage.used)}; {', '.join(timings)})"
+    )
+    log.notice(line)
+    return line

@@ -1,0 +1,703 @@
+"""One resize step of encrypted.img, in the order that keeps it crash safe (SPEC §7).
+
+The stack, bottom up: the image file on /state -> a loop device (direct I/O) -> dm-crypt
+``pystate-encrypted`` (the LUKS2 data segment, "dynamic": it covers the file from the
+header to its end) -> the inner file system. A resize changes the four sizes one after
+the other. **Invariant: file >= header + loop-visible data >= dm-crypt >= file system.**
+Each step below keeps it, so a crash between any two steps leaves a stack that opens at
+the next boot (the loop and the mapping are made afresh from the file's size) with a
+file system no larger than its device, and ``reconcile()`` finishes or undoes the rest:
+
+grow (online, ext4 and btrfs)       shrink (online, btrfs)
+  1 allocate  file: fallocate         1 fs-shrink     btrfs filesystem resize SIZE
+  2 loop-capacity LOOP_SET_CAPACITY   2 sync          the smaller fs on the disk first
+  3 crypt-resize cryptsetup resize    3 crypt-resize  cryptsetup resize --size
+  4 fs-grow   resize2fs / btrfs max   4 truncate      file: ftruncate + fsync
+                                      5 loop-capacity LOOP_SET_CAPACITY
+
+An ext4 shrink is offline: ``write_request()`` leaves a request in ``<state>/.pystate/``
+and the initrd carries it out before mounting (offline_shrink.py). docs/resize.md has
+the crash table for every step and why ``cryptsetup resize`` needs no key here.
+
+Every external command goes through run.py; ``hook(step)`` is called after each step
+(the QEMU tests cut the power there, as encrypted.py's ``pystate.debug-stop`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import linux
+from .errors import PystateError
+from .resize_policy import MIB, Space, human_size
+from .run import CommandError, run
+
+IMAGE = "encrypted.img"  # the names of provision.py, repeated to keep this module light
+MOUNT_DIR = "encrypted"
+META_DIR = ".pystate"
+REQUEST = "shrink-request"
+DM_NAME = "pystate-encrypted"
+REQUEST_VERSION = 1
+REQUEST_MAX_BYTES = 4096
+SECTOR = 512  # cryptsetup resize --size counts 512-byte sectors whatever the LUKS sector size
+FS_BLOCK = 4096
+# resize2fs leaves out a last block group too small to hold its own metadata: a file system
+# up to this much smaller than its device is complete, not an interrupted grow.
+FINISH_SLACK = 16 * MIB
+
+GROW_STEPS = ("allocate", "loop-capacity", "crypt-resize", "fs-grow")
+SHRINK_STEPS = ("fs-shrink", "sync", "crypt-resize", "truncate", "loop-capacity")
+
+Hook = Callable[[str], None]
+
+
+def _no_hook(step: str) -> None:
+    pass
+
+
+def power_cut_hook(stop_at: str | None, say: Callable[[str], None]) -> Hook:
+    """For the crash tests: cut the power (sysrq o: no sync, no unmount) after step stop_at."""
+
+    def hook(step: str) -> None:
+        if step != stop_at:
+            return
+        say(f"debug-stop after {step}: cutting the power now")
+        time.sleep(0.5)  # let the console show the line
+        with open("/proc/sysrq-trigger", "w") as f:
+            f.write("o")
+        time.sleep(60)
+
+    return hook if stop_at else _no_hook
+
+
+class ResizeError(PystateError):
+    """A resize step failed; the message says which, and that the stack is still consistent."""
+
+
+# --- what is resized ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Volume:
+    """encrypted.img as it is set up in the running system.
+
+    crypt_name is None for a file system straight on the loop device (the host tests,
+    which have no device-mapper): the same steps minus cryptsetup.
+    """
+
+    image: Path
+    loop: str  # /dev/loopN
+    mountpoint: Path
+    fstype: str  # "ext4" or "btrfs"
+    header: int  # LUKS2 data offset in bytes (0 without LUKS)
+    crypt_name: str | None = DM_NAME
+    luks_uuid: str = ""
+    sparse: bool = False  # allocation mode: full (fallocate) unless the config says sparse
+
+    @property
+    def device(self) -> str:
+        """The block device the file system is on."""
+        return f"/dev/mapper/{self.crypt_name}" if self.crypt_name else self.loop
+
+    @property
+    def state_dir(self) -> Path:
+        return self.image.parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The four layers' sizes in bytes, bottom up (see the invariant above)."""
+
+    file: int
+    loop: int
+    device: int  # dm-crypt (or the loop device itself without LUKS)
+    fs: int  # what the file system's superblock says it spans
+
+    def problems(self, header: int) -> list[str]:
+        """Violations of the invariant: what a crash can never leave behind (pure)."""
+        found = []
+        if self.loop > self.file:
+            found.append(f"loop device {self.loop} larger than the file {self.file}")
+        if self.device > self.loop - header:
+            found.append(f"mapping {self.device} larger than the loop's data {self.loop - header}")
+        if self.fs > self.device:
+            found.append(f"file system {self.fs} larger than its device {self.device}")
+        return found
+
+
+def find_volume(
+    state_dir: Path, *, sparse: bool = False, crypt_name: str | None = DM_NAME
+) -> Volume:
+    """The running system's encrypted.img under state_dir (/state or /run/pystate/state).
+
+    The loop device is the one under /dev/mapper/<crypt_name> (or, with crypt_name None,
+    the one mounted at <state>/encrypted), and must be backed by that very file.
+    """
+    image = state_dir / IMAGE
+    mountpoint = state_dir / MOUNT_DIR
+    if not image.is_file() or image.is_symlink():
+        raise ResizeError(f"{image} is not there: nothing to resize")
+    mounted = mount_entry(mountpoint)
+    if mounted is None or mounted[1] not in ("ext4", "btrfs"):
+        raise ResizeError(f"{mountpoint} is not a mounted ext4 or btrfs file system")
+    if crypt_name is not None:
+        dm_path = Path(f"/dev/mapper/{crypt_name}")
+        if not dm_path.exists():
+            raise ResizeError(f"{dm_path} is not open: encrypted.img was not unlocked at boot")
+        dm = os.path.basename(os.path.realpath(dm_path))  # dm-0
+        slaves = sorted(os.listdir(f"/sys/block/{dm}/slaves"))
+        if len(slaves) != 1 or not slaves[0].startswith("loop"):
+            raise ResizeError(f"{dm_path} does not sit on one loop device (found {slaves})")
+        loop_name = slaves[0]
+    else:
+        loop_name = os.path.basename(os.path.realpath(mounted[0]))
+        if not loop_name.startswith("loop"):
+            raise ResizeError(f"{mountpoint} is mounted from {mounted[0]}, not a loop device")
+    loop = f"/dev/{loop_name}"
+    backing = Path(f"/sys/block/{loop_name}/loop/backing_file").read_text().strip()
+    if not os.path.exists(backing) or not os.path.samefile(backing, image):
+        raise ResizeError(f"{loop} is backed by {backing}, not {image}: refusing to resize it")
+    header, uuid = 0, ""
+    if crypt_name is not None:
+        from . import luks  # lazily: the service's hot path never needs it again
+
+        luks_header = luks.read_header(image)
+        header, uuid = luks_header.data_offset, luks_header.uuid
+    return Volume(
+        image=image,
+        loop=loop,
+        mountpoint=mountpoint,
+        fstype=mounted[1],
+        header=header,
+        crypt_name=crypt_name,
+        luks_uuid=uuid,
+        sparse=sparse,
+    )
+
+
+def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
+    """(source, type) of the file system mounted exactly at mountpoint (/proc/self/mounts)."""
+    want = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and _unoctal(fields[1]) == want:
+                found = (_unoctal(fields[0]), fields[2])  # the last one is the visible one
+    return found
+
+
+def _unoctal(text: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as \\NNN."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 4].isdigit() and len(text[i + 1 : i + 4]) == 3:
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def fs_size_from_superblock(head: bytes, fstype: str) -> int | None:
+    """The size a file system spans, from its first 0x10100 bytes (pure); None if unknown.
+
+    ext4: s_blocks_count (lo at 0x404, hi at 0x550 with the 64bit feature) times the
+    block size (1024 << s_log_block_size at 0x418). btrfs: the primary superblock's
+    dev_item.total_bytes (0x100d1), the size this one device is used to.
+    """
+    if fstype == "ext4":
+        if len(head) < 1024 + 0x160 or head[1024 + 0x38 : 1024 + 0x3A] != b"\x53\xef":
+            return None
+        sb = head[1024:]
+        lo = int.from_bytes(sb[0x4:0x8], "little")
+        log_block = int.from_bytes(sb[0x18:0x1C], "little")
+        incompat = int.from_bytes(sb[0x60:0x64], "little")
+        hi = int.from_bytes(sb[0x150:0x154], "little") if incompat & 0x80 else 0
+        if log_block > 6:
+            return None
+        return ((hi << 32) | lo) * (1024 << log_block)
+    if fstype == "btrfs":
+        base = 0x10000
+        if len(head) < base + 0xD9 or head[base + 0x40 : base + 0x48] != b"_BHRfS_M":
+            return None
+        return int.from_bytes(head[base + 0xD1 : base + 0xD9], "little")
+    return None
+
+
+def read_fs_size(device: str, fstype: str) -> int:
+    """The file system's size from its superblock, read through the page cache.
+
+    Buffered on purpose: a mounted ext4 keeps its superblock buffer in the block device's
+    page cache, so this sees an online resize before the journal is checkpointed.
+    """
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.pread(fd, 0x10100, 0)
+    finally:
+        os.close(fd)
+    size = fs_size_from_superblock(head, fstype)
+    if size is None:
+        raise ResizeError(f"{device} holds no {fstype} superblock")
+    return size
+
+
+def sizes(vol: Volume) -> Sizes:
+    return Sizes(
+        file=os.stat(vol.image).st_size,
+        loop=linux.block_size_bytes(vol.loop),
+        device=linux.block_size_bytes(vol.device),
+        fs=read_fs_size(vol.device, vol.fstype),
+    )
+
+
+def measure(vol: Volume) -> Space:
+    """What the policy needs (resize_policy.Space), from two statvfs calls and one stat."""
+    from .resize_policy import space_from_statvfs
+
+    outer = os.statvfs(vol.state_dir)
+    inner = os.statvfs(vol.mountpoint)
+    st = os.stat(vol.image)
+    space = space_from_statvfs(
+        outer, inner, image_size=st.st_size, header_size=vol.header, inner_fs=vol.fstype
+    )
+    if vol.sparse:
+        # Holes will take outer space later: they are not room (docs/resize-policy.md).
+        holes = max(0, st.st_size - st.st_blocks * 512)
+        space = replace(space, outer_free=max(0, space.outer_free - holes))
+    return space
+
+
+# --- the steps ---------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """One resize as it happened: what the log and `pystate status` show."""
+
+    action: str  # "grow", "shrink" or "request"
+    before: int
+    after: int
+    steps: list[tuple[str, float]] = field(default_factory=list)  # (name, ms)
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        timing = ", ".join(f"{name} {ms:.0f} ms" for name, ms in self.steps)
+        return (
+            f"{self.action} {human_size(self.before)} -> {human_size(self.after)} "
+            f"in {self.seconds:.2f} s ({timing})"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "action": self.action,
+            "before": self.before,
+            "after": self.after,
+            "time": round(self.started),
+            "seconds": round(self.seconds, 3),
+            "steps": {name: round(ms, 1) for name, ms in self.steps},
+        }
+
+
+@contextlib.contextmanager
+def _step(change: Change, name: str, hook: Hook) -> Iterator[None]:
+    begin = time.monotonic()
+    yield
+    change.steps.append((name, (time.monotonic() - begin) * 1000))
+    hook(name)
+
+
+def _open_image(vol: Volume) -> int:
+    fd = os.open(vol.image, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ResizeError(f"{vol.image} is not a regular file")
+    return fd
+
+
+def _check_target(vol: Volume, target: int) -> None:
+    if target % MIB or target <= vol.header:
+        raise ResizeError(f"target size {target} is not a whole MiB above the LUKS header")
+
+
+def crypt_resize_argv(name: str, size: int | None = None) -> list[str]:
+    """cryptsetup resize, to the underlying device's end or to size bytes (pure).
+
+    No key option, no stdin: the mapping holds its key in the dm table
+    (``--disable-keyring`` at open), so cryptsetup only reloads the table. A mapping opened
+    with the key in the kernel keyring makes cryptsetup ask for a key: it gets none and
+    fails, and crypt_resize() says why.
+    """
+    argv = ["cryptsetup", "resize", "--batch-mode"]
+    if size is not None:
+        if size % FS_BLOCK:
+            raise ResizeError(f"mapping size {size} is not a multiple of {FS_BLOCK}")
+        argv += ["--size", str(size // SECTOR)]
+    return [*argv, name]
+
+
+def _crypt_resize(vol: Volume, size: int | None) -> None:
+    if vol.crypt_name is None:
+        return
+    try:
+        run(crypt_resize_argv(vol.crypt_name, size))
+    except CommandError as exc:
+        raise ResizeError(
+            f"resizing the dm-crypt mapping {vol.crypt_name} failed: {exc}",
+            hint="was it opened with its key in the kernel keyring? pystate opens it with "
+            "--disable-keyring so that no key is needed (docs/resize.md)",
+        ) from None
+
+
+def fs_grow_argv(vol: Volume) -> list[str]:
+    if vol.fstype == "btrfs":
+        return ["btrfs", "filesystem", "resize", "max", str(vol.mountpoint)]
+    return ["resize2fs", vol.device]  # mounted: online, to the device's size
+
+
+def fs_shrink_argv(vol: Volume, fs_size: int) -> list[str]:
+    if vol.fstype != "btrfs":
+        raise ResizeError(f"{vol.fstype} cannot shrink online; write a request instead")
+    return ["btrfs", "filesystem", "resize", str(fs_size), str(vol.mountpoint)]
+
+
+def grow(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
+    """Grow encrypted.img and everything on it to target bytes, online."""
+    _check_target(vol, target)
+    begin = time.monotonic()
+    fd = _open_image(vol)
+    try:
+        before = os.fstat(fd).st_size
+        if target <= before:
+            raise ResizeError(f"grow to {human_size(target)}: the image is already {before} B")
+        change = Change("grow", before, target)
+        with _step(change, "allocate", hook):
+            try:
+                if vol.sparse:
+                    os.ftruncate(fd, target)
+                else:
+                    # Mode 0 allocates every block and moves EOF: no hole for the inner fs
+                    # to hit ENOSPC in later (SPEC §5).
+                    linux.fallocate(fd, 0, before, target - before)
+                os.fsync(fd)  # the new size is durable before any layer above uses it
+            except OSError as exc:
+                # Blocks allocated beyond the old end are given back; the size is unchanged.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, before)
+                    os.fsync(fd)
+                raise ResizeError(
+                    f"allocating {human_size(target - before)} for {vol.image} failed: "
+                    f"{exc.strerror}; nothing was changed"
+                ) from None
+    finally:
+        os.close(fd)
+    finish_grow(vol, change, hook)
+    change.seconds = time.monotonic() - begin
+    return change
+
+
+def finish_grow(vol: Volume, change: Change, hook: Hook = _no_hook) -> None:
+    """Steps 2-4 of a grow: each layer takes the size of the one below it."""
+    with _step(change, "loop-capacity", hook):
+        linux.loop_set_capacity(vol.loop)
+    with _step(change, "crypt-resize", hook):
+        _crypt_resize(vol, None)
+    with _step(change, "fs-grow", hook):
+        try:
+            run(fs_grow_argv(vol))
+        except CommandError as exc:
+            raise ResizeError(
+                f"growing the {vol.fstype} file system on {vol.device} failed: {exc}",
+                hint="the image is larger and the file system intact; the service retries",
+            ) from None
+
+
+def shrink_online(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
+    """Shrink a btrfs image to target bytes, online; ResizeError leaves it consistent."""
+    _check_target(vol, target)
+    begin = time.monotonic()
+    before = os.stat(vol.image).st_size
+    if target >= before:
+        raise ResizeError(f"shrink to {human_size(target)}: the image is already {before} B")
+    fs_size = target - vol.header
+    change = Change("shrink", before, target)
+    with _step(change, "fs-shrink", hook):
+        try:
+            run(fs_shrink_argv(vol, fs_size))
+        except CommandError as exc:
+            raise ResizeError(
+                f"btrfs could not shrink to {human_size(fs_size)}: {exc}; nothing was changed"
+            ) from None
+    with _step(change, "sync", hook):
+        # The smaller file system must be what is on disk before anything below it shrinks.
+        os.sync()  # syncfs(2) is not in os; sync(2) covers the inner and the outer fs
+        now = read_fs_size(vol.device, vol.fstype)
+        if now > fs_size:
+            raise ResizeError(
+                f"btrfs still spans {now} B after shrinking to {fs_size}; not going on"
+            )
+    with _step(change, "crypt-resize", hook):
+        _crypt_resize(vol, fs_size)
+    fd = _open_image(vol)
+    try:
+        with _step(change, "truncate", hook):
+            os.ftruncate(fd, target)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    with _step(change, "loop-capacity", hook):
+        linux.loop_set_capacity(vol.loop)
+    change.seconds = time.monotonic() - begin
+    return change
+
+
+def reconcile(vol: Volume, *, hook: Hook = _no_hook) -> Change | None:
+    """After a crash: finish an interrupted grow or undo an interrupted shrink.
+
+    Whatever step was cut off, the invariant holds and every layer is at most the size of
+    the one below it; this makes each layer fill the one below (loop capacity, mapping,
+    file system), which is the end state of a grow and the start state of a shrink.
+    None when nothing was left over.
+    """
+    now = sizes(vol)
+    if now.problems(vol.header):
+        raise ResizeError(
+            f"the layers of {vol.image} are inconsistent: {'; '.join(now.problems(vol.header))}",
+            hint="not resizing; reboot, the initrd sets them up afresh",
+        )
+    if (
+        now.loop == now.file
+        and now.device == now.loop - vol.header
+        and now.fs + FINISH_SLACK > now.device
+    ):
+        return None
+    change = Change("finish", now.fs + vol.header, now.file)
+    begin = time.monotonic()
+    finish_grow(vol, change, hook)
+    change.seconds = time.monotonic() - begin
+    return change
+
+
+# --- the offline shrink request ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShrinkRequest:
+    """What the service asks the initrd to do: shrink image from `current` to `size` bytes.
+
+    Written on the unencrypted /state, so the initrd trusts none of it: parse_request()
+    checks its form, offline_shrink.py its sizes against the image and the file system.
+    """
+
+    luks_uuid: str
+    current: int  # the image's size when the request was made; stale if it changed since
+    size: int  # the image size to reach
+    fs_size: int  # size - LUKS header: the inner file system's new size
+    requested: int = 0  # Unix time, for people
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": REQUEST_VERSION,
+            "luks_uuid": self.luks_uuid,
+            "current": self.current,
+            "size": self.size,
+            "fs_size": self.fs_size,
+            "requested": self.requested,
+        }
+
+
+class RequestError(PystateError):
+    """A shrink request that must not be acted on."""
+
+
+_UUID_CHARS = frozenset("0123456789abcdef-")
+_MAX_SIZE = 1 << 60
+
+
+def parse_request(data: bytes) -> ShrinkRequest:
+    """A ShrinkRequest from the file's bytes (pure); RequestError for anything odd.
+
+    Exactly the keys to_json() writes, each of its type; integers in range and whole
+    MiB / 4 KiB; a lowercase LUKS UUID. The size checks against the real image are
+    validate_request()'s.
+    """
+    if len(data) > REQUEST_MAX_BYTES:
+        raise RequestError(f"shrink request has {len(data)} bytes, over {REQUEST_MAX_BYTES}")
+    try:
+        obj = json.loads(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RequestError("shrink request is not ASCII JSON") from None
+    if not isinstance(obj, dict):
+        raise RequestError("shrink request is not a JSON object")
+    keys = {"version", "luks_uuid", "current", "size", "fs_size", "requested"}
+    if set(obj) != keys:
+        raise RequestError(f"shrink request keys {sorted(obj)} are not {sorted(keys)}")
+    ints = {k: obj[k] for k in keys - {"luks_uuid"}}
+    for key, value in ints.items():
+        if type(value) is not int or not 0 <= value < _MAX_SIZE:
+            raise RequestError(f"shrink request {key} {value!r} is not a size")
+    if obj["version"] != REQUEST_VERSION:
+        raise RequestError(f"shrink request version {obj['version']} is not {REQUEST_VERSION}")
+    uuid = obj["luks_uuid"]
+    if not isinstance(uuid, str) or len(uuid) != 36 or not set(uuid) <= _UUID_CHARS:
+        raise RequestError("shrink request luks_uuid is not a lowercase UUID")
+    req = ShrinkRequest(uuid, obj["current"], obj["size"], obj["fs_size"], obj["requested"])
+    if req.size % MIB or req.current % MIB:
+        raise RequestError("shrink request sizes are not whole MiB")
+    if req.fs_size % FS_BLOCK or req.fs_size <= 0:
+        raise RequestError(f"shrink request fs_size {req.fs_size} is not whole 4 KiB blocks")
+    if req.fs_size >= req.size:
+        raise RequestError("shrink request fs_size leaves no room for the LUKS header")
+    if req.size >= req.current:
+        raise RequestError(f"shrink request size {req.size} is not below {req.current}")
+    return req
+
+
+def validate_request(
+    req: ShrinkRequest,
+    *,
+    luks_uuid: str,
+    header: int,
+    image_size: int,
+    min_image_size: int,
+) -> str | None:
+    """Why req does not fit this image (pure); None when it may be carried out.
+
+    The file-system bounds (used + margin, resize2fs's minimum) are checked offline by
+    offline_shrink.py, where they can be measured for real.
+    """
+    if req.luks_uuid != luks_uuid:
+        return f"it is for LUKS volume {req.luks_uuid}, not {luks_uuid}"
+    if req.fs_size != req.size - header:
+        return f"fs_size {req.fs_size} is not size {req.size} - header {header}"
+    if req.size < min_image_size:
+        return f"size {human_size(req.size)} is below the minimum {human_size(min_image_size)}"
+    if req.current != image_size:
+        return (
+            f"it was made for a {human_size(req.current)} image, the image is now "
+            f"{human_size(image_size)}: stale"
+        )
+    return None
+
+
+def _meta_dir_fd(state_dir: Path, create: bool) -> int | None:
+    """An fd of <state>/.pystate, never through a symlink (the partition is untrusted)."""
+    state_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(META_DIR, 0o700, dir_fd=state_fd)
+        try:
+            return os.open(
+                META_DIR,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=state_fd,
+            )
+        except FileNotFoundError:
+            return None
+        except (NotADirectoryError, OSError) as exc:
+            raise ResizeError(
+                f"{state_dir / META_DIR} is not a directory ({exc.strerror}); refusing it"
+            ) from None
+    finally:
+        os.close(state_fd)
+
+
+def write_request(state_dir: Path, req: ShrinkRequest) -> Path:
+    """Write the request atomically: temp file, fsync, rename, fsync the directory."""
+    dir_fd = _meta_dir_fd(state_dir, create=True)
+    assert dir_fd is not None
+    tmp = f".{REQUEST}.tmp"
+    data = (json.dumps(req.to_json(), sort_keys=True) + "\n").encode("ascii")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dir_fd,
+        )
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, REQUEST, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return state_dir / META_DIR / REQUEST
+
+
+def read_request(state_dir: Path) -> bytes | None:
+    """The request file's bytes (at most REQUEST_MAX_BYTES + 1), None when there is none.
+
+    A symlink, a directory or a device in its place is reported as RequestError: it
+    is then removed like any invalid request, never followed.
+    """
+    dir_fd = _meta_dir_fd(state_dir, create=False)
+    if dir_fd is None:
+        return None
+    try:
+        try:
+            fd = os.open(
+                REQUEST,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=dir_fd,
+            )
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RequestError(f"shrink request cannot be opened: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RequestError("shrink request is not a regular file")
+            return os.read(fd, REQUEST_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_request(state_dir: Path) -> bool:
+    """Delete the request (whatever it is: file, symlink, directory); whether one was there."""
+    dir_fd = _meta_dir_fd(state_dir, create=False)
+    if dir_fd is None:
+        return False
+    try:
+        try:
+            os.unlink(REQUEST, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        except IsADirectoryError:
+            import shutil
+
+            shutil.rmtree(REQUEST, dir_fd=dir_fd)
+        os.fsync(dir_fd)
+        return True
+    finally:
+        os.close(dir_fd)
+
+
+def pending_request(state_dir: Path) -> ShrinkRequest | str | None:
+    """The pending request, the reason it is invalid (a str), or None (for status)."""
+    try:
+        data = read_request(state_dir)
+        return None if data is None else parse_request(data)
+    except (RequestError, ResizeError) as exc:
+        return str(exc)
