@@ -77,6 +77,14 @@ def _cmd_gpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    info = status.collect(Path(args.boot_json), Path(args.root))
+    print(json.dumps(info, indent=2) if args.json else status.render(info))
+    return 0 if info.get("outcome") == "ok" else 1
+
+
 def _cmd_resized(args: argparse.Namespace) -> int:
     from . import resized
 
@@ -118,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pystate.conf (default: built-in defaults)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("status", help="the state partition, encrypted.img, mounts, boot timings")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--boot-json", default="/run/pystate/boot.json", help="the initrd's report")
+    p.add_argument("--root", default="/", help="the booted system's root (default /)")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("resized", help="the resize service: grow/shrink encrypted.img as needed")
     _resize_options(p)

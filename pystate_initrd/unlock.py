@@ -166,6 +166,61 @@ def extend_pcr15(volume_key: bytes | bytearray, uuid: str, bank: str, tcti: str 
     tpm2.pcr_extend(tpm2.PCR_VOLUME, bank, digest, tcti)
 
 
+# device-mapper's DM_TABLE_STATUS ioctl (linux/dm-ioctl.h): struct dm_ioctl is 312 bytes,
+# _IOWR(0xfd, 12, struct dm_ioctl); a dm_target_spec (40 bytes) and its parameters follow.
+_DM_TABLE_STATUS = (3 << 30) | (312 << 16) | (0xFD << 8) | 12
+_DM_STATUS_TABLE_FLAG = 1 << 4
+_DM_BUFFER_FULL_FLAG = 1 << 8
+_DM_SECURE_DATA_FLAG = 1 << 15  # the kernel wipes its copies of the table
+_DM_BUFFER = 16384  # > 1024: fcntl.ioctl then works on this buffer, not a static copy
+_HEX = {c: i for i, c in enumerate(b"0123456789abcdef")}
+
+
+def dm_volume_key(name: str = luks.DM_NAME) -> bytearray:
+    """The volume key of an active dm-crypt mapping, from its table: no process (SPEC §10).
+
+    The key is in the table because the mapping was opened without the kernel keyring.
+    It arrives in a bytearray, is decoded in place and the buffer wiped; caller wipes the key.
+    """
+    import fcntl
+    import struct
+
+    buf = bytearray(_DM_BUFFER)
+    struct.pack_into("=3IIII", buf, 0, 4, 0, 0, _DM_BUFFER, 312)
+    struct.pack_into("=I", buf, 28, _DM_STATUS_TABLE_FLAG | _DM_SECURE_DATA_FLAG)
+    encoded = name.encode()
+    buf[48 : 48 + len(encoded)] = encoded
+    try:
+        fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _DM_TABLE_STATUS, buf, True)
+        finally:
+            os.close(fd)
+        data_start, count = struct.unpack_from("=II", buf, 16)
+        flags = struct.unpack_from("=I", buf, 28)[0]
+        if count != 1 or flags & _DM_BUFFER_FULL_FLAG:
+            raise UnlockError(f"device-mapper table of {name}: {count} targets")
+        target = bytes(buf[data_start + 24 : data_start + 40]).split(b"\0", 1)[0]
+        if target != b"crypt":
+            raise UnlockError(f"device-mapper table of {name} is {target!r}, not crypt")
+        start = buf.index(b" ", data_start + 40) + 1  # after the cipher
+        end = buf.index(b" ", start)
+        if (end - start) % 2 or not 32 <= end - start <= 256:
+            raise UnlockError(f"device-mapper table of {name} holds no key (keyring?)")
+        key = bytearray((end - start) // 2)
+        for i in range(start, end):
+            value = _HEX.get(buf[i])
+            if value is None:
+                key[:] = bytes(len(key))
+                raise UnlockError(f"device-mapper table of {name} holds no hex key")
+            key[(i - start) // 2] |= value << (4 * (1 - (i - start) % 2))
+        return key
+    except OSError as exc:
+        raise UnlockError(f"reading the device-mapper table of {name}: {exc.strerror}") from None
+    finally:
+        buf[:] = bytes(_DM_BUFFER)
+
+
 def teardown(loop: str | None, mountpoint: Path | None) -> None:
     """Undo mount, mapping and loop device, best effort (the boot is failing anyway)."""
     if mountpoint is not None and os.path.ismount(mountpoint):
@@ -330,7 +385,12 @@ def unlock(
         if cfg.measure_pcr15:
             with report.step("measure-pcr15") as s:
                 try:
-                    with Secret(luks.volume_key(loop.path, key=key, key_slot=slot)) as vk:
+                    try:
+                        volume_key = dm_volume_key()
+                    except UnlockError as exc:  # a keyring mapping: ask cryptsetup instead
+                        log.debug(f"{exc}; dumping the volume key with cryptsetup")
+                        volume_key = luks.volume_key(loop.path, key=key, key_slot=slot)
+                    with Secret(volume_key) as vk:
                         extend_pcr15(vk.value, header.uuid, str(cfg.pcr_bank), tcti)
                     s.detail = f"PCR 15 ({cfg.pcr_bank}) extended"
                 except tpm2.Tpm2Error as exc:

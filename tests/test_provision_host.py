@@ -462,3 +462,52 @@ def test_run_secret_output_and_input() -> None:
         assert run(["cat", f"/dev/fd/{r}"], pass_fds=[r]).stdout == b"via fd"
     finally:
         os.close(r)
+
+
+# --- pystate status ---------------------------------------------------------------------------
+
+
+@needs_swtpm
+def test_status_reads_boot_json_and_live_facts(
+    formatted: tuple[Path, bytes, str, str], tmp_path: Path
+) -> None:
+    from pystate_initrd import status
+
+    image, _, _, _ = formatted
+    root = tmp_path / "root"
+    (root / "state/encrypted").mkdir(parents=True)
+    shutil.move(image, root / "state/encrypted.img")
+    (root / "home").mkdir()
+    boot = {
+        "outcome": "ok",
+        "error": None,
+        "total_ms": 5000.0,
+        "partition": {"device": "/dev/vda2", "part_uuid": "u", "reason": "root disk"},
+        "state": {"mountpoint": "/sysroot/state", "fstype": "ext4"},
+        "encrypted": {"unlocked_by": "tpm2"},
+        "steps": [{"name": "unseal", "ms": 700.0, "ok": True, "detail": ""}],
+        "mounts": [{"area": "plain", "name": "home", "target": "/home"}],
+        "rejected": [],
+    }
+    (tmp_path / "boot.json").write_text(json.dumps(boot))
+    info = status.collect(tmp_path / "boot.json", root)
+    assert info["outer"]["size"] > 0 and info["outer"]["fstype"] == "ext4"
+    enc = info["encrypted"]
+    assert enc["image"]["size"] == 32 * MIB
+    assert enc["luks"]["tpm2"]["pcrs"] == [7, 15] and enc["luks"]["header_ok"]
+    assert enc["luks"]["keyslots"]["0"]["role"] == "tpm2"
+    assert enc["luks"]["keyslots"]["1"]["role"] == "recovery"
+    assert info["mounts"] == [
+        {"area": "plain", "name": "home", "target": "/home", "mounted": False}
+    ]
+    text = status.render(info)
+    assert "TPM2: keyslot 0, PCRs sha256:7+15 (15 = zero, measured)" in text
+    assert "(NOT MOUNTED)" in text and "unseal 700.0" in text
+
+
+def test_status_without_boot_json(tmp_path: Path) -> None:
+    from pystate_initrd import status
+
+    info = status.collect(tmp_path / "missing.json", tmp_path)
+    assert "cannot read" in info["error"]
+    assert status.render(info).startswith("pystate: cannot read")

@@ -1,0 +1,200 @@
+"""``pystate status``: what the initrd did and how the state looks now, in the booted system.
+
+Sources: /run/pystate/boot.json (written in the initrd; /run survives switch-root),
+then live facts — statvfs of /state and /state/encrypted, the size and allocation of
+encrypted.img, its LUKS2 header (keyslots, the ``pystate-tpm2`` token: PCRs, bank; read
+directly, no process) and /proc/self/mountinfo for the planned targets. Whatever cannot
+be read (no boot.json, not root for the header) is reported as such, never guessed.
+``collect()`` builds the JSON; ``render()`` is the text view.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from . import luks
+from .resize_policy import human_size
+from .token import TOKEN_TYPE, TokenError, decode_token
+
+BOOT_JSON = Path("/run/pystate/boot.json")
+INITRD_SYSROOT = "/sysroot"
+
+
+def _booted_path(initrd_path: str, root: Path) -> Path:
+    """Where an initrd path (/sysroot/state) is after switch-root (/state), under root."""
+    if initrd_path == INITRD_SYSROOT or initrd_path.startswith(INITRD_SYSROOT + "/"):
+        initrd_path = initrd_path[len(INITRD_SYSROOT) :] or "/"
+    return root / initrd_path.lstrip("/")
+
+
+def _space(path: Path) -> dict[str, Any]:
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        return {"error": f"{path}: {exc.strerror}"}
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return {"path": str(path), "size": size, "used": used, "free": free}
+
+
+def _mounted(root: Path) -> dict[str, str]:
+    """Mount point -> source, from mountinfo, for the mounts below root."""
+    found: dict[str, str] = {}
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 10:
+            continue
+        sep = fields.index("-")
+        point = fields[4].encode().decode("unicode_escape")
+        found[point] = fields[sep + 2]
+    prefix = str(root).rstrip("/")
+    return {p[len(prefix) :] or "/": s for p, s in found.items() if p.startswith(prefix)}
+
+
+def _header(image: Path) -> dict[str, Any]:
+    try:
+        header = luks.read_header(image)
+    except luks.LuksError as exc:
+        return {"error": str(exc)}
+    slots = luks.keyslot_infos(header.metadata)
+    info: dict[str, Any] = {
+        "uuid": header.uuid,
+        "header_ok": header.primary_ok and header.secondary_ok,
+        "data_offset": header.data_offset,
+        "keyslots": {
+            str(n): {"pbkdf": k.pbkdf, "iterations": k.iterations, "key_bits": k.key_bits}
+            for n, k in slots.items()
+        },
+        "tpm2": None,
+    }
+    for token_id, token in luks.token_dicts(header.metadata).items():
+        if token.get("type") != TOKEN_TYPE:
+            continue
+        try:
+            sealed, slot = decode_token(token)
+        except TokenError as exc:
+            info["tpm2"] = {"token": token_id, "error": str(exc)}
+            continue
+        info["tpm2"] = {
+            "token": token_id,
+            "keyslot": slot,
+            "bank": sealed.bank,
+            "pcrs": list(sealed.pcrs),
+            "pcr15_zero": sealed.pcr15_zero,
+            "primary": sealed.primary_alg,
+        }
+        break
+    for n in slots:
+        tpm = info["tpm2"]
+        role = "tpm2" if tpm and tpm.get("keyslot") == n else "recovery?"
+        if n == luks.RECOVERY_KEYSLOT:
+            role = "recovery"
+        info["keyslots"][str(n)]["role"] = role
+    return info
+
+
+def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, Any]:
+    """Everything `pystate status` shows, as one JSON-able dict."""
+    status: dict[str, Any] = {"boot_json": str(boot_json)}
+    try:
+        report: dict[str, Any] = json.loads(boot_json.read_text())
+    except (OSError, ValueError) as exc:
+        status["error"] = f"cannot read {boot_json}: {getattr(exc, 'strerror', None) or exc}"
+        return status
+    status["outcome"] = report.get("outcome")
+    status["error"] = report.get("error")
+    status["partition"] = report.get("partition")
+    status["total_ms"] = report.get("total_ms")
+    status["steps"] = [
+        {"name": s.get("name"), "ms": s.get("ms"), "ok": s.get("ok")}
+        for s in report.get("steps", [])
+        if isinstance(s, dict)
+    ]
+    state = report.get("state") or {}
+    if isinstance(state, dict) and state.get("mountpoint"):
+        state_dir = _booted_path(str(state["mountpoint"]), root)
+        status["outer"] = {**_space(state_dir), "fstype": state.get("fstype")}
+        image = state_dir / "encrypted.img"
+        enc = report.get("encrypted") or {}
+        status["encrypted"] = {"boot": enc}
+        if image.exists():
+            st = image.stat()
+            status["encrypted"]["image"] = {
+                "path": str(image),
+                "size": st.st_size,
+                "allocated": st.st_blocks * 512,
+            }
+            status["encrypted"]["luks"] = _header(image)
+            status["encrypted"]["inner"] = _space(state_dir / "encrypted")
+    live = _mounted(root)
+    status["mounts"] = [
+        {**m, "mounted": m.get("target") in live}
+        for m in report.get("mounts", [])
+        if isinstance(m, dict)
+    ]
+    status["rejected"] = report.get("rejected", [])
+    return status
+
+
+def _size_line(space: dict[str, Any]) -> str:
+    if "error" in space:
+        return str(space["error"])
+    return (
+        f"{human_size(space['size'])}, {human_size(space['used'])} used, "
+        f"{human_size(space['free'])} free"
+    )
+
+
+def render(status: dict[str, Any]) -> str:
+    out = []
+    if "outcome" not in status:
+        return f"pystate: {status.get('error')}"
+    out.append(
+        f"boot: {status['outcome']} in {status['total_ms']} ms"
+        + (f" — {status['error']}" if status.get("error") else "")
+    )
+    part = status.get("partition") or {}
+    if part:
+        out.append(f"partition: {part.get('device')} PARTUUID {part.get('part_uuid')} "
+                   f"({part.get('reason')})")  # fmt: skip
+    if "outer" in status:
+        outer = status["outer"]
+        out.append(f"outer ({outer.get('fstype')}): {_size_line(outer)}")
+    enc = status.get("encrypted") or {}
+    if "image" in enc:
+        img = enc["image"]
+        out.append(
+            f"encrypted.img: {human_size(img['size'])} ({human_size(img['allocated'])} allocated)"
+            f", unlocked by {enc['boot'].get('unlocked_by', '?')}"
+        )
+        out.append(f"inner: {_size_line(enc.get('inner', {}))}")
+        header = enc.get("luks", {})
+        if "error" in header:
+            out.append(f"LUKS2: {header['error']}")
+        else:
+            out.append(f"LUKS2 {header['uuid']}" + ("" if header["header_ok"] else " (DAMAGED)"))
+            tpm = header.get("tpm2") or {}
+            if "pcrs" in tpm:
+                pcrs = "+".join(str(p) for p in tpm["pcrs"])
+                out.append(f"TPM2: keyslot {tpm['keyslot']}, PCRs {tpm['bank']}:{pcrs}"
+                           f"{' (15 = zero, measured)' if tpm['pcr15_zero'] else ''}")  # fmt: skip
+            elif tpm:
+                out.append(f"TPM2: token {tpm['token']}: {tpm.get('error')}")
+            for n, slot in header["keyslots"].items():
+                out.append(f"  keyslot {n}: {slot['role']}, {slot['pbkdf']} {slot['iterations']}")
+    elif enc:
+        out.append(f"encrypted: {enc.get('boot')}")
+    for m in status.get("mounts", []):
+        mark = "" if m["mounted"] else "  (NOT MOUNTED)"
+        out.append(f"mount: {m['area']:<9} {m['name']:<20} -> {m['target']}{mark}")
+    for r in status.get("rejected", []):
+        out.append(f"rejected: {r.get('area')} {r.get('name')!r}: {r.get('reason')}")
+    out.append("steps (ms): " + ", ".join(f"{s['name']} {s['ms']}" for s in status["steps"]))
+    return "\n".join(out)
