@@ -151,13 +151,13 @@ def find_volume(
         dm_path = Path(f"/dev/mapper/{crypt_name}")
         if not dm_path.exists():
             raise ResizeError(f"{dm_path} is not open: encrypted.img was not unlocked at boot")
-        dm = os.path.basename(os.path.realpath(dm_path))  # dm-0
+        dm = block_name(dm_path)  # dm-0
         slaves = sorted(os.listdir(f"/sys/block/{dm}/slaves"))
         if len(slaves) != 1 or not slaves[0].startswith("loop"):
             raise ResizeError(f"{dm_path} does not sit on one loop device (found {slaves})")
         loop_name = slaves[0]
     else:
-        loop_name = os.path.basename(os.path.realpath(mounted[0]))
+        loop_name = block_name(mounted[0])
         if not loop_name.startswith("loop"):
             raise ResizeError(f"{mountpoint} is mounted from {mounted[0]}, not a loop device")
     loop = f"/dev/{loop_name}"
@@ -180,6 +180,17 @@ def find_volume(
         luks_uuid=uuid,
         sparse=sparse,
     )
+
+
+def block_name(device: str | Path) -> str:
+    """The kernel's name of a block device node (dm-0, loop3), by its device number.
+
+    /dev/mapper/NAME is a node of its own, not a symlink, where libdevmapper made it
+    without udev (the initrd): its name says nothing, its number does.
+    """
+    rdev = os.stat(device).st_rdev
+    sys_path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    return os.path.basename(os.path.realpath(sys_path))
 
 
 def mount_entry(mountpoint: Path) -> tuple[str, str] | None:

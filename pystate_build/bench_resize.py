@@ -1,0 +1,227 @@
+"""``build.py bench-resize``: the resize service's figures in a QEMU guest, and its test machine.
+
+The guest is the busybox test root plus the frozen pystate (build_tree), the tools the
+service runs (cryptsetup, resize2fs, e2fsck, btrfs) and ``/rt/rt.py`` (guest_resize.py):
+its init runs the commands named by ``rt.run=CMD,ARG;CMD…`` on the kernel command line and
+powers off. Results come back as ``RT-<TAG> <json>`` console lines (``rt_results``).
+
+The benchmark boots one machine (systemd initrd with pystate, 2 GiB state partition):
+boot 1 provisions encrypted.img and measures, N times, the time from the policy first
+deciding "grow" (the free space crossed the watermark) to the inner file system reporting
+the larger size, and the grow throughput (image bytes added per second of the service's
+grow steps, from /run/pystate/resize.json); it then fills and empties the image and leaves
+an ext4 shrink request; boot 2 carries the shrink out offline (the initrd's code, on the
+unmounted image) and reports its time per GiB removed. Repeated ``--runs`` times for the
+offline figure. Medians are printed with the VM's configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import OUT, REPO
+
+GUEST_TOOLS = ("cryptsetup", "resize2fs", "e2fsck", "btrfs")
+RT_PREFIX = "RT-"
+FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
+BENCH_STATE_SIZE = 2 * 1024**3
+MEMORY = 1024
+GIB = 1024**3
+
+GUEST_INIT = r"""#!/bin/busybox sh
+# PID 1 of the resize test guest: run /rt/rt.py (rt.run= on the command line), power off.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -e /sys/kernel ] || mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+[ -r /run/pystate/boot.json ] && echo "PYSTATE-BOOT-JSON $(tr -d '\n' </run/pystate/boot.json)"
+/usr/bin/python3 /rt/rt.py
+sync
+echo "RT-POWEROFF"
+poweroff -f
+"""
+
+
+def build_guest_root(dest: Path, work: Path) -> Path:
+    """The test root with pystate, its tools and /rt/rt.py as PID 1's job (dest replaced)."""
+    from .elfclosure import library_closure
+    from .roots import build_testroot
+    from .tree import build_tree, install_path
+
+    build_testroot(dest)
+    build_tree(dest, freeze_dir=work / "freeze")
+    binaries = []
+    for tool in GUEST_TOOLS:
+        found = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if found is None:
+            raise FileNotFoundError(f"{tool} not found on the build machine")
+        install_path(found, dest)
+        binaries.append(Path(found))
+    for lib in library_closure(binaries):
+        install_path(lib, dest)
+    (dest / "rt").mkdir(exist_ok=True)
+    shutil.copy2(Path(__file__).with_name("guest_resize.py"), dest / "rt/rt.py")
+    (dest / "sbin/init").write_text(GUEST_INIT)
+    (dest / "sbin/init").chmod(0o755)
+    return dest
+
+
+def rt_results(console: str) -> list[tuple[str, dict[str, object]]]:
+    """The guest's ``RT-<TAG> <json>`` lines, in order (kernel messages may interleave)."""
+    import re
+
+    found = []
+    for raw in console.splitlines():
+        line = re.sub(r"^\[\s*\d+\.\d+\]\s*", "", raw)
+        if not line.startswith(RT_PREFIX):
+            continue
+        tag, _, rest = line[len(RT_PREFIX) :].partition(" ")
+        try:
+            value = json.loads(rest) if rest else {}
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append((tag, value))
+    return found
+
+
+def rt_result(console: str, tag: str) -> dict[str, object] | None:
+    """The last RT-<tag> result, or None."""
+    values = [v for t, v in rt_results(console) if t == tag]
+    return values[-1] if values else None
+
+
+@dataclass
+class GuestMachine:
+    """One disk and one swtpm state, booted again and again (as test_encrypted_qemu)."""
+
+    layout: object  # DiskLayout
+    initrd: Path
+    tpm: Path
+    work: Path
+    boots: int = 0
+
+    def boot(self, commands: str, *words: str, timeout: float = 420) -> object:
+        sys.path.insert(0, str(REPO / "qemu"))
+        import harness
+
+        root = self.layout.root  # type: ignore[attr-defined]
+        self.boots += 1
+        append = (
+            f"root=PARTUUID={root.uuid} rootfstype=erofs ro quiet {FAIL_FAST} rt.run={commands}"
+        )
+        return harness.boot(
+            self.layout.path,  # type: ignore[attr-defined]
+            initrd=self.initrd,
+            append=" ".join([append, *words]),
+            tpm_state=self.tpm,
+            memory=MEMORY,
+            expect=["RT-DONE"],
+            timeout=timeout,
+            log=self.work / f"console-{self.boots}.log",
+        )
+
+
+def make_machine(
+    work: Path, initrd: Path, root: Path, *, state_size: int = BENCH_STATE_SIZE
+) -> GuestMachine:
+    from .disk import build_disk
+
+    (work / "state/home").mkdir(parents=True, exist_ok=True)
+    layout = build_disk(work / "disk.img", root, work / "state", state_size=state_size)
+    return GuestMachine(layout, initrd, work / "tpm", work)
+
+
+def build_initrd_for(work: Path, out: Path, *, inner_fs: str = "ext4") -> Path:
+    """A systemd initrd with pystate, its work files under work (not OUT)."""
+    from .bench_unlock import build_initrd_in
+
+    conf = None
+    if inner_fs != "ext4":
+        conf = work / f"pystate-{inner_fs}.conf"
+        conf.write_text(f"[image]\ninner-fs = {inner_fs}\n")
+    if conf is None:
+        return build_initrd_in(work, out)
+    from . import initrd
+
+    saved = initrd.OUT
+    initrd.OUT = work
+    try:
+        return initrd.build_initrd(out, conf=conf)
+    finally:
+        initrd.OUT = saved
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(REPO / "qemu"))
+    import harness
+
+    work = OUT / "bench-resize"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    initrd = build_initrd_for(work, work / "initrd.img")
+    root = build_guest_root(work / "root", work)
+    latencies: list[float] = []
+    throughputs: list[float] = []
+    offline: list[float] = []
+    for run in range(args.runs):
+        m = make_machine(work / f"m{run}", initrd, root)
+        first = m.boot(f"bench-grow,{args.grows};fill,32,0;delete-and-shrink")
+        grow = rt_result(first.console, "BENCH-GROW")  # type: ignore[attr-defined]
+        if grow is None:
+            print(harness.describe(first), file=sys.stderr)  # type: ignore[arg-type]
+            return 1
+        latencies += [float(x) for x in grow["latencies"]]  # type: ignore[attr-defined]
+        throughputs += [float(x) for x in grow["throughputs"]]  # type: ignore[attr-defined]
+        second = m.boot("offline-shrink")
+        shrink = rt_result(second.console, "OFFLINE")  # type: ignore[attr-defined]
+        if shrink is None or not shrink.get("detail"):
+            print(harness.describe(second), file=sys.stderr)  # type: ignore[arg-type]
+            return 1
+        before, after = shrink["before"], shrink["after"]
+        removed = (before["file"] - after["file"]) / GIB  # type: ignore[index]
+        seconds = float(shrink["seconds"])  # type: ignore[arg-type]
+        offline.append(seconds / removed)
+        print(
+            f"run {run + 1}: grow latencies {[round(x, 2) for x in grow['latencies']]} s; "  # type: ignore[attr-defined]
+            f"offline shrink {removed:.2f} GiB in {seconds:.1f} s",
+            flush=True,
+        )
+    print(
+        f"VM: QEMU {harness._accel()} (TCG unless PYSTATE_QEMU_ACCEL), 1 vCPU, {MEMORY} MiB, "
+        f"virtio-blk raw sparse file (cache=unsafe), state ext4 {BENCH_STATE_SIZE // GIB} GiB, "
+        "encrypted.img LUKS2 aes-xts-plain64 4K sectors, inner ext4, loop direct I/O"
+    )
+    print(
+        f"grow watermark -> larger size usable: median {_median(latencies):.2f} s "
+        f"over {len(latencies)} grows"
+    )
+    print(
+        f"grow throughput: median {_median(throughputs) / GIB:.2f} GiB/s of image "
+        f"over {len(throughputs)} grows"
+    )
+    print(
+        f"offline ext4 shrink at boot: median {_median(offline):.1f} s per GiB removed "
+        f"over {len(offline)} runs"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "bench-resize", help="grow latency and throughput, offline shrink time (QEMU)"
+    )
+    p.add_argument("--runs", type=int, default=3, help="machines to boot (default 3)")
+    p.add_argument("--grows", type=int, default=5, help="grows measured per machine (default 5)")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,367 @@
+"""Runs inside the QEMU guest of the resize tests and benchmark: ``python3 /rt/rt.py CMD``.
+
+Copied into the guest root by bench_resize.build_guest_root(); imports pystate_initrd from
+the frozen zipapp (/usr/bin/pystate), so it uses only the stdlib modules frozen with it.
+Every result is one console line ``RT-<TAG> <json>``; the host parses them (bench_resize).
+Not imported on the host.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, "/usr/bin/pystate")
+
+STATE = "/state"
+ENC = "/state/encrypted"
+IMG = "/state/encrypted.img"
+MIB = 1 << 20
+DM = "/dev/mapper/pystate-encrypted"
+
+
+def cmdline():
+    with open("/proc/cmdline") as f:
+        return f.read()
+
+
+def out(tag, **values):
+    print(f"RT-{tag} {json.dumps(values, sort_keys=True)}", flush=True)
+
+
+def space():
+    o, i, st = os.statvfs(STATE), os.statvfs(ENC), os.stat(IMG)
+    return {
+        "outer_size": o.f_blocks * o.f_frsize,
+        "outer_free": o.f_bavail * o.f_frsize,
+        "image": st.st_size,
+        "allocated": st.st_blocks * 512,
+        "inner_size": i.f_blocks * i.f_frsize,
+        "inner_used": (i.f_blocks - i.f_bfree) * i.f_frsize,
+        "inner_free": min(i.f_bavail, i.f_bfree) * i.f_frsize,
+    }
+
+
+def write_file(path, mib, *, random=False):
+    """Write mib MiB and fsync; the sha256. OSError (ENOSPC) propagates."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    block = os.urandom(MIB) if random else bytes(MIB)
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(mib):
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
+            digest.update(block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def sha(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def start_service(*extra):
+    argv = ["/usr/bin/pystate", "resized", "--interval-min", "0.25", "--interval-max", "2"]
+    return subprocess.Popen([*argv, *extra])
+
+
+def stop_service(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    return proc.returncode
+
+
+def kernel_errors():
+    text = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    bad = ("i/o error", "buffer i/o", "ext4-fs error", "btrfs error", "critical", "enospc")
+    return [line for line in text.splitlines() if any(b in line.lower() for b in bad)]
+
+
+def layers():
+    from pathlib import Path
+
+    from pystate_initrd import resize
+
+    vol = resize.find_volume(Path(STATE))
+    s = resize.sizes(vol)
+    return vol, {"file": s.file, "loop": s.loop, "device": s.device, "fs": s.fs}
+
+
+def keep_files(boot):
+    """Write one fsynced random file for this boot; check every earlier one."""
+    sums_path = f"{STATE}/keep-sums.json"  # the expected sums, on the outer fs
+    sums = {}
+    if os.path.exists(sums_path):
+        with open(sums_path) as f:
+            sums = json.load(f)
+    bad = [p for p, h in sums.items() if not os.path.exists(p) or sha(p) != h]
+    path = f"{ENC}/keep/boot-{boot}"
+    sums[path] = write_file(path, 2, random=True)
+    tmp = sums_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(sums, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, sums_path)
+    fd = os.open(STATE, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return len(sums) - 1, bad
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+
+def cmd_fill(chunk_mib="16", pause="0.1", *extra):
+    """Write steadily into the encrypted area with the service running, until ENOSPC."""
+    keep = {f"{ENC}/keep/{k}": write_file(f"{ENC}/keep/{k}", 4, random=True) for k in range(4)}
+    start = space()
+    svc = start_service(*extra)
+    time.sleep(1)
+    images, written, n, enospc, t0 = [start["image"]], 0, 0, None, time.monotonic()
+    while True:
+        try:
+            write_file(f"{ENC}/fill/{n}", int(chunk_mib))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            enospc = space()
+            break
+        n += 1
+        written += int(chunk_mib)
+        images.append(os.stat(IMG).st_size)
+        time.sleep(float(pause))
+    seconds = time.monotonic() - t0
+    time.sleep(2)
+    status = stop_service(svc)
+    out(
+        "FILL",
+        start=start,
+        enospc=enospc,
+        written_mib=written,
+        seconds=round(seconds, 1),
+        images=sorted(set(images)),
+        end=space(),
+        service_status=status,
+        keep=keep,
+        errors=kernel_errors(),
+    )
+
+
+def cmd_delete_and_shrink(*extra):
+    """Delete the fill files, then one policy step by hand (btrfs: online; ext4: request)."""
+    import shutil
+
+    before = space()
+    shutil.rmtree(f"{ENC}/fill", ignore_errors=True)
+    subprocess.run(["sync"], check=False)
+    time.sleep(1)
+    proc = subprocess.run(
+        ["/usr/bin/pystate", "resize", "--auto", *extra],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    request = None
+    if os.path.exists(f"{STATE}/.pystate/shrink-request"):
+        with open(f"{STATE}/.pystate/shrink-request") as f:
+            request = json.load(f)
+    keep = {p: sha(p) for p in sorted(_keep_paths())}
+    out(
+        "SHRINK",
+        before=before,
+        after=space(),
+        status=proc.returncode,
+        output=(proc.stdout + proc.stderr).strip().splitlines(),
+        request=request,
+        keep=keep,
+        errors=kernel_errors(),
+    )
+
+
+def _keep_paths():
+    d = f"{ENC}/keep"
+    return [f"{d}/{n}" for n in os.listdir(d)] if os.path.isdir(d) else []
+
+
+def cmd_offline_shrink():
+    """What the initrd does at the next boot, run here on the unmounted image for real."""
+    from pathlib import Path
+
+    from pystate_initrd import config, log, offline_shrink, report
+
+    _, sizes_before = layers()
+    dm = os.path.basename(os.path.realpath(DM))
+    loop = "/dev/" + os.listdir(f"/sys/block/{dm}/slaves")[0]
+    for target in ("/etc", "/var", ENC):
+        subprocess.run(["umount", target], check=False)
+    cfg = config.load_config(None, cmdline())
+    rep = report.BootReport(log.Log())
+    t0 = time.monotonic()
+    detail = offline_shrink.apply_pending_shrink(cfg, Path(STATE), loop, rep)
+    seconds = time.monotonic() - t0
+    fsck = subprocess.run(["e2fsck", "-f", "-n", DM], capture_output=True, text=True, check=False)
+    subprocess.run(["mount", "-t", "ext4", DM, ENC], check=True)
+    _, sizes_after = layers()
+    keep = {p: sha(p) for p in sorted(_keep_paths())}
+    out(
+        "OFFLINE",
+        detail=detail,
+        seconds=round(seconds, 2),
+        before=sizes_before,
+        after=sizes_after,
+        space=space(),
+        fsck_status=fsck.returncode,
+        fsck=fsck.stdout.strip().splitlines()[-3:],
+        request_left=os.path.exists(f"{STATE}/.pystate/shrink-request"),
+        keep=keep,
+        errors=kernel_errors(),
+    )
+
+
+def cmd_home(*extra):
+    """Fill /home (plain) until ENOSPC with the service running; then write encrypted."""
+    start = space()
+    svc = start_service(*extra)
+    time.sleep(1)
+    n, home_error = 0, None
+    while True:
+        try:
+            write_file(f"/home/fill/{n}", 16)
+        except OSError as exc:
+            home_error = exc.errno
+            break
+        n += 1
+    full = space()
+    time.sleep(4)  # the service sees a full outer file system
+    settled = space()
+    enc_ok, enc_error = True, None
+    want = max(0, min(64, settled["inner_free"] // MIB - 8))
+    try:
+        write_file(f"{ENC}/after-home", want, random=True)
+    except OSError as exc:
+        enc_ok, enc_error = False, exc.errno
+    stop_service(svc)
+    import shutil
+
+    shutil.rmtree("/home/fill", ignore_errors=True)
+    out(
+        "HOME",
+        start=start,
+        full=full,
+        settled=settled,
+        end=space(),
+        home_mib=n * 16,
+        home_errno=home_error,
+        enc_mib=want,
+        enc_ok=enc_ok,
+        enc_errno=enc_error,
+        errors=kernel_errors(),
+    )
+
+
+def cmd_crash(boot, step, grow_mib="64", *extra):
+    """Check the earlier boots' files and the layers, then resize and cut the power at step."""
+    from pystate_initrd import log, resize, resized
+
+    checked, bad = keep_files(int(boot))
+    vol, before = layers()
+    svc = resized.make_service(None, None, {}, log=log.Log(), status_file=None)
+    recovered = svc.recover()
+    _, after = layers()
+    out(
+        "CRASH-CHECK",
+        boot=int(boot),
+        checked=checked,
+        bad=bad,
+        layers_at_boot=before,
+        layers_after_recover=after,
+        recovered=recovered.to_json() if recovered else None,
+        problems=resize.Sizes(**before).problems(vol.header),
+        errors=kernel_errors(),
+    )
+    if step == "none":
+        return
+    size = os.stat(IMG).st_size
+    if step in resize.SHRINK_STEPS and vol.fstype == "btrfs":
+        target = size - int(grow_mib) * MIB
+    else:
+        target = size + int(grow_mib) * MIB
+    subprocess.run(
+        ["/usr/bin/pystate", "resize", "--to", str(target), "--debug-stop", step, *extra],
+        check=False,
+    )
+    out("CRASH-NOT-CUT", step=step)
+
+
+def cmd_bench_grow(runs="5", *extra):
+    """Crossing the grow watermark -> the larger size usable, several times; then throughput."""
+    from pathlib import Path
+
+    from pystate_initrd import resize, resized
+    from pystate_initrd.resize_policy import Action, decide
+
+    _, params = resized.load_params(None, {})
+    vol = resize.find_volume(Path(STATE))
+    svc = start_service(*extra)
+    time.sleep(1)
+    latencies, throughputs, n = [], [], 0
+    for _ in range(int(runs)):
+        # Write until the policy says grow: that instant is the crossing.
+        while decide(resize.measure(vol), params).action is not Action.GROW:
+            write_file(f"{ENC}/bench/{n}", 8)
+            n += 1
+        crossed = time.monotonic()
+        size0 = os.statvfs(ENC).f_blocks
+        while os.statvfs(ENC).f_blocks == size0:
+            time.sleep(0.01)
+        latencies.append(time.monotonic() - crossed)
+        time.sleep(1.0)
+        with open("/run/pystate/resize.json") as f:
+            change = json.load(f).get("last_change") or {}
+        if change.get("action") == "grow" and change.get("seconds"):
+            throughputs.append((change["after"] - change["before"]) / change["seconds"])
+    stop_service(svc)
+    out("BENCH-GROW", latencies=latencies, throughputs=throughputs, space=space())
+
+
+COMMANDS = {
+    "fill": cmd_fill,
+    "delete-and-shrink": cmd_delete_and_shrink,
+    "offline-shrink": cmd_offline_shrink,
+    "home": cmd_home,
+    "crash": cmd_crash,
+    "bench-grow": cmd_bench_grow,
+}
+
+
+def main():
+    for word in cmdline().split():
+        if word.startswith("rt.run="):
+            for command in word[len("rt.run=") :].split(";"):
+                name, *args = command.split(",")
+                out("BEGIN", command=name, args=args)
+                try:
+                    COMMANDS[name](*args)
+                except Exception as exc:  # reported, the next command still runs
+                    out("FAILED", command=name, error=f"{type(exc).__name__}: {exc}")
+    out("DONE")
+
+
+if __name__ == "__main__":
+    main()
