@@ -3,7 +3,8 @@
 The stack, bottom up: the image file on /state -> a loop device (direct I/O) -> dm-crypt
 ``pystate-encrypted`` (the LUKS2 data segment, "dynamic": it covers the file from the
 header to its end) -> the inner file system. A resize changes the four sizes one after
-the other. **Invariant: file >= header + loop-visible data >= dm-crypt >= file system.**
+the other. **Invariant: file and loop device >= header + mapping >= header + file system**
+(the loop may briefly exceed the file after a shrink's truncate: nothing maps that tail).
 Each step below keeps it, so a crash between any two steps leaves a stack that opens at
 the next boot (the loop and the mapping are made afresh from the file's size) with a
 file system no larger than its device, and ``reconcile()`` finishes or undoes the rest:
@@ -123,8 +124,8 @@ class Sizes:
     def problems(self, header: int) -> list[str]:
         """Violations of the invariant: what a crash can never leave behind (pure)."""
         found = []
-        if self.loop > self.file:
-            found.append(f"loop device {self.loop} larger than the file {self.file}")
+        if self.device > self.file - header:
+            found.append(f"mapping {self.device} larger than the file's data {self.file - header}")
         if self.device > self.loop - header:
             found.append(f"mapping {self.device} larger than the loop's data {self.loop - header}")
         if self.fs > self.device:
@@ -571,8 +572,8 @@ def parse_request(data: bytes) -> ShrinkRequest:
         raise RequestError("shrink request sizes are not whole MiB")
     if req.fs_size % FS_BLOCK or req.fs_size <= 0:
         raise RequestError(f"shrink request fs_size {req.fs_size} is not whole 4 KiB blocks")
-    if req.fs_size >= req.size:
-        raise RequestError("shrink request fs_size leaves no room for the LUKS header")
+    if req.fs_size > req.size:
+        raise RequestError("shrink request fs_size is larger than its size")
     if req.size >= req.current:
         raise RequestError(f"shrink request size {req.size} is not below {req.current}")
     return req
