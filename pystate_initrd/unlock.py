@@ -176,6 +176,47 @@ _DM_BUFFER = 16384  # > 1024: fcntl.ioctl then works on this buffer, not a stati
 _HEX = {c: i for i, c in enumerate(b"0123456789abcdef")}
 
 
+def dm_table_request(name: str) -> bytearray:
+    """A DM_TABLE_STATUS request for the mapping name, in a buffer the reply goes into (pure)."""
+    import struct
+
+    buf = bytearray(_DM_BUFFER)
+    # version 4.0.0, data_size, data_start (the reply's data follows the 312-byte header)
+    struct.pack_into("=3III", buf, 0, 4, 0, 0, _DM_BUFFER, 312)
+    struct.pack_into("=I", buf, 28, _DM_STATUS_TABLE_FLAG | _DM_SECURE_DATA_FLAG)
+    encoded = name.encode()[:127]
+    buf[48 : 48 + len(encoded)] = encoded
+    return buf
+
+
+def dm_table_key(buf: bytearray, name: str = luks.DM_NAME) -> bytearray:
+    """The hex key of the crypt target in a DM_TABLE_STATUS reply, decoded in place (pure)."""
+    import struct
+
+    try:
+        data_start, count = struct.unpack_from("=II", buf, 16)
+        flags = struct.unpack_from("=I", buf, 28)[0]
+        if count != 1 or flags & _DM_BUFFER_FULL_FLAG or data_start + 40 > len(buf):
+            raise UnlockError(f"device-mapper table of {name}: {count} targets")
+        target = bytes(buf[data_start + 24 : data_start + 40]).split(b"\0", 1)[0]
+        if target != b"crypt":
+            raise UnlockError(f"device-mapper table of {name} is {target!r}, not crypt")
+        start = buf.index(b" ", data_start + 40) + 1  # after the cipher
+        end = buf.index(b" ", start)
+    except (struct.error, ValueError):
+        raise UnlockError(f"device-mapper table of {name} is malformed") from None
+    if (end - start) % 2 or not 32 <= end - start <= 256:
+        raise UnlockError(f"device-mapper table of {name} holds no key (keyring?)")
+    key = bytearray((end - start) // 2)
+    for i in range(start, end):
+        value = _HEX.get(buf[i])
+        if value is None:
+            key[:] = bytes(len(key))
+            raise UnlockError(f"device-mapper table of {name} holds no hex key")
+        key[(i - start) // 2] |= value << (4 * (1 - (i - start) % 2))
+    return key
+
+
 def dm_volume_key(name: str = luks.DM_NAME) -> bytearray:
     """The volume key of an active dm-crypt mapping, from its table: no process (SPEC §10).
 
@@ -183,38 +224,15 @@ def dm_volume_key(name: str = luks.DM_NAME) -> bytearray:
     It arrives in a bytearray, is decoded in place and the buffer wiped; caller wipes the key.
     """
     import fcntl
-    import struct
 
-    buf = bytearray(_DM_BUFFER)
-    struct.pack_into("=3IIII", buf, 0, 4, 0, 0, _DM_BUFFER, 312)
-    struct.pack_into("=I", buf, 28, _DM_STATUS_TABLE_FLAG | _DM_SECURE_DATA_FLAG)
-    encoded = name.encode()
-    buf[48 : 48 + len(encoded)] = encoded
+    buf = dm_table_request(name)
     try:
         fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.ioctl(fd, _DM_TABLE_STATUS, buf, True)
         finally:
             os.close(fd)
-        data_start, count = struct.unpack_from("=II", buf, 16)
-        flags = struct.unpack_from("=I", buf, 28)[0]
-        if count != 1 or flags & _DM_BUFFER_FULL_FLAG:
-            raise UnlockError(f"device-mapper table of {name}: {count} targets")
-        target = bytes(buf[data_start + 24 : data_start + 40]).split(b"\0", 1)[0]
-        if target != b"crypt":
-            raise UnlockError(f"device-mapper table of {name} is {target!r}, not crypt")
-        start = buf.index(b" ", data_start + 40) + 1  # after the cipher
-        end = buf.index(b" ", start)
-        if (end - start) % 2 or not 32 <= end - start <= 256:
-            raise UnlockError(f"device-mapper table of {name} holds no key (keyring?)")
-        key = bytearray((end - start) // 2)
-        for i in range(start, end):
-            value = _HEX.get(buf[i])
-            if value is None:
-                key[:] = bytes(len(key))
-                raise UnlockError(f"device-mapper table of {name} holds no hex key")
-            key[(i - start) // 2] |= value << (4 * (1 - (i - start) % 2))
-        return key
+        return dm_table_key(buf, name)
     except OSError as exc:
         raise UnlockError(f"reading the device-mapper table of {name}: {exc.strerror}") from None
     finally:

@@ -511,3 +511,41 @@ def test_status_without_boot_json(tmp_path: Path) -> None:
     info = status.collect(tmp_path / "missing.json", tmp_path)
     assert "cannot read" in info["error"]
     assert status.render(info).startswith("pystate: cannot read")
+
+
+def _dm_reply(params: bytes, target: bytes = b"crypt", count: int = 1) -> bytearray:
+    import struct
+
+    buf = unlock.dm_table_request("pystate-encrypted")
+    struct.pack_into("=I", buf, 20, count)
+    spec = struct.pack("=QQiI16s", 0, 2048, 0, 0, target)
+    buf[312 : 312 + len(spec)] = spec
+    buf[352 : 352 + len(params) + 1] = params + b"\0"
+    return buf
+
+
+def test_dm_table_request_layout() -> None:
+    import struct
+
+    buf = unlock.dm_table_request("pystate-encrypted")
+    assert struct.unpack_from("=3IIII", buf, 0) == (4, 0, 0, 16384, 312, 0)
+    assert buf[48:65] == b"pystate-encrypted" and buf[65] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "target", "expected"),
+    [
+        (b"aes-xts-plain64 " + b"ab" * 64 + b" 0 7:0 32768 1 sector_size:4096", b"crypt",
+         bytes([0xAB]) * 64),
+        (b"aes-xts-plain64 :64:logon:cryptsetup:x 0 7:0 32768", b"crypt", None),
+        (b"aes-xts-plain64 " + b"zz" * 32 + b" 0 7:0 0", b"crypt", None),
+        (b"whatever", b"linear", None),
+    ],
+)  # fmt: skip
+def test_dm_table_key(params: bytes, target: bytes, expected: bytes | None) -> None:
+    buf = _dm_reply(params, target)
+    if expected is None:
+        with pytest.raises(unlock.UnlockError):
+            unlock.dm_table_key(buf)
+    else:
+        assert unlock.dm_table_key(buf) == expected
