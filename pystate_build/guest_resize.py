@@ -22,6 +22,8 @@ ENC = "/state/encrypted"
 IMG = "/state/encrypted.img"
 MIB = 1 << 20
 DM = "/dev/mapper/pystate-encrypted"
+# Inside the image's "var" entry (/var): a new top-level directory would be a mount entry.
+DATA = f"{ENC}/var/lib/rt"
 
 
 def cmdline():
@@ -110,7 +112,7 @@ def keep_files(boot):
         with open(sums_path) as f:
             sums = json.load(f)
     bad = [p for p, h in sums.items() if not os.path.exists(p) or sha(p) != h]
-    path = f"{ENC}/keep/boot-{boot}"
+    path = f"{DATA}/keep/boot-{boot}"
     sums[path] = write_file(path, 2, random=True)
     tmp = sums_path + ".tmp"
     with open(tmp, "w") as f:
@@ -127,16 +129,17 @@ def keep_files(boot):
 # --- scenarios ------------------------------------------------------------------------------
 
 
-def cmd_fill(chunk_mib="16", pause="0.1", *extra):
-    """Write steadily into the encrypted area with the service running, until ENOSPC."""
-    keep = {f"{ENC}/keep/{k}": write_file(f"{ENC}/keep/{k}", 4, random=True) for k in range(4)}
+def cmd_fill(chunk_mib="16", pause="0.1", max_mib="0", *extra):
+    """Write steadily into the encrypted area with the service running, until ENOSPC
+    (or max_mib MiB when not 0)."""
+    keep = {f"{DATA}/keep/{k}": write_file(f"{DATA}/keep/{k}", 4, random=True) for k in range(4)}
     start = space()
     svc = start_service(*extra)
     time.sleep(1)
     images, written, n, enospc, t0 = [start["image"]], 0, 0, None, time.monotonic()
     while True:
         try:
-            write_file(f"{ENC}/fill/{n}", int(chunk_mib))
+            write_file(f"{DATA}/fill/{n}", int(chunk_mib))
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -145,6 +148,8 @@ def cmd_fill(chunk_mib="16", pause="0.1", *extra):
         n += 1
         written += int(chunk_mib)
         images.append(os.stat(IMG).st_size)
+        if int(max_mib) and written >= int(max_mib):
+            break
         time.sleep(float(pause))
     seconds = time.monotonic() - t0
     time.sleep(2)
@@ -168,7 +173,7 @@ def cmd_delete_and_shrink(*extra):
     import shutil
 
     before = space()
-    shutil.rmtree(f"{ENC}/fill", ignore_errors=True)
+    shutil.rmtree(f"{DATA}/fill", ignore_errors=True)
     subprocess.run(["sync"], check=False)
     time.sleep(1)
     proc = subprocess.run(
@@ -195,7 +200,7 @@ def cmd_delete_and_shrink(*extra):
 
 
 def _keep_paths():
-    d = f"{ENC}/keep"
+    d = f"{DATA}/keep"
     return [f"{d}/{n}" for n in os.listdir(d)] if os.path.isdir(d) else []
 
 
@@ -206,8 +211,9 @@ def cmd_offline_shrink():
     from pystate_initrd import config, log, offline_shrink, report
 
     _, sizes_before = layers()
-    dm = os.path.basename(os.path.realpath(DM))
-    loop = "/dev/" + os.listdir(f"/sys/block/{dm}/slaves")[0]
+    from pystate_initrd import resize
+
+    loop = "/dev/" + os.listdir(f"/sys/block/{resize.block_name(DM)}/slaves")[0]
     for target in ("/etc", "/var", ENC):
         subprocess.run(["umount", target], check=False)
     cfg = config.load_config(None, cmdline())
@@ -253,7 +259,7 @@ def cmd_home(*extra):
     enc_ok, enc_error = True, None
     want = max(0, min(64, settled["inner_free"] // MIB - 8))
     try:
-        write_file(f"{ENC}/after-home", want, random=True)
+        write_file(f"{DATA}/after-home", want, random=True)
     except OSError as exc:
         enc_ok, enc_error = False, exc.errno
     stop_service(svc)
@@ -298,15 +304,21 @@ def cmd_crash(boot, step, grow_mib="64", *extra):
     if step == "none":
         return
     size = os.stat(IMG).st_size
+    argv = ["/usr/bin/pystate", "resize", "--log", "/dev/kmsg", *extra]
     if step in resize.SHRINK_STEPS and vol.fstype == "btrfs":
-        target = size - int(grow_mib) * MIB
+        # Room to shrink first: grow (uncut), then shrink back with the cut.
+        subprocess.run([*argv, "--to", str(size + 2 * int(grow_mib) * MIB)], check=False)
+        target = size + int(grow_mib) * MIB
     else:
         target = size + int(grow_mib) * MIB
-    subprocess.run(
-        ["/usr/bin/pystate", "resize", "--to", str(target), "--debug-stop", step, *extra],
+    proc = subprocess.run(
+        [*argv, "--to", str(target), "--debug-stop", step],
+        capture_output=True,
+        text=True,
         check=False,
     )
-    out("CRASH-NOT-CUT", step=step)
+    print(proc.stdout + proc.stderr, flush=True)
+    out("CRASH-NOT-CUT", step=step, status=proc.returncode, output=proc.stdout + proc.stderr)
 
 
 def cmd_bench_grow(runs="5", *extra):
@@ -324,7 +336,7 @@ def cmd_bench_grow(runs="5", *extra):
     for _ in range(int(runs)):
         # Write until the policy says grow: that instant is the crossing.
         while decide(resize.measure(vol), params).action is not Action.GROW:
-            write_file(f"{ENC}/bench/{n}", 8)
+            write_file(f"{DATA}/bench/{n}", 8)
             n += 1
         crossed = time.monotonic()
         size0 = os.statvfs(ENC).f_blocks

@@ -365,7 +365,9 @@ def status_view(
 
 
 def status_lines(view: dict[str, object]) -> list[str]:
-    """The view as lines of text for ``pystate status``."""
+    """The view as lines of text for ``pystate status`` (none for an empty view)."""
+    if not view:
+        return []
     lines = []
     d = view.get("decision")
     if isinstance(d, dict):

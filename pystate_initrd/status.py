@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import luks
+from . import luks, resized
 from .resize_policy import human_size
 from .token import TOKEN_TYPE, TokenError, decode_token
 
@@ -133,6 +133,7 @@ def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, An
             }
             status["encrypted"]["luks"] = _header(image)
             status["encrypted"]["inner"] = _space(state_dir / "encrypted")
+            status["resize"] = resized.status_view(state_dir)  # policy, last change, request
     live = _mounted(root)
     status["mounts"] = [
         {**m, "mounted": m.get("target") in live}
@@ -175,6 +176,7 @@ def render(status: dict[str, Any]) -> str:
             f", unlocked by {enc['boot'].get('unlocked_by', '?')}"
         )
         out.append(f"inner: {_size_line(enc.get('inner', {}))}")
+        out.extend(resized.status_lines(status.get("resize") or {}))
         header = enc.get("luks", {})
         if "error" in header:
             out.append(f"LUKS2: {header['error']}")
