@@ -332,7 +332,7 @@ def manual_decision(auto: Decision, size: int, inner_fs: str) -> Decision:
         auto,
         action=action,
         target=target,
-        fs_size=max(0, target - (auto.current - auto.fs_size)),
+        fs_size=max(0, target - (auto.target - auto.fs_size)),  # target - LUKS header
         offline=action is Action.SHRINK and inner_fs != "btrfs",
         reasons=tuple(reasons),
     )

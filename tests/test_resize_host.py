@@ -576,3 +576,33 @@ def test_offline_shrink_repeated_after_a_crash_finishes(tmp_path: Path) -> None:
         assert detail is not None and "-> 300 MiB" in detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB
         assert read_back(loop, tmp_path) == digest
+
+
+@pytest.mark.parametrize(
+    ("size", "action", "target"),
+    [
+        (3 * GIB, Action.GROW, 3 * GIB),
+        (3 * GIB + 12345, Action.GROW, 3 * GIB),  # rounded down to whole MiB
+        (100 * GIB, Action.NONE, 2 * GIB),  # beyond the outer reserve: refused
+        (GIB, Action.SHRINK, GIB),
+        (580 * MIB, Action.NONE, 2 * GIB),  # below used + margin (592 MiB): refused
+        (600 * MIB, Action.SHRINK, 600 * MIB),
+        (2 * GIB, Action.NONE, 2 * GIB),
+    ],
+)
+def test_resize_by_hand_keeps_the_hard_limits(size: int, action: Action, target: int) -> None:
+    header = 16 * MIB
+    space = Space(
+        outer_size=10 * GIB,
+        outer_free=5 * GIB,
+        image_size=2 * GIB,
+        header_size=header,
+        inner_size=2 * GIB - header,
+        inner_used=512 * MIB,
+        inner_free=2 * GIB - header - 512 * MIB,
+    )
+    auto = decide(space, PolicyParams())
+    manual = resized.manual_decision(auto, size, "ext4")
+    assert (manual.action, manual.target) == (action, target), manual.reasons
+    assert manual.fs_size == manual.target - header
+    assert manual.offline is (action is Action.SHRINK)
