@@ -48,6 +48,7 @@ GIB = 1024 * MIB
 ALIGN = MIB  # image sizes are multiples of this
 FS_BLOCK = 4096  # the inner file system's size (image - header) is a multiple of this
 PPM = 1_000_000
+BTRFS_MIN_FS = 256 * MIB  # the smallest size btrfs resizes to
 
 
 class PolicyError(PystateError):
@@ -344,7 +345,12 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
             f"buffer {size(wanted)} capped by the encrypted share {size(encrypted_share)} "
             f"of the pool {size(pool)}"
         )
-    lift = max(_up(floor), _up(p.min_image_size))  # the hard minimums, as aligned sizes
+    # btrfs refuses to be resized below 256 MiB (the kernel's btrfs_ioctl_resize: EINVAL),
+    # so a btrfs image is never made smaller than the header plus that.
+    min_size = p.min_image_size
+    if space.inner_fs == "btrfs":
+        min_size = max(min_size, header + BTRFS_MIN_FS)
+    lift = max(_up(floor), _up(min_size))  # the hard minimums, as aligned sizes
 
     def skipped_by_step(target: int, exempt: str | None) -> bool:
         change = abs(target - image)
@@ -371,8 +377,8 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
         if target > by_buffer:
             reasons.append(
                 f"raised to used + margin {size(_up(floor))}"
-                if _up(floor) >= _up(p.min_image_size)
-                else f"raised to the minimum image size {size(_up(p.min_image_size))}"
+                if _up(floor) >= _up(min_size)
+                else f"raised to the minimum image size {size(_up(min_size))}"
             )
         cap = _down(image + room)
         if target > cap:
@@ -403,15 +409,15 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
         if target >= image:
             reasons.append(
                 f"image already at or below used + margin {size(_up(floor))}: not shrinking"
-                if _up(floor) >= _up(p.min_image_size)
-                else f"image already at the minimum size {size(p.min_image_size)}: not shrinking"
+                if _up(floor) >= _up(min_size)
+                else f"image already at the minimum size {size(min_size)}: not shrinking"
             )
             return result(Action.NONE, image)
         if target > by_buffer:
             reasons.append(
                 f"held at used + margin {size(_up(floor))}"
-                if _up(floor) >= _up(p.min_image_size)
-                else f"held at the minimum image size {size(_up(p.min_image_size))}"
+                if _up(floor) >= _up(min_size)
+                else f"held at the minimum image size {size(_up(min_size))}"
             )
         if skipped_by_step(target, None):
             return result(Action.NONE, image)

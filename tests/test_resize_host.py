@@ -606,3 +606,13 @@ def test_resize_by_hand_keeps_the_hard_limits(size: int, action: Action, target:
     assert (manual.action, manual.target) == (action, target), manual.reasons
     assert manual.fs_size == manual.target - header
     assert manual.offline is (action is Action.SHRINK)
+
+
+@pytest.mark.parametrize(("fs", "target"), [("ext4", 256 * MIB), ("btrfs", 272 * MIB)])
+def test_btrfs_is_never_shrunk_below_256_mib(fs: str, target: int) -> None:
+    # Found in QEMU: BTRFS_IOC_RESIZE refuses sizes under 256 MiB with EINVAL, so a btrfs
+    # image's floor is the header plus 256 MiB (resize_policy.BTRFS_MIN_FS).
+    header = 16 * MIB
+    space = Space(10 * GIB, 5 * GIB, 445 * MIB, header, 429 * MIB, 20 * MIB, 400 * MIB, fs)
+    d = decide(space, PolicyParams(buffer_min=64 * MIB))
+    assert (d.action, d.target) == (Action.SHRINK, target), d.describe()
