@@ -306,9 +306,9 @@ def cmd_crash(boot, step, grow_mib="64", *extra):
     size = os.stat(IMG).st_size
     argv = ["/usr/bin/pystate", "resize", "--log", "/dev/kmsg", *extra]
     if step in resize.SHRINK_STEPS and vol.fstype == "btrfs":
-        # Room to shrink first: grow (uncut), then shrink back with the cut.
-        subprocess.run([*argv, "--to", str(size + 2 * int(grow_mib) * MIB)], check=False)
-        target = size + int(grow_mib) * MIB
+        # Room to shrink first: grow (uncut), then shrink back to the size now, with the cut.
+        subprocess.run([*argv, "--to", str(size + int(grow_mib) * MIB)], check=False)
+        target = size
     else:
         target = size + int(grow_mib) * MIB
     proc = subprocess.run(
