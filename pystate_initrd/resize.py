@@ -308,6 +308,11 @@ class Change:
     seconds: float = 0.0
 
     def describe(self) -> str:
+        if self.action == "request":
+            return (
+                f"shrink {human_size(self.before)} -> {human_size(self.after)} requested "
+                "for the next boot"
+            )
         timing = ", ".join(f"{name} {ms:.0f} ms" for name, ms in self.steps)
         return (
             f"{self.action} {human_size(self.before)} -> {human_size(self.after)} "
