@@ -244,7 +244,10 @@ def provision(
         hook("luks-format")
         with report.step("mkfs") as s:
             loop = unlock.attach(new)
-            stack.callback(unlock.teardown, loop.path, state_dir / MOUNT_DIR)
+            # Undone on failure only; kept (pop_all) once committed. The secrets are
+            # wiped by the outer stack either way.
+            undo = stack.enter_context(contextlib.ExitStack())
+            undo.callback(unlock.teardown, loop.path, state_dir / MOUNT_DIR)
             luks.open(loop.path, key=secret.value, key_slot=luks.TPM2_KEYSLOT)
             try:
                 run(mkfs_argv(unlock.DM_PATH, str(cfg.inner_fs)))
@@ -273,7 +276,7 @@ def provision(
             fsync_dir(state_dir)
             s.detail = f"{new.name} -> {final.name}"
         hook("commit")
-        stack.pop_all()  # committed: keep loop, mapping and mount
+        undo.pop_all()  # committed: keep loop, mapping and mount
         opened = unlock.Opened(
             image=final, loop=loop.path, mountpoint=mountpoint, uuid=uuid, how="provisioned"
         )

@@ -1,0 +1,396 @@
+"""Encrypted state in real boots (issue 4): QEMU TCG, swtpm, a systemd dracut initrd.
+
+Two machines, each one disk and one swtpm state kept across its boots, booted in order
+(the tests of a machine build on each other; a later one skips when an earlier failed):
+
+- machine A: first boot provisions (/etc, /var from the image, /home plain); the second
+  unlocks by TPM and writes a file; a changed PCR 7 asks for the recovery key (answered on
+  the console), re-seals, and the file of boot 2 is there; the next boot with the same PCR
+  unlocks by TPM again; without a TPM three wrong keys stop the boot, image unchanged.
+  Then copies of its disk: a damaged LUKS header, a corrupted inner file system (both stop,
+  image bytes unchanged), and machine B's image swapped in (boots by B's recovery key, and
+  PCR 15 is no longer zero, so A's sealed key is out of reach).
+- machine B: the power is cut (``pystate.debug-stop``, sysrq o) after allocate, after
+  layout and after commit; the next boots end with one complete image, unlocked by TPM.
+
+About 12 boots of 25-45 s; the initrd is built once (~30 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import REPO, needs_root
+
+sys.path.insert(0, str(REPO / "qemu"))
+
+import harness
+
+from pystate_build.bench_unlock import STATE_SIZE, boot_json, build_initrd_in
+from pystate_build.disk import DiskLayout, build_disk
+from pystate_build.roots import TESTROOT_MARKER, build_testroot, parse_report
+from pystate_initrd import luks, recovery, tpm2
+
+pytestmark = [
+    pytest.mark.qemu,
+    needs_root,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
+]
+
+FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
+KEY_FILE = "/state/encrypted/.pystate/recovery-key"
+PCR7 = "/sys/class/tpm/tpm0/pcr-sha256/7"
+PCR15 = "/sys/class/tpm/tpm0/pcr-sha256/15"
+
+
+@dataclass
+class Machine:
+    name: str
+    layout: DiskLayout
+    initrd: Path
+    tpm: Path
+    work: Path
+    recovery_key: str = ""
+    done: set[str] = field(default_factory=set)
+    boots: int = 0
+
+    def boot(
+        self,
+        *words: str,
+        tpm: bool = True,
+        answers: Sequence[str] = (),
+        expect: Sequence[str] = (TESTROOT_MARKER,),
+        disk: Path | None = None,
+    ) -> harness.BootResult:
+        assert self.layout.root is not None
+        self.boots += 1
+        append = f"root=PARTUUID={self.layout.root.uuid} rootfstype=erofs ro quiet {FAIL_FAST}"
+        return harness.boot(
+            disk or self.layout.path,
+            initrd=self.initrd,
+            append=" ".join([append, *words]),
+            tpm=tpm,
+            tpm_state=self.tpm,
+            answers=answers,
+            expect=expect,
+            timeout=240,
+            log=self.work / f"console-{self.boots}.log",
+        )
+
+    def need(self, *steps: str) -> None:
+        missing = [s for s in steps if s not in self.done]
+        if missing:
+            pytest.skip(f"machine {self.name}: {', '.join(missing)} did not pass")
+
+
+@contextlib.contextmanager
+def state_fs(
+    layout: DiskLayout, disk: Path | None = None, *, write: bool = False
+) -> Iterator[Path]:
+    """The disk's state partition mounted on the host (read-only unless write)."""
+    assert layout.state is not None
+    mnt = Path(tempfile.mkdtemp(prefix="pystate-state."))
+    # A writable loop even for reading: after a power cut the outer journal must be replayed
+    # to see the last fsynced changes (a read-only device would refuse the replay). The
+    # journal holds metadata only, never encrypted.img's data blocks.
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", "-o", str(layout.state.start),
+         "--sizelimit", str(layout.state.size), str(disk or layout.path)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        subprocess.run(["mount", "-o", "rw" if write else "ro", loop, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+        mnt.rmdir()
+
+
+def image_digest(layout: DiskLayout, disk: Path | None = None) -> str:
+    with state_fs(layout, disk) as mnt:
+        h = hashlib.sha256()
+        with open(mnt / "encrypted.img", "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+def state_names(layout: DiskLayout) -> list[str]:
+    with state_fs(layout) as mnt:
+        return sorted(p.name for p in mnt.iterdir())
+
+
+def report_of(result: harness.BootResult) -> dict[str, object]:
+    report = boot_json(result.console)
+    assert report is not None, harness.describe(result)
+    return report
+
+
+def steps(result: harness.BootResult) -> dict[str, dict[str, object]]:
+    return {s["name"]: s for s in report_of(result)["steps"]}  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("initrd-work")
+    return build_initrd_in(work, work / "initrd.img")
+
+
+def _machine(name: str, initrd: Path, tmp: Path) -> Machine:
+    root = build_testroot(tmp / "root")
+    (root / "etc/hostname").write_text("from-the-image\n")
+    (root / "var/lib/app").mkdir(parents=True)
+    (root / "var/lib/app/state").write_text("seeded from the image\n")
+    (tmp / "state/home/alice").mkdir(parents=True)
+    layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
+    return Machine(name, layout, initrd, tmp / "tpm", tmp)
+
+
+@pytest.fixture(scope="module")
+def machine_a(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
+    return _machine("A", initrd, tmp_path_factory.mktemp("machine-a"))
+
+
+@pytest.fixture(scope="module")
+def machine_b(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
+    return _machine("B", initrd, tmp_path_factory.mktemp("machine-b"))
+
+
+# --- machine A ----------------------------------------------------------------------------
+
+
+def test_first_boot_provisions_and_seeds(machine_a: Machine) -> None:
+    m = machine_a
+    result = m.boot("testroot.list=/etc,/var,/home,/state/encrypted/.pystate")
+    assert result.ok, harness.describe(result)
+    mounts, listed, files = parse_report(result.console)
+    by_target = {row[1]: row for row in mounts}
+    for target in ("/etc", "/var", "/state/encrypted"):
+        assert by_target[target][0] == "/dev/mapper/pystate-encrypted", by_target
+    assert by_target["/home"][0] == "/dev/vda2"
+    assert files["/etc/hostname"] == "from-the-image"
+    assert files["/var/lib/app/state"] == "seeded from the image"
+    assert listed[KEY_FILE][:2] == ("400", "0:0")
+    assert listed["/state/encrypted/.pystate"][0] == "700"
+    m.recovery_key = files[KEY_FILE]
+    assert len(m.recovery_key) == 71
+    s = steps(result)
+    for name in ("seal", "allocate", "luks-format", "mkfs", "layout", "commit", "measure-pcr15"):
+        assert s[name]["ok"], s
+    assert state_names(m.layout) == ["encrypted", "encrypted.img", "home", "lost+found"]
+    m.done.add("provision")
+
+
+def test_second_boot_unlocks_by_tpm_and_writes(machine_a: Machine) -> None:
+    m = machine_a
+    m.need("provision")
+    result = m.boot("testroot.write=/var/lib/app/boot2:written-in-boot-2")
+    assert result.ok, harness.describe(result)
+    assert "PYSTATE-WROTE /var/lib/app/boot2" in result.console
+    s = steps(result)
+    assert "recovery" not in s and "recovery key" not in result.console
+    for name in ("unseal", "luks-open", "inner-fsck", "mount-encrypted", "measure-pcr15"):
+        assert s[name]["ok"], s
+    assert str(s["unseal"]["detail"]).startswith("token 0 (sha256:7,15)")
+    m.done.add("unlock")
+
+
+def test_changed_pcr_asks_for_the_recovery_key_then_reseals(machine_a: Machine) -> None:
+    m = machine_a
+    m.need("unlock")
+    result = m.boot(
+        "pystate.debug-extend-pcr=7",
+        "testroot.list=/var/lib/app",
+        answers=[f"(try 1 of 3):={m.recovery_key}"],
+    )
+    assert result.ok, harness.describe(result)
+    s = steps(result)
+    assert "PCR policy check failed" in str(s["unseal"]["detail"])
+    assert s["recovery"]["ok"] and s["reseal"]["ok"], s
+    _, _, files = parse_report(result.console)
+    assert files["/var/lib/app/boot2"] == "written-in-boot-2"  # boot 2's file, in boot 3
+    # PCR 7 stays changed (as after a firmware update): the TPM unlocks again, no prompt.
+    again = m.boot("pystate.debug-extend-pcr=7")
+    assert again.ok, harness.describe(again)
+    s = steps(again)
+    assert "recovery" not in s and s["luks-open"]["ok"], s
+    m.done.add("recovery")
+
+
+def test_no_tpm_three_wrong_keys_stop_and_change_nothing(machine_a: Machine) -> None:
+    m = machine_a
+    m.need("provision")
+    before = image_digest(m.layout)
+    wrong = "cbcbcbcb-" * 7 + "cbcbcbcb"
+    result = m.boot(
+        tpm=False,
+        answers=[f"(try {i} of 3):={wrong}" for i in (1, 2, 3)],
+        expect=(),
+    )
+    assert TESTROOT_MARKER not in result.console  # stopped in the initrd (and powered off)
+    assert "no valid recovery key was given" in result.console, harness.describe(result)
+    assert result.console.count("that recovery key does not open") >= 3
+    assert "no TPM2" in result.console
+    assert image_digest(m.layout) == before
+
+
+def _copy(m: Machine, name: str) -> Path:
+    copy = m.work / name
+    subprocess.run(["cp", "--sparse=always", str(m.layout.path), str(copy)], check=True)
+    return copy
+
+
+def _poke_image(m: Machine, disk: Path, offset: int, data: bytes) -> None:
+    with state_fs(m.layout, disk, write=True) as mnt, open(mnt / "encrypted.img", "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_damaged_luks_header_stops_clearly_and_writes_nothing(machine_a: Machine) -> None:
+    m = machine_a
+    m.need("provision")
+    disk = _copy(m, "damaged-header.img")
+    _poke_image(m, disk, 4096 + 64, b"\x00garbage\x00")  # the primary header's JSON area
+    before = image_digest(m.layout, disk)
+    result = m.boot(disk=disk, expect=())
+    assert TESTROOT_MARKER not in result.console  # stopped in the initrd (and powered off)
+    assert "copy of the LUKS2 header" in result.console and "damaged" in result.console
+    assert image_digest(m.layout, disk) == before
+    disk.unlink()
+
+
+def test_corrupted_inner_fs_stops_clearly_and_writes_nothing(machine_a: Machine) -> None:
+    m = machine_a
+    m.need("provision")
+    disk = _copy(m, "corrupt-inner.img")
+    with state_fs(m.layout, disk) as mnt:
+        offset = luks.read_header(mnt / "encrypted.img").data_offset
+    _poke_image(m, disk, offset, bytes(4096))  # the inner superblock's sector: garbage
+    before = image_digest(m.layout, disk)
+    result = m.boot("pystate.debug-extend-pcr=7", disk=disk, expect=())  # A's PCR 7, as sealed
+    assert TESTROOT_MARKER not in result.console  # stopped in the initrd (and powered off)
+    assert "holds no ext4 or btrfs file system" in result.console, harness.describe(result)
+    assert image_digest(m.layout, disk) == before
+    disk.unlink()
+
+
+# --- machine B: power cuts during provisioning ----------------------------------------------
+
+
+@pytest.mark.parametrize("step", ["allocate", "layout"])
+def test_power_cut_before_commit_leaves_no_image(machine_b: Machine, step: str) -> None:
+    m = machine_b
+    result = m.boot(f"pystate.debug-stop={step}", expect=())
+    assert f"debug-stop after {step}" in result.console, harness.describe(result)
+    assert TESTROOT_MARKER not in result.console
+    names = state_names(m.layout)
+    assert "encrypted.img" not in names and "encrypted.img.new" in names
+    m.done.add(f"cut-{step}")
+
+
+def test_power_cut_after_commit_leaves_a_complete_image(machine_b: Machine) -> None:
+    m = machine_b
+    m.need("cut-allocate", "cut-layout")
+    result = m.boot("pystate.debug-stop=commit", expect=())
+    assert "debug-stop after commit" in result.console, harness.describe(result)
+    names = state_names(m.layout)
+    assert "encrypted.img" in names and "encrypted.img.new" not in names
+    # The next boot finds one complete image and unlocks it by TPM.
+    result = m.boot("testroot.list=/state/encrypted/.pystate,/etc")
+    assert result.ok, harness.describe(result)
+    s = steps(result)
+    assert "seal" not in s and s["luks-open"]["ok"] and "recovery" not in s, s
+    _, _, files = parse_report(result.console)
+    assert files["/etc/hostname"] == "from-the-image"
+    m.recovery_key = files[KEY_FILE]
+    m.done.add("complete")
+
+
+# --- swapped image --------------------------------------------------------------------------
+
+
+def test_swapped_image_boots_by_its_key_but_cannot_reach_the_real_seal(
+    machine_a: Machine, machine_b: Machine
+) -> None:
+    a, b = machine_a, machine_b
+    a.need("provision")
+    b.need("complete")
+    disk = _copy(a, "swapped.img")
+    with state_fs(a.layout) as mnt:
+        real_token = json.loads(luks.token_export(mnt / "encrypted.img", 0))
+    assert 15 in real_token["tpm2-pcrs"] and real_token["pystate-pcr15"] is True
+    with state_fs(b.layout) as b_mnt, state_fs(a.layout, disk, write=True) as mnt:
+        (mnt / "encrypted.img").unlink()
+        subprocess.run(
+            ["cp", "--sparse=always", str(b_mnt / "encrypted.img"), str(mnt / "encrypted.img")],
+            check=True,
+        )
+        # The attacker copies the real token into their image (pointing at their keyslot 0:
+        # cryptsetup refuses a token for a keyslot that does not exist), so pystate unseals
+        # the real secret, which then fails to open the attacker's keyslot.
+        attack = {**real_token, "keyslots": ["0"]}
+        luks.token_import(mnt / "encrypted.img", json.dumps(attack), 0, replace=True)
+    result = a.boot(
+        "pystate.debug-extend-pcr=7",  # A's PCR 7 as it was sealed to (see the recovery test)
+        f"testroot.list={PCR15},{PCR7}",
+        disk=disk,
+        answers=[f"(try 1 of 3):={b.recovery_key}"],
+    )
+    assert result.ok, harness.describe(result)
+    s = steps(result)
+    assert s["unseal"]["ok"] and "does not open keyslot" in str(s["luks-open"]["detail"]), s
+    assert s["recovery"]["ok"] and s["measure-pcr15"]["ok"], s
+    # Inside that boot PCR 15 holds the swapped volume's measurement, not zero: the real
+    # token's policy (PCR 15 = 0) can no longer be satisfied until the next power cycle.
+    _, _, files = parse_report(result.console)
+    pcr7, pcr15 = bytes.fromhex(files[PCR7]), bytes.fromhex(files[PCR15])
+    assert pcr15 != bytes(32)
+    sealed_policy = bytes.fromhex(real_token["tpm2-policy-hash"])
+    assert tpm2.policy_pcr_digest("sha256", {7: pcr7, 15: pcr15}) != sealed_policy
+    # ...and PCR 15 is the only obstacle: with it at zero the policy would be met.
+    assert tpm2.policy_pcr_digest("sha256", {7: pcr7, 15: bytes(32)}) == sealed_policy
+    # PCR 15 is exactly zero extended by HMAC(volume key, "pystate:<uuid>") of B's image
+    # (the volume key from B's header with B's recovery key: luksDump needs no dm).
+    with state_fs(a.layout, disk) as mnt:
+        image = mnt / "encrypted.img"
+        vk = luks.volume_key(image, key=recovery.recovery_passphrase(b.recovery_key), key_slot=1)
+        measurement = tpm2.measure_volume(vk, luks.uuid(image))
+    assert pcr15 == hashlib.sha256(bytes(32) + measurement).digest()
+    disk.unlink()
+
+
+# --- the real OS ------------------------------------------------------------------------------
+
+
+def test_debian_first_boot_has_etc_and_var_from_the_image(
+    initrd: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from pystate_build.roots import DEBIAN_MARKER, build_debian_root
+
+    tmp = tmp_path_factory.mktemp("debian")
+    root = build_debian_root(tmp / "root", lists=["/state/encrypted/.pystate"])
+    (tmp / "state/home/alice").mkdir(parents=True)
+    layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
+    m = Machine("debian", layout, initrd, tmp / "tpm", tmp)
+    result = m.boot(expect=(DEBIAN_MARKER,))
+    assert result.ok, harness.describe(result)
+    assert "PYSTATE-DEBIAN-TARGET multi-user.target active" in result.console
+    mounts, listed, _ = parse_report(result.console)
+    by_target = {row[1]: row for row in mounts}
+    assert by_target["/etc"][0] == by_target["/var"][0] == "/dev/mapper/pystate-encrypted"
+    assert by_target["/home"][0] == "/dev/vda2"
+    assert listed[KEY_FILE][:2] == ("400", "0:0")
+    assert str(steps(result)["layout"]["detail"]).endswith("seeded /etc, /var")
