@@ -201,7 +201,7 @@ def _cmd(args: argparse.Namespace) -> int:
         # whole pool never shrinks (docs/resize.md, known limits).
         first = m.boot(f"bench-grow,{args.grows};fill,32,0;delete-and-shrink,--buffer-min,64M")
         grow = rt_result(first.console, "BENCH-GROW")  # type: ignore[attr-defined]
-        if grow is None:
+        if grow is None or not grow["latencies"]:
             print(harness.describe(first), file=sys.stderr)  # type: ignore[arg-type]
             return 1
         latencies += [float(x) for x in grow["latencies"]]  # type: ignore[attr-defined]

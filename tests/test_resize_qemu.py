@@ -214,6 +214,7 @@ def test_btrfs_grows_then_shrinks_online(machine_b: Machine) -> None:
     assert after["image"] < before["image"] - 128 * MIB, shrink["output"]
     assert after["outer_free"] > before["outer_free"] + 128 * MIB  # the space came back
     assert shrink["keep"] == fill["keep"]
+    assert shrink["scrub_status"] == 0  # btrfs scrub: every checksum verified
     assert_no_kernel_errors(fill)
     assert_no_kernel_errors(shrink)
     m.done.add("shrink")
