@@ -39,14 +39,16 @@ STATE_SIZE = 1024 * 1024 * 1024  # room for the 256 MiB minimum image above the 
 FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
 
 
-def build_initrd_in(work: Path, out: Path, *, with_pystate: bool = True) -> Path:
+def build_initrd_in(
+    work: Path, out: Path, *, with_pystate: bool = True, systemd: bool = True
+) -> Path:
     """build.py initrd, with its work and freeze directories under work (not OUT)."""
     from . import initrd
 
     saved = initrd.OUT
     initrd.OUT = work  # build_initrd/build_payload keep their work files under OUT
     try:
-        return initrd.build_initrd(out, with_pystate=with_pystate)
+        return initrd.build_initrd(out, with_pystate=with_pystate, systemd=systemd)
     finally:
         initrd.OUT = saved
 

@@ -394,3 +394,20 @@ def test_debian_first_boot_has_etc_and_var_from_the_image(
     assert by_target["/home"][0] == "/dev/vda2"
     assert listed[KEY_FILE][:2] == ("400", "0:0")
     assert str(steps(result)["layout"]["detail"]).endswith("seeded /etc, /var")
+
+
+def test_shell_initrd_provisions_then_unlocks(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """dracut without systemd: the pre-pivot hook runs the same program."""
+    work = tmp_path_factory.mktemp("initrd-shell")
+    shell = build_initrd_in(work, work / "shell.img", systemd=False)
+    m = _machine("shell", shell, tmp_path_factory.mktemp("machine-shell"))
+    first = m.boot("testroot.list=/etc/hostname")
+    assert first.ok, harness.describe(first)
+    assert steps(first)["commit"]["ok"]
+    second = m.boot("testroot.list=/etc/hostname")
+    assert second.ok, harness.describe(second)
+    s = steps(second)
+    assert s["luks-open"]["ok"] and "recovery" not in s, s
+    mounts, _, files = parse_report(second.console)
+    assert {row[1]: row[0] for row in mounts}["/etc"] == "/dev/mapper/pystate-encrypted"
+    assert files["/etc/hostname"] == "from-the-image"
