@@ -335,8 +335,9 @@ def cmd_crash(boot, step, grow_mib="64", *extra):
 def cmd_bench_grow(runs="5", *extra):
     """Crossing the grow watermark -> the larger size usable, several times; then throughput.
 
-    The writer writes 1 MiB at a time and looks at the free space after each MiB; the
-    crossing is the first look that finds it below half the policy's buffer. It then stops
+    The writer writes 1 MiB at a time and asks the policy after each MiB; the crossing is
+    the first look at which it decides "grow" (free below half the buffer, and the change
+    not under the 5 % step: until then the service rightly waits). It then stops
     writing and polls (10 ms) until the inner file system reports more blocks. A crossing the
     service handled within the MiB that crossed (the size grew before the look) is counted
     as missed, not measured. The service runs with its default intervals (0.5-30 s).
@@ -344,13 +345,13 @@ def cmd_bench_grow(runs="5", *extra):
     from pathlib import Path
 
     from pystate_initrd import resize, resized
-    from pystate_initrd.resize_policy import decide
+    from pystate_initrd.resize_policy import Action, decide
 
     _, params = resized.load_params(None, {})
     vol = resize.find_volume(Path(STATE))
     svc = subprocess.Popen(["/usr/bin/pystate", "resized", *extra])
     time.sleep(2)
-    latencies, throughputs, missed, n = [], [], 0, 0
+    latencies, throughputs, grows, missed, n = [], [], [], 0, 0
     block = bytes(MIB)
     os.makedirs(f"{DATA}/bench", exist_ok=True)
     fd = os.open(f"{DATA}/bench/data", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -358,19 +359,16 @@ def cmd_bench_grow(runs="5", *extra):
     try:
         while len(latencies) < int(runs):
             blocks = os.statvfs(ENC).f_blocks
-            buffer = decide(resize.measure(vol), params).buffer
             try:
                 os.write(fd, block)
             except OSError as exc:
                 error = exc.errno
                 break
             n += 1
-            st = os.statvfs(ENC)
-            free = min(st.f_bavail, st.f_bfree) * st.f_frsize
-            if st.f_blocks != blocks:
+            if os.statvfs(ENC).f_blocks != blocks:
                 missed += 1
                 continue
-            if free >= buffer // 2:
+            if decide(resize.measure(vol), params).action is not Action.GROW:
                 continue
             crossed = time.monotonic()
             while os.statvfs(ENC).f_blocks == blocks and time.monotonic() - crossed < 60:
@@ -381,6 +379,7 @@ def cmd_bench_grow(runs="5", *extra):
                 change = json.load(f).get("last_change") or {}
             if change.get("action") == "grow" and change.get("seconds"):
                 throughputs.append((change["after"] - change["before"]) / change["seconds"])
+                grows.append(change)
     finally:
         os.close(fd)
     stop_service(svc)
@@ -388,6 +387,7 @@ def cmd_bench_grow(runs="5", *extra):
         "BENCH-GROW",
         latencies=latencies,
         throughputs=throughputs,
+        grows=grows,
         missed=missed,
         written_mib=n,
         error=error,
