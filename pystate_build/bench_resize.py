@@ -195,6 +195,7 @@ def _cmd(args: argparse.Namespace) -> int:
     latencies: list[float] = []
     throughputs: list[float] = []
     offline: list[float] = []
+    step_ms: dict[str, list[float]] = {}
     for run in range(args.runs):
         m = make_machine(work / f"m{run}", initrd, root)
         # The shrink request needs a small buffer: with 50:50 weights an image that took the
@@ -206,6 +207,9 @@ def _cmd(args: argparse.Namespace) -> int:
             return 1
         latencies += [float(x) for x in grow["latencies"]]  # type: ignore[attr-defined]
         throughputs += [float(x) for x in grow["throughputs"]]  # type: ignore[attr-defined]
+        for change in grow.get("grows", []):  # type: ignore[attr-defined]
+            for name, ms in change["steps"].items():
+                step_ms.setdefault(name, []).append(float(ms))
         image_before = int(first_result(first, "SHRINK")["after"]["image"])  # type: ignore[index]
         second = m.boot("offline-shrink")
         shrink = rt_result(second.console, "OFFLINE")  # type: ignore[attr-defined]
@@ -230,8 +234,14 @@ def _cmd(args: argparse.Namespace) -> int:
         f"over {len(latencies)} grows"
     )
     print(
-        f"grow throughput: median {_median(throughputs) / GIB:.2f} GiB/s of image "
-        f"over {len(throughputs)} grows"
+        f"grow throughput: median {_median(throughputs) / GIB:.3f} GiB/s "
+        f"({_median(throughputs) / 2**20:.1f} MiB/s) of image over {len(throughputs)} grows"
+    )
+    print(
+        "grow steps, median ms: "
+        + ", ".join(f"{name} {_median(values):.0f}" for name, values in step_ms.items())
+        + " (crypt-resize: the dm table swap suspends the mapping, which freezes the inner"
+        " file system and so flushes the writer's dirty pages first)"
     )
     print(
         f"offline ext4 shrink at boot: median {_median(offline):.1f} s per GiB removed "
