@@ -149,7 +149,16 @@ def apply_pending_shrink(
     stop_at = dict(parse_cmdline(cmdline)).get(DEBUG_WORD)
     hook = power_cut_hook(stop_at, log.error)
     with report.step("offline-shrink") as s:
-        s.detail = _apply(cfg, state_dir, loop, device, crypt_name, data, report, hook)
+        try:
+            s.detail = _apply(cfg, state_dir, loop, device, crypt_name, data, report, hook)
+        except OfflineShrinkError:
+            raise
+        except (PystateError, OSError) as exc:
+            # Every step leaves the image consistent (the order of steps), and the request
+            # stays for the next boot: a failed shrink is no reason to stop this boot.
+            reason = getattr(exc, "strerror", None) or str(exc)
+            s.detail = f"shrink not finished, the boot goes on: {reason}"
+            log.error(s.detail)
         return s.detail
 
 

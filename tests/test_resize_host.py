@@ -616,3 +616,18 @@ def test_btrfs_is_never_shrunk_below_256_mib(fs: str, target: int) -> None:
     space = Space(10 * GIB, 5 * GIB, 445 * MIB, header, 429 * MIB, 20 * MIB, 400 * MIB, fs)
     d = decide(space, PolicyParams(buffer_min=64 * MIB))
     assert (d.action, d.target) == (Action.SHRINK, target), d.describe()
+
+
+@needs_root
+def test_offline_shrink_failure_does_not_stop_the_boot(tmp_path: Path) -> None:
+    # With a LUKS mapping named but none there (the host has no device-mapper) the shrink
+    # cannot proceed: it says so, changes nothing, keeps the request, and does not raise.
+    with unmounted_ext4(tmp_path, 512 * MIB, 8) as (state, loop, digest):
+        shrink_request(state, 300 * MIB, 512 * MIB)
+        detail = offline_shrink.apply_pending_shrink(
+            Config(), state, loop, quiet_report(), device=loop, cmdline=""
+        )
+        assert detail is not None and "the boot goes on" in detail, detail
+        assert os.stat(state / "encrypted.img").st_size == 512 * MIB
+        assert isinstance(resize.pending_request(state), resize.ShrinkRequest)
+        assert read_back(loop, tmp_path) == digest
