@@ -63,7 +63,8 @@ def build_guest_root(dest: Path, work: Path) -> Path:
             raise FileNotFoundError(f"{tool} not found on the build machine")
         install_path(found, dest)
         binaries.append(Path(found))
-    for lib in library_closure(binaries):
+    # glibc's pthread_cancel dlopen()s libgcc_s (btrfs scrub's threads abort without it).
+    for lib in library_closure(binaries, dlopen=["libgcc_s.so.1"]):
         install_path(lib, dest)
     (dest / "rt").mkdir(exist_ok=True)
     shutil.copy2(Path(__file__).with_name("guest_resize.py"), dest / "rt/rt.py")
