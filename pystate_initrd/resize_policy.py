@@ -286,6 +286,14 @@ def _inconsistencies(space: Space) -> list[str]:
     return problems
 
 
+def minimum_image_size(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> int:
+    """The smallest image the policy makes: the configured minimum, and for btrfs the header
+    plus 256 MiB, since btrfs refuses to be resized below that (btrfs_ioctl_resize: EINVAL)."""
+    if space.inner_fs == "btrfs":
+        return max(params.min_image_size, space.header_size + BTRFS_MIN_FS)
+    return params.min_image_size
+
+
 def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
     """The resize decision for these sizes (SPEC §7). Deterministic; never raises."""
     p = params
@@ -345,11 +353,7 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
             f"buffer {size(wanted)} capped by the encrypted share {size(encrypted_share)} "
             f"of the pool {size(pool)}"
         )
-    # btrfs refuses to be resized below 256 MiB (the kernel's btrfs_ioctl_resize: EINVAL),
-    # so a btrfs image is never made smaller than the header plus that.
-    min_size = p.min_image_size
-    if space.inner_fs == "btrfs":
-        min_size = max(min_size, header + BTRFS_MIN_FS)
+    min_size = minimum_image_size(space, p)
     lift = max(_up(floor), _up(min_size))  # the hard minimums, as aligned sizes
 
     def skipped_by_step(target: int, exempt: str | None) -> bool:

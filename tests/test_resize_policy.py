@@ -23,6 +23,7 @@ from pystate_initrd.resize_policy import (
     Space,
     decide,
     human_size,
+    minimum_image_size,
     params_from_config,
     space_from_statvfs,
 )
@@ -508,7 +509,7 @@ def test_buffer_within_the_encrypted_share(space: Space, params: PolicyParams) -
 
 def _lifted(space: Space, p: PolicyParams, d: Decision) -> bool:
     """The target is no more than a hard minimum (used + margin, minimum size), aligned up."""
-    return d.target <= max(d.floor, p.min_image_size) + MIB - 1
+    return d.target <= max(d.floor, minimum_image_size(space, p)) + MIB - 1
 
 
 @settings(max_examples=200)
