@@ -568,6 +568,8 @@ def test_offline_shrink_repeated_after_a_crash_finishes(tmp_path: Path) -> None:
     # A cut after resize2fs (before the truncate): the request is still there, the image
     # still large; the next boot's run resizes to the same size (nothing to do) and ends it.
     with unmounted_ext4(tmp_path, 512 * MIB, 16) as (state, loop, digest):
+        # resize2fs wants a check newer than the last mount (as apply_pending_shrink does).
+        subprocess.run(["e2fsck", "-f", "-p", loop], check=True, capture_output=True)
         subprocess.run(["resize2fs", loop, f"{300 * 1024}K"], check=True, capture_output=True)
         shrink_request(state, 300 * MIB, 512 * MIB)
         detail = offline_shrink.apply_pending_shrink(
