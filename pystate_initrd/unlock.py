@@ -388,6 +388,11 @@ def unlock(
         with report.step("inner-fsck") as s:
             fstype, verdict = check_inner(read_only)
             s.detail = f"{fstype}: {verdict}"
+        if fstype == "ext4" and not read_only:
+            # A shrink the resize service asked for (docs/resize.md), before the mount.
+            from . import offline_shrink
+
+            offline_shrink.apply_pending_shrink(cfg, image.parent, loop.path, report)
         with report.step("mount-encrypted") as s:
             mount_inner(mountpoint, fstype, read_only=read_only)
             s.detail = f"{DM_PATH} on {mountpoint}"
