@@ -5,6 +5,11 @@ module, a Debian root image, a GPT disk with a state partition), then boots the
 same machine twice in QEMU with one software TPM — the first boot provisions,
 the second unlocks — and prints, for each boot, what pystate mounted where and
 how long each of its steps took (from /run/pystate/boot.json in the guest).
+
+The Debian root carries pystate as an image build installs it (booted.install_pystate:
+the payload and an enabled ``pystate-resized.service``). On the last boot a oneshot unit
+fills /var, inside encrypted.img, until the service has grown the image: the demo ends
+with that grow, its sizes before and after and the service's log lines.
 """
 
 from __future__ import annotations
@@ -68,12 +73,39 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def describe_grow(console: str) -> str:
+    from .booted import parse_grow
+
+    grow = parse_grow(console)
+    lines = ["── the resize service, last boot: /var filled inside encrypted.img ──"]
+    if grow is None:
+        lines.append("  (no PYSTATE-DEMO-GROW line: the fill unit did not run)")
+        return "\n".join(lines)
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.0f} MiB"
+
+    lines += [
+        f"  pystate-resized.service: {grow.service}",
+        f"  written to /var:   {grow.written_mib} MiB (16 MiB files, fsync'd)"
+        + ("   ENOSPC reached" if grow.enospc else ", no ENOSPC"),
+        f"  encrypted.img:     {mib(grow.image_before)} → {mib(grow.image_after)}",
+        f"  /var file system:  {mib(grow.fs_before)} → {mib(grow.fs_after)}"
+        f"   (free {mib(grow.free_before)} → {mib(grow.free_after)})",
+        f"  from the first write to the larger file system: {grow.ms / 1000:.1f} s",
+        "  the service's log:",
+        *(f"    {line}" for line in grow.log),
+    ]
+    return "\n".join(lines)
+
+
 def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
     sys.path.insert(0, str(REPO / "qemu"))
     import harness
 
+    from .booted import FILL_WORD, install_fill_demo, install_pystate, parse_grow
     from .disk import build_disk
-    from .initrd import build_initrd
+    from .initrd import build_initrd, build_payload
     from .kernel import ensure_kernel
     from .roots import build_debian_root
 
@@ -87,6 +119,8 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
     initrd = build_initrd(work / "initrd.img", systemd=True, kernel=kernel)
     print(f"demo: initrd {initrd.stat().st_size / 2**20:.1f} MiB; Debian root …", flush=True)
     root = build_debian_root(work / "root", lists=["/home/demo"])
+    install_pystate(root, build_payload(work / "payload"))
+    install_fill_demo(root)
     state = work / "state"
     (state / "home/demo").mkdir(parents=True, exist_ok=True)
     (state / "home/demo/hello.txt").write_text("This file lives on the state partition.\n")
@@ -98,11 +132,12 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
     tpm_state.mkdir(exist_ok=True)
     append = f"root=PARTUUID={layout.root.uuid} rootfstype=erofs ro"
     for n in range(1, boots + 1):
+        last = n == boots
         result = harness.boot(
             layout.path,
             kernel=kernel.vmlinuz,
             initrd=initrd,
-            append=append,
+            append=f"{append} {FILL_WORD}" if last else append,
             tpm_state=tpm_state,
             expect=["PYSTATE-DEBIAN-OK"],
             timeout=600,
@@ -114,6 +149,14 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
                 f"boot {n} failed: {result.reason}",
                 hint=f"the whole console is in {work / f'console-{n}.log'}",
             )
+        if last:
+            print(describe_grow(result.console))
+            grow = parse_grow(result.console)
+            if grow is None or not grow.grew:
+                raise DemoError(
+                    "the resize service did not grow encrypted.img",
+                    hint=f"see pystate-resized in {work / f'console-{n}.log'}",
+                )
     print(f"\ndemo: done in {time.monotonic() - started:.0f} s; consoles in {work}/console-*.log")
     return 0
 

@@ -4,10 +4,10 @@ testroot: Debian's static busybox and a shell PID 1 that prints /proc/mounts, li
 paths it was asked to (``--list`` at build time, ``testroot.list=`` on the kernel
 command line), prints ``PYSTATE-TESTROOT-OK`` and powers off. Seconds to build and to boot.
 
-debian-root: a real Debian (mmdebstrap minbase + systemd, udev, python3-minimal) that boots
-read-only to its default target, where ``pystate-report.service`` prints findmnt and
-``PYSTATE-DEBIAN-OK`` to the console and powers off. The bootstrap is cached as a tarball in
-``cache/``; the apt sources are this machine's configured Debian mirror.
+debian-root: a real Debian (mmdebstrap minbase + systemd, udev, python3-minimal,
+cryptsetup-bin) that boots read-only to its default target, where ``pystate-report.service``
+prints findmnt and ``PYSTATE-DEBIAN-OK`` to the console and powers off. The bootstrap is
+cached as a tarball in ``cache/``; the apt sources are this machine's configured Debian mirror.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ BUSYBOX = Path("/bin/busybox")
 ROOT_DIRS = ("proc", "sys", "dev", "run", "tmp", "etc", "home", "var", "state", "srv", "opt", "usr")
 
 DEBIAN_SUITE = "bookworm"
-DEBIAN_PACKAGES = ("systemd", "udev", "python3-minimal")
+# cryptsetup-bin: `cryptsetup resize` for the booted resize service (booted.py)
+DEBIAN_PACKAGES = ("systemd", "udev", "python3-minimal", "cryptsetup-bin")
 
 
 class RootError(PystateError):

@@ -45,6 +45,32 @@ def _state_mountpoint(paths: BootPaths) -> Path:
     return fallback
 
 
+def publish_config(paths: BootPaths, log: Log) -> None:
+    """Copy the initrd's configuration to /run/pystate/pystate.conf for the booted system.
+
+    The trusted configuration is the one in the initrd (SPEC §9); the booted system's resize
+    service reads this copy (/run survives switch-root) rather than an /etc that may come
+    from the state partition. No file in the initrd: a copy saying so, so that the booted
+    system too uses the built-in defaults. Failing to write is logged, never fatal.
+    """
+    try:
+        text = paths.config.read_bytes()
+    except FileNotFoundError:
+        text = f"# no {paths.config} in the initrd: built-in defaults\n".encode()
+    except OSError as exc:
+        log.warning(f"cannot read {paths.config}: {exc.strerror}")
+        return
+    target = paths.run_dir / "pystate.conf"
+    try:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(".pystate.conf.tmp")
+        tmp.write_bytes(text)
+        tmp.chmod(0o644)
+        tmp.replace(target)
+    except OSError as exc:
+        log.warning(f"cannot publish the configuration as {target}: {exc.strerror}")
+
+
 def run_boot(paths: BootPaths) -> int:
     from . import config as config_mod
     from . import discover, fsck, fsprobe, linux, mounts, plan
@@ -59,6 +85,7 @@ def run_boot(paths: BootPaths) -> int:
             for warning in cfg.warnings:
                 log.warning(warning)
             s.detail = "disabled by pystate=0" if not cfg.enabled else ""
+            publish_config(paths, log)
         if not cfg.enabled:
             report.outcome = "disabled"
             return 0

@@ -99,7 +99,11 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
 def _resize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", help="the state directory (default /state, else /run/pystate/state)")
-    p.add_argument("--config", default="/etc/pystate/pystate.conf", help="pystate.conf")
+    p.add_argument(
+        "--config",
+        help="pystate.conf (default: /run/pystate/pystate.conf, the one the initrd used; "
+        "else /etc/pystate/pystate.conf)",
+    )
     p.add_argument("--log", default="/dev/kmsg", help="log device or file (default /dev/kmsg)")
     for hidden in ("--buffer-min", "--margin-min"):  # tests on small disks
         p.add_argument(hidden, help=argparse.SUPPRESS)

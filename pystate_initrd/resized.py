@@ -42,6 +42,10 @@ from .resize_policy import (
 
 STATE_DIRS = (Path("/state"), Path("/run/pystate/state"))  # SPEC §2: and the /run fallback
 STATUS_FILE = Path("/run/pystate/resize.json")
+# The trusted configuration is the initrd's (SPEC §9): boot.py publishes it here. The booted
+# system's /etc (from the state, perhaps) is read only where no initrd of ours published one.
+PUBLISHED_CONFIG = Path("/run/pystate/pystate.conf")
+BOOTED_CONFIG = Path("/etc/pystate/pystate.conf")
 MIN_INTERVAL = 0.5
 MAX_INTERVAL = 30.0
 
@@ -201,7 +205,7 @@ class Service:
 
     def run(self, stop: threading.Event, *, lo: float, hi: float) -> None:
         self.recover()
-        interval, prev_free, last_reason = lo, None, ""
+        interval, prev_free, first = lo, None, True
         while not stop.is_set():
             try:
                 space = resize.measure(self.vol)
@@ -210,9 +214,11 @@ class Service:
                 stop.wait(hi)
                 continue
             decision = decide(space, self.params)
-            if decision.action is Action.NONE and decision.reasons[-1] != last_reason:
-                self.log.info(f"decided: {decision.describe()}")
-            last_reason = decision.reasons[-1] if decision.reasons else ""
+            if decision.action is Action.NONE:
+                # Once at start; then only with --debug: under a writer the numbers change at
+                # every poll, and a line per poll would flood the journal.
+                (self.log.info if first else self.log.debug)(f"decided: {decision.describe()}")
+            first = False
             _, change = self.step(decision)
             if change is not None and change.action != "request":
                 interval, prev_free = lo, None  # look again soon: the writer may go on
@@ -226,8 +232,15 @@ class Service:
             stop.wait(interval)
 
 
+def default_config() -> Path:
+    """The configuration the initrd published, else the booted system's."""
+    return PUBLISHED_CONFIG if PUBLISHED_CONFIG.exists() else BOOTED_CONFIG
+
+
 def load_params(config: Path | None, overrides: dict[str, int]) -> tuple[Config, PolicyParams]:
-    """The trusted configuration and the policy's parameters, with test overrides."""
+    """The trusted configuration (``config``, default: default_config()) and the policy's
+    parameters, with test overrides."""
+    config = config or default_config()
     try:
         cmdline = Path("/proc/cmdline").read_text(errors="replace")
     except OSError:
@@ -356,7 +369,7 @@ def status_view(
     try:
         state = state_dir or find_state_dir()
         vol = resize.find_volume(state)
-        _, params = load_params(Path("/etc/pystate/pystate.conf"), {})
+        _, params = load_params(None, {})
         view["decision"] = decision_json(decide(resize.measure(vol), params))
         view["pending_shrink"] = request_json(resize.pending_request(state))
     except (PystateError, OSError) as exc:

@@ -176,6 +176,15 @@ def test_allowlist_from_trusted_config(machine: Machine) -> None:
     rc, report, log = machine.boot(f"pystate.state={machine.device}", config=config)
     assert rc == 0, log
     assert set(machine.mounts()) == {"/state", "/home", "/etc"}
+    # published for the booted system's resize service, byte for byte (SPEC §9)
+    assert (machine.tmp / "run/pystate.conf").read_text() == config
+
+
+def test_without_a_config_file_the_published_copy_says_defaults(machine: Machine) -> None:
+    rc, _, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 0, log
+    published = (machine.tmp / "run/pystate.conf").read_text()
+    assert published.startswith("# no ") and "built-in defaults" in published
 
 
 def test_unmountable_state_fs_gives_one_clear_line(machine: Machine) -> None:

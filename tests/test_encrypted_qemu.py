@@ -396,6 +396,36 @@ def test_debian_first_boot_has_etc_and_var_from_the_image(
     assert str(steps(result)["layout"]["detail"]).endswith("seeded /etc, /var")
 
 
+def test_debian_resize_service_grows_the_image_under_systemd(
+    initrd: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The payload and pystate-resized.service installed as README says, run by systemd with
+    the unit's sandbox, on a root whose python3 is python3-minimal: /var filled inside the
+    image on the first boot, the service grows it before the writer sees ENOSPC."""
+    from pystate_build.booted import FILL_WORD, install_fill_demo, install_pystate, parse_grow
+    from pystate_build.initrd import build_payload
+    from pystate_build.roots import DEBIAN_MARKER, build_debian_root
+
+    tmp = tmp_path_factory.mktemp("debian-resized")
+    root = build_debian_root(tmp / "root")
+    install_pystate(root, build_payload(tmp / "payload"))
+    install_fill_demo(root)
+    (tmp / "state").mkdir()
+    layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
+    m = Machine("debian-resized", layout, initrd, tmp / "tpm", tmp)
+    result = m.boot(FILL_WORD, expect=(DEBIAN_MARKER,))
+    assert result.ok, harness.describe(result)
+    grow = parse_grow(result.console)
+    assert grow is not None, harness.describe(result)
+    assert grow.service == "active" and not grow.enospc, grow
+    assert grow.image_after > grow.image_before and grow.fs_after > grow.fs_before, grow
+    grows = [line for line in grow.log if " in " in line and line.startswith("pystate: grow ")]
+    assert grows, grow.log  # "pystate: grow 342 MiB -> 449 MiB in 1.62 s (allocate …)"
+    assert "I/O error" not in result.console
+    # the service read the configuration the initrd published (here: built-in defaults)
+    assert "weights 50:50" in grow.log[0], grow.log
+
+
 def test_shell_initrd_provisions_then_unlocks(tmp_path_factory: pytest.TempPathFactory) -> None:
     """dracut without systemd: the pre-pivot hook runs the same program."""
     work = tmp_path_factory.mktemp("initrd-shell")

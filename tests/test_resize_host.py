@@ -633,3 +633,19 @@ def test_offline_shrink_failure_does_not_stop_the_boot(tmp_path: Path) -> None:
         assert os.stat(state / "encrypted.img").st_size == 512 * MIB
         assert isinstance(resize.pending_request(state), resize.ShrinkRequest)
         assert read_back(loop, tmp_path) == digest
+
+
+def test_the_service_reads_the_configuration_the_initrd_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §9: the initrd's copy in /run/pystate wins over the booted system's /etc."""
+    published, booted = tmp_path / "run.conf", tmp_path / "etc.conf"
+    monkeypatch.setattr(resized, "PUBLISHED_CONFIG", published)
+    monkeypatch.setattr(resized, "BOOTED_CONFIG", booted)
+    booted.write_text("[resize]\nweights = 1:3\n")
+    assert resized.load_params(None, {})[1].weights == (1, 3)  # no initrd of ours: /etc
+    published.write_text("[resize]\nweights = 2:1\n")
+    assert resized.load_params(None, {})[1].weights == (2, 1)
+    published.write_text("# no /etc/pystate/pystate.conf in the initrd: built-in defaults\n")
+    assert resized.load_params(None, {})[1].weights == PolicyParams().weights
+    assert resized.load_params(booted, {})[1].weights == (1, 3)  # --config names a file

@@ -1,0 +1,164 @@
+"""pystate in the booted OS: what an image build installs for ``pystate-resized.service``.
+
+``install_pystate(root)`` does to an OS tree what README's adoption steps 1 and 6 ask of a
+distribution: the payload in ``/usr/lib/pystate`` (the zipapp, its frozen stdlib and
+extension modules: the same bytes the initrd runs), ``/usr/bin/pystate`` a symlink to it,
+and the resize unit installed and enabled. The frozen program finds its stdlib beside the
+real file, so a root whose python3 is python3-minimal (no json, no cffi) runs it.
+
+``install_fill_demo(root)`` adds the demo's last act: a oneshot unit that, on a boot whose
+command line carries ``pystate-demo.fill``, writes into /var (inside encrypted.img) until
+the resize service has grown the image, then prints the service's log lines
+(``PYSTATE-DEMO-LOG``) and one ``PYSTATE-DEMO-GROW`` line: sizes before and after, what was
+written, how long it took.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import REPO
+
+UNIT = "pystate-resized.service"
+FILL_UNIT = "pystate-demo-fill.service"
+FILL_WORD = "pystate-demo.fill"
+GROW_PREFIX = "PYSTATE-DEMO-GROW "
+LOG_PREFIX = "PYSTATE-DEMO-LOG "
+
+
+def install_pystate(root: Path, payload: Path) -> None:
+    """Install the payload (built by ``build.py payload``) and the enabled resize unit."""
+    dest = root / "usr/lib/pystate"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(payload, dest, symlinks=False)
+    link = root / "usr/bin/pystate"
+    link.unlink(missing_ok=True)
+    link.symlink_to("../lib/pystate/pystate")
+    units = root / "usr/lib/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "dracut-module" / UNIT, units / UNIT)
+    _enable(root, UNIT, f"/usr/lib/systemd/system/{UNIT}")
+
+
+def _enable(root: Path, unit: str, path: str) -> None:
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / unit).unlink(missing_ok=True)
+    (wants / unit).symlink_to(path)
+
+
+FILL_SERVICE = f"""\
+[Unit]
+Description=pystate demo: fill /var until pystate-resized.service grows encrypted.img
+ConditionKernelCommandLine={FILL_WORD}
+After={UNIT}
+Wants={UNIT}
+Before=pystate-report.service
+
+[Service]
+Type=oneshot
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+ExecStart=/usr/local/sbin/pystate-demo-fill
+TimeoutStartSec=600
+"""
+
+# POSIX sh with coreutils only: the demo root's python3 is the minimal one (no json).
+FILL_SCRIPT = r"""#!/bin/sh
+# Writes 16 MiB files (fsync'd) into /var/lib/pystate-demo until encrypted.img has grown
+# and the file system in it is larger, then prints one line for build.py demo.
+img=/state/encrypted.img
+[ -e "$img" ] || img=/run/pystate/state/encrypted.img
+dir=/var/lib/pystate-demo
+mkdir -p "$dir"
+image_before=$(stat -c %s "$img")
+fs_before=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
+free_before=$(df -B1 --output=avail /var | tail -n 1 | tr -d ' ')
+start=$(date +%s%N)
+written=0
+enospc=0
+i=0
+# Enough to cross the grow watermark of any image the demo disk can hold; stops at the grow.
+while [ "$i" -lt 256 ]; do
+	if ! dd if=/dev/urandom of="$dir/fill-$i" bs=1M count=16 conv=fsync status=none; then
+		enospc=1
+		break
+	fi
+	written=$((written + 16))
+	i=$((i + 1))
+	fs_now=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
+	[ "$fs_now" -gt "$fs_before" ] && break
+done
+# The service may still be inside its step (the file system is grown last): wait for it.
+n=0
+while [ "$n" -lt 120 ]; do
+	fs_now=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
+	[ "$fs_now" -gt "$fs_before" ] && break
+	sleep 1
+	n=$((n + 1))
+done
+end=$(date +%s%N)
+image_after=$(stat -c %s "$img")
+fs_after=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
+free_after=$(df -B1 --output=avail /var | tail -n 1 | tr -d ' ')
+active=$(systemctl is-active pystate-resized.service)
+# The service's own lines (it logs to /dev/kmsg, as in the initrd), from its start on,
+# one console line each: a long line would be broken by kernel messages.
+dmesg | sed -n '/pystate: resize service for/,$p' | grep 'pystate: ' \
+	| sed 's/^\[[ 0-9.]*\] */PYSTATE-DEMO-LOG /'
+echo "PYSTATE-DEMO-GROW {\"image_before\": $image_before, \"image_after\": $image_after," \
+	"\"fs_before\": $fs_before, \"fs_after\": $fs_after, \"free_before\": $free_before," \
+	"\"free_after\": $free_after, \"written_mib\": $written, \"enospc\": $enospc," \
+	"\"ms\": $(( (end - start) / 1000000 )), \"service\": \"$active\"}"
+"""
+
+
+def install_fill_demo(root: Path) -> None:
+    """The demo's fill unit (runs only on a boot with ``pystate-demo.fill``)."""
+    units = root / "etc/systemd/system"
+    (units / FILL_UNIT).write_text(FILL_SERVICE)
+    _enable(root, FILL_UNIT, f"/etc/systemd/system/{FILL_UNIT}")
+    script = root / "usr/local/sbin/pystate-demo-fill"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(FILL_SCRIPT)
+    script.chmod(0o755)
+
+
+@dataclass(frozen=True)
+class Grow:
+    """What the fill unit saw: encrypted.img and the file system inside, before and after."""
+
+    image_before: int
+    image_after: int
+    fs_before: int
+    fs_after: int
+    free_before: int
+    free_after: int
+    written_mib: int
+    enospc: bool
+    ms: int
+    service: str
+    log: tuple[str, ...]
+
+    @property
+    def grew(self) -> bool:
+        return self.image_after > self.image_before and self.fs_after > self.fs_before
+
+
+def parse_grow(console: str) -> Grow | None:
+    """The ``PYSTATE-DEMO-GROW`` line of a console with the log lines before it, if any."""
+    log: list[str] = []
+    for raw in console.splitlines():
+        line = re.sub(r"^\[\s*\d+\.\d+\]\s*", "", raw)
+        if line.startswith(LOG_PREFIX):
+            log.append(line[len(LOG_PREFIX) :])
+        elif line.startswith(GROW_PREFIX):
+            d = json.loads(line[len(GROW_PREFIX) :])
+            return Grow(**{**d, "enospc": bool(d["enospc"])}, log=tuple(log))
+    return None
