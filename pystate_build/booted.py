@@ -16,7 +16,6 @@ written, how long it took.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,11 +153,11 @@ class Grow:
 def parse_grow(console: str) -> Grow | None:
     """The ``PYSTATE-DEMO-GROW`` line of a console with the log lines before it, if any."""
     log: list[str] = []
-    for raw in console.splitlines():
-        line = re.sub(r"^\[\s*\d+\.\d+\]\s*", "", raw)
-        if line.startswith(LOG_PREFIX):
-            log.append(line[len(LOG_PREFIX) :])
-        elif line.startswith(GROW_PREFIX):
-            d = json.loads(line[len(GROW_PREFIX) :])
+    for line in console.splitlines():
+        # Anywhere in the line: the console is shared (a getty's "login: " may come first).
+        if (at := line.find(LOG_PREFIX)) >= 0:
+            log.append(line[at + len(LOG_PREFIX) :])
+        elif (at := line.find(GROW_PREFIX)) >= 0:
+            d = json.loads(line[at + len(GROW_PREFIX) :])
             return Grow(**{**d, "enospc": bool(d["enospc"])}, log=tuple(log))
     return None

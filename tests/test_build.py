@@ -7,6 +7,7 @@ once per session (module fixture); reproducibility builds the zipapp twice more.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -205,6 +206,29 @@ def test_chroot_cffi_backend(tree: TreeReport) -> None:
     code = "import _cffi_backend; print(_cffi_backend.__file__)"
     proc = _chroot(tree.dest, "/usr/bin/python3.11", "-IS", "-c", code)
     assert proc.stdout.startswith("/usr/lib/python3.11/lib-dynload/_cffi_backend"), proc.stderr
+
+
+@needs_root
+def test_chroot_payload_in_a_debian_root_with_python3_minimal(tmp_path: Path) -> None:
+    """README adoption step 6, as booted.install_pystate does it: /usr/lib/pystate holds the
+    payload, /usr/bin/pystate links to it; Debian's python3-minimal has no json, no _json,
+    no _cffi_backend, and the program finds its frozen stdlib beside its real file."""
+    from pystate_build.booted import install_pystate
+    from pystate_build.initrd import build_payload
+    from pystate_build.roots import build_debian_root
+
+    root = build_debian_root(tmp_path / "root")
+    install_pystate(root, build_payload(tmp_path / "payload"))
+    code = "import json, _json, _cffi_backend"
+    bare = _chroot(root, "/usr/bin/python3.11", "-IS", "-c", code)
+    assert "ModuleNotFoundError" in bare.stderr  # what the payload has to make up for
+    (root / "st/home").mkdir(parents=True)
+    (root / "sr/home").mkdir(parents=True)
+    proc = _chroot(root, "/usr/bin/pystate", "plan", "--state", "/st", "--sysroot", "/sr", "--json")
+    assert proc.returncode == 0, proc.stderr
+    mounts = json.loads(proc.stdout)["mounts"]
+    assert [(m["source"], m["target"]) for m in mounts] == [("/st/home", "/home")]
+    # (_cffi_backend: the QEMU test of the service, whose loop ioctls go through it)
 
 
 # --- library closure ----------------------------------------------------------------------
