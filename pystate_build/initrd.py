@@ -30,7 +30,10 @@ MODULE_NAME = "90pystate"
 # The fewest dracut modules that boot a GPT root partition; dependencies are added by dracut.
 SYSTEMD_MODULES = ("systemd-initrd", "dracut-systemd", "rootfs-block", "udev-rules", "fs-lib")
 SHELL_MODULES = ("rootfs-block", "udev-rules", "fs-lib", "kernel-modules")
-DRIVERS = ("virtio_blk", "virtio_pci", "virtio_console", "erofs", "ext4", "btrfs", "xfs", "loop")
+DRIVERS = (
+    "virtio_blk", "virtio_pci", "virtio_console", "erofs", "squashfs", "ext4", "btrfs", "xfs",
+    "loop",
+)  # fmt: skip
 
 
 class InitrdError(PystateError):
@@ -74,8 +77,12 @@ def build_initrd(
     conf: Path | None = None,
     kernel: Kernel | None = None,
     extra_modules: tuple[str, ...] = (),
+    compress: bool = True,
 ) -> Path:
-    """Build a dracut initrd for the harness kernel; returns out."""
+    """Build a dracut initrd for the harness kernel; returns out.
+
+    ``compress=False`` leaves it uncompressed: larger, but the kernel unpacks it faster
+    under TCG (the plain harness initrd of initrd_plain.py)."""
     kernel = kernel or ensure_kernel()
     work = OUT / "initrd-work"
     work.mkdir(parents=True, exist_ok=True)
@@ -88,7 +95,8 @@ def build_initrd(
             env["PYSTATE_CONF"] = str(conf.resolve())
     argv = [
         "dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline",
-        "--no-early-microcode", "--reproducible", "--compress", "zstd",
+        "--no-early-microcode", "--reproducible",
+        *(["--compress", "zstd"] if compress else ["--no-compress"]),
         "--conf", "/dev/null", "--confdir", str(work / "no-conf.d"),
         "--kver", kernel.version, "--kmoddir", str(kernel.moduledir),
         "--modules", " ".join(modules), "--drivers", " ".join(DRIVERS),

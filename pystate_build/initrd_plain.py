@@ -2,24 +2,18 @@
 
 The QEMU harness's own tests boot with it, so that a failure there points at the harness, the
 kernel or the disk image, never at pystate. dracut's shell init (no systemd) with the fewest
-modules that mount ``root=PARTUUID=…`` read-only; cached in ``out/`` per kernel version.
+modules that mount ``root=PARTUUID=…`` read-only (``initrd.build_initrd`` without the pystate
+module, uncompressed); cached in ``out/`` per kernel version.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
-from pystate_initrd.run import run
-
 from . import OUT
+from .initrd import build_initrd
 from .kernel import Kernel, ensure_kernel
-
-MODULES = ("base", "rootfs-block", "udev-rules", "kernel-modules", "fs-lib")
-OMIT = ("systemd", "systemd-initrd", "dracut-systemd")
-DRIVERS = ("virtio_blk", "virtio_pci", "erofs", "squashfs", "ext4", "btrfs", "xfs")
 
 
 def plain_initrd_path(kernel: Kernel) -> Path:
@@ -34,21 +28,10 @@ def build_plain_initrd(
     out = out or plain_initrd_path(kernel)
     if out.is_file() and not force:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dracut-plain-", dir=out.parent) as tmp:
-        confdir = Path(tmp) / "conf.d"
-        confdir.mkdir()
-        image = Path(tmp) / "initrd.img"
-        argv = [
-            "dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline",
-            "--no-early-microcode", "--reproducible", "--no-compress",
-            "--conf", "/dev/null", "--confdir", str(confdir), "--tmpdir", tmp,
-            "--kver", kernel.version, "--kmoddir", str(kernel.moduledir),
-            "--modules", " ".join(MODULES), "--omit", " ".join(OMIT),
-            "--drivers", " ".join(DRIVERS), str(image),
-        ]  # fmt: skip
-        run(argv, env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
-        image.rename(out)
+    # Built beside and renamed into place: an interrupted build never leaves a cached half.
+    tmp = out.with_name(f".{out.name}.tmp")
+    build_initrd(tmp, systemd=False, with_pystate=False, compress=False, kernel=kernel)
+    tmp.rename(out)
     return out
 
 
