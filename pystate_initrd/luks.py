@@ -17,16 +17,13 @@ import builtins
 import hashlib
 import json
 import os
-import selectors
-import shlex
 import struct
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import PystateError
-from .run import _BASE_ENV, CommandError, run
+from .run import CommandError, run
 from .secret import wipe as _wipe
 
 CRYPTSETUP = "cryptsetup"
@@ -307,12 +304,16 @@ def _cryptsetup(image: str, action: str, args: Sequence[str], *, data: bytes | N
     return result.stdout.decode(errors="replace")
 
 
-def _key_pipe(key: Key, what: str) -> int:
-    """The read end of a pipe already holding key (write end closed)."""
+def _check_key(key: Key, what: str) -> None:
     if not key:
         raise LuksError(f"the {what} is empty, refusing")
     if len(key) > MAX_KEY_BYTES:
         raise LuksError(f"the {what} has {len(key)} bytes, more than {MAX_KEY_BYTES}, refusing")
+
+
+def _key_pipe(key: Key, what: str) -> int:
+    """The read end of a pipe already holding key (write end closed)."""
+    _check_key(key, what)
     r, w = os.pipe()
     try:
         written = os.write(w, key)  # <= 4096 bytes (PIPE_BUF) into an empty pipe: atomic
@@ -335,79 +336,33 @@ def _with_keys(
     extra_what: str = "new key",
     slot: int | None = None,
     output_max: int = 65536,
-) -> tuple[bytearray, int]:
-    """Run cryptsetup with key on stdin and extra on /dev/fd/N; (stdout buffer, length).
+) -> bytearray:
+    """Run cryptsetup with key on stdin and extra on /dev/fd/N; its standard output.
 
-    ``argv_for(fd)`` builds the argument list given the extra pipe's fd (or
-    None). The output goes into a preallocated bytearray (never an immutable
-    bytes object, never resized, so never copied by realloc), which the caller
-    wipes when it holds a secret (a volume key dump).
-    The local equivalent of run.run for commands that take keys through pipes.
+    ``argv_for(fd)`` builds the argument list given the extra pipe's fd (or None).
+    run.run's secret mode: the output arrives in a bytearray (never an immutable bytes
+    object), which the caller wipes when it holds a secret (a volume key dump).
     """
-    fds = [_key_pipe(key, "key")]
+    _check_key(key, "key")
+    extra_fd = _key_pipe(extra, extra_what) if extra is not None else None
     try:
-        if extra is not None:
-            fds.append(_key_pipe(extra, extra_what))
-        argv = [CRYPTSETUP, *argv_for(fds[1] if extra is not None else None)]
-        return _spawn(
-            image, action, argv, stdin=fds[0], pass_fds=fds[1:], slot=slot, output_max=output_max
+        result = run(
+            [CRYPTSETUP, *argv_for(extra_fd)],
+            input=key,
+            check=False,
+            pass_fds=() if extra_fd is None else (extra_fd,),
+            secret_output=True,
+            secret_max=output_max,
         )
+    except CommandError as e:
+        raise LuksError(f"cryptsetup {action} on {image}: {e}") from None
     finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _spawn(
-    image: str,
-    action: str,
-    argv: list[str],
-    *,
-    stdin: int,
-    pass_fds: Sequence[int],
-    slot: int | None,
-    output_max: int,
-) -> tuple[bytearray, int]:
-    if os.environ.get("PYSTATE_DEBUG"):
-        print(f"pystate: + {shlex.join(argv)}", flush=True)
-    out, size, err = bytearray(output_max), 0, bytearray()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=tuple(pass_fds),
-            env=dict(_BASE_ENV),
-            bufsize=0,
-        )
-    except FileNotFoundError:
-        raise LuksError(f"{argv[0]} not found.") from None
-    assert proc.stdout is not None and proc.stderr is not None
-    with proc, selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        selector.register(proc.stderr, selectors.EVENT_READ)
-        while selector.get_map():
-            for ready, _ in selector.select():
-                fd = ready.fd
-                if ready.fileobj is proc.stdout:
-                    if size == len(out):
-                        proc.kill()
-                        _wipe(out)
-                        raise LuksError(f"cryptsetup {action} on {image}: too much output")
-                    with memoryview(out) as view, view[size:] as rest:
-                        got = os.readv(fd, [rest])
-                    size += got
-                else:
-                    chunk = os.read(fd, 65536)
-                    got = len(chunk)
-                    err += chunk
-                if not got:
-                    selector.unregister(ready.fileobj)
-        status = proc.wait()
-    if status != 0:
-        _wipe(out)
-        raise _error(image, action, status, err.decode(errors="replace"), slot)
-    return out, size
+        if extra_fd is not None:
+            os.close(extra_fd)
+    if result.returncode != 0:
+        _wipe(result.secret)
+        raise _error(image, action, result.returncode, result.stderr.decode(errors="replace"), slot)
+    return result.secret
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -668,7 +623,7 @@ def volume_key(image: str | os.PathLike[str], *, key: Key, key_slot: int) -> byt
     a bytearray and is wiped after decoding: the key is never on disk.
     """
     path = os.fspath(image)
-    out, size = _with_keys(
+    out = _with_keys(
         path,
         "luksDump --dump-volume-key",
         lambda _fd: volume_key_argv(path, key_slot=key_slot),
@@ -677,7 +632,7 @@ def volume_key(image: str | os.PathLike[str], *, key: Key, key_slot: int) -> byt
         output_max=8192,
     )
     try:
-        return parse_volume_key_dump(out, path, length=size)
+        return parse_volume_key_dump(out, path)
     finally:
         _wipe(out)
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import PystateError
+from .secret import wipe as _wipe
 
 # DM_DISABLE_UDEV: libdevmapper (cryptsetup) makes /dev/mapper nodes itself instead of
 # waiting for udev's confirmation, which never comes in an initrd without the dm rules.
@@ -174,8 +175,3 @@ def _run_secret(
         _wipe(secret)
         raise _failure(argv, status, bytes(err))
     return result
-
-
-def _wipe(buf: bytearray) -> None:
-    buf[:] = bytes(len(buf))
-    del buf[:]

@@ -310,9 +310,12 @@ def _tool(
     step: str,
     what: str,
     input: bytes | bytearray | None = None,
+    secret_output: bool = False,
 ) -> _run.Completed:
     try:
-        return _run.run(argv, input=input, env={"TPM2TOOLS_TCTI": tcti})
+        return _run.run(
+            argv, input=input, env={"TPM2TOOLS_TCTI": tcti}, secret_output=secret_output
+        )
     except _run.CommandError as e:
         if e.returncode is None:  # binary missing
             raise NoTpm(f"cannot use the TPM2 on {tcti}: {e}") from None
@@ -495,8 +498,9 @@ def unseal(key: SealedKey, *, tcti: str | None) -> bytearray:
             tcti,
             step="unseal",
             what=what,
+            secret_output=True,  # straight into a bytearray: no immutable copy of the key
         )
-        return bytearray(out.stdout)
+        return out.secret
     finally:
         _flush(tcti)
         _remove(work)
