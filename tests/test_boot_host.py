@@ -196,3 +196,31 @@ def test_unmountable_state_fs_gives_one_clear_line(machine: Machine) -> None:
     assert report["error"].startswith(f"mounting the state partition {machine.device} (ext4)")
     assert "Traceback" not in log
     assert machine.mounts() == {}
+
+
+def test_overlay_mode_shows_the_image_and_writes_to_the_state(machine: Machine) -> None:
+    """`mode = overlay`: the image's own /etc is the lower layer, the state entry the upper."""
+    (machine.sysroot / "etc/os-release").write_text("from the image\n")
+    config = (
+        "[state]\nplain-allowlist = /home /etc\n"
+        "[layout /etc]\narea = plain\nmode = overlay\n"
+        "[layout /home]\narea = plain\n"
+    )
+    rc, report, log = machine.boot(f"pystate.state={machine.device}", config=config)
+    assert rc == 0, log
+    etc = machine.sysroot / "etc"
+    assert (etc / "os-release").read_text() == "from the image\n"  # lower layer visible
+    (etc / "hostname").write_text("written at run time\n")
+    (etc / "os-release").write_text("changed\n")  # copied up, the lower file untouched
+    mounts = {
+        line.split()[4]: line.split(" - ")[1].split()[0]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(str(machine.sysroot))
+    }
+    assert mounts[str(etc)] == "overlay"
+    upper = machine.sysroot / "state/etc"
+    assert (upper / "hostname").read_text() == "written at run time\n"
+    assert (upper / "os-release").read_text() == "changed\n"
+    # the overlay's work directory is kept under the area's reserved .pystate, not in the entry
+    assert (machine.sysroot / "state/.pystate/overlay-work/etc").is_dir()
+    assert [m["mode"] for m in report["mounts"] if m["target"] == "/etc"] == ["overlay"]
