@@ -8,9 +8,9 @@ real file, so a root whose python3 is python3-minimal (no json, no cffi) runs it
 
 ``install_fill_demo(root)`` adds the demo's last act: a oneshot unit that, on a boot whose
 command line carries ``pystate-demo.fill``, writes into /var (inside encrypted.img) until
-the resize service has grown the image, then prints the service's log lines
-(``PYSTATE-DEMO-LOG``) and one ``PYSTATE-DEMO-GROW`` line: sizes before and after, what was
-written, how long it took.
+the resize service has grown the image, then prints ``pystate status``
+(``PYSTATE-DEMO-STATUS``), the service's log lines (``PYSTATE-DEMO-LOG``) and one
+``PYSTATE-DEMO-GROW`` line: sizes before and after, what was written, how long it took.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ FILL_UNIT = "pystate-demo-fill.service"
 FILL_WORD = "pystate-demo.fill"
 GROW_PREFIX = "PYSTATE-DEMO-GROW "
 LOG_PREFIX = "PYSTATE-DEMO-LOG "
+STATUS_PREFIX = "PYSTATE-DEMO-STATUS "
 
 
 def install_pystate(root: Path, payload: Path) -> None:
@@ -107,6 +108,8 @@ image_after=$(stat -c %s "$img")
 fs_after=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
 free_after=$(df -B1 --output=avail /var | tail -n 1 | tr -d ' ')
 active=$(systemctl is-active pystate-resized.service)
+# What `pystate status` says now, in the booted system: mounts, image, TPM, the policy.
+pystate status 2>&1 | sed 's/^/PYSTATE-DEMO-STATUS /'
 # The service's own lines (it logs to /dev/kmsg, as in the initrd), from its start on,
 # one console line each: a long line would be broken by kernel messages.
 dmesg | sed -n '/pystate: resize service for/,$p' | grep 'pystate: ' \
@@ -144,6 +147,7 @@ class Grow:
     ms: int
     service: str
     log: tuple[str, ...]
+    status: tuple[str, ...] = ()
 
     @property
     def grew(self) -> bool:
@@ -151,13 +155,20 @@ class Grow:
 
 
 def parse_grow(console: str) -> Grow | None:
-    """The ``PYSTATE-DEMO-GROW`` line of a console with the log lines before it, if any."""
-    log: list[str] = []
+    """The ``PYSTATE-DEMO-GROW`` line of a console with the status and log lines before it."""
+    lines: dict[str, list[str]] = {LOG_PREFIX: [], STATUS_PREFIX: []}
     for line in console.splitlines():
         # Anywhere in the line: the console is shared (a getty's "login: " may come first).
-        if (at := line.find(LOG_PREFIX)) >= 0:
-            log.append(line[at + len(LOG_PREFIX) :])
-        elif (at := line.find(GROW_PREFIX)) >= 0:
-            d = json.loads(line[at + len(GROW_PREFIX) :])
-            return Grow(**{**d, "enospc": bool(d["enospc"])}, log=tuple(log))
+        for prefix, found in lines.items():
+            if (at := line.find(prefix)) >= 0:
+                found.append(line[at + len(prefix) :])
+                break
+        else:
+            if (at := line.find(GROW_PREFIX)) >= 0:
+                d = json.loads(line[at + len(GROW_PREFIX) :])
+                return Grow(
+                    **{**d, "enospc": bool(d["enospc"])},
+                    log=tuple(lines[LOG_PREFIX]),
+                    status=tuple(lines[STATUS_PREFIX]),
+                )
     return None

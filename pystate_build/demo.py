@@ -95,6 +95,8 @@ def describe_grow(console: str) -> str:
         f"  from the first write to the larger file system: {grow.ms / 1000:.1f} s",
         "  the service's log:",
         *(f"    {line}" for line in grow.log),
+        "  `pystate status` afterwards, in the booted system:",
+        *(f"    {line}" for line in grow.status),
     ]
     return "\n".join(lines)
 

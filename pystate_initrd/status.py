@@ -171,9 +171,11 @@ def render(status: dict[str, Any]) -> str:
     enc = status.get("encrypted") or {}
     if "image" in enc:
         img = enc["image"]
+        how = enc["boot"].get("unlocked_by", "?")
+        opened = "created at this boot" if how == "provisioned" else f"unlocked by {how}"
         out.append(
             f"encrypted.img: {human_size(img['size'])} ({human_size(img['allocated'])} allocated)"
-            f", unlocked by {enc['boot'].get('unlocked_by', '?')}"
+            f", {opened}"
         )
         out.append(f"inner: {_size_line(enc.get('inner', {}))}")
         out.extend(resized.status_lines(status.get("resize") or {}))

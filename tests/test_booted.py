@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pystate_build.booted import GROW_PREFIX, LOG_PREFIX, Grow, parse_grow
+from pystate_build.booted import GROW_PREFIX, LOG_PREFIX, STATUS_PREFIX, Grow, parse_grow
 
 sizes = st.integers(min_value=0, max_value=2**50)
 log_line = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=200)
@@ -29,6 +29,7 @@ prefix = st.sampled_from(["", "pystate-debian login: ", "[   45.105211] ", "\x1b
         ms=st.integers(0, 10**7),
         service=st.sampled_from(["active", "failed"]),
         log=st.lists(log_line, max_size=6).map(tuple),
+        status=st.lists(log_line, max_size=6).map(tuple),
     ),  # fmt: skip
     st.lists(log_line.filter(lambda s: "PYSTATE-DEMO" not in s), max_size=5),
     prefix,
@@ -36,10 +37,11 @@ prefix = st.sampled_from(["", "pystate-debian login: ", "[   45.105211] ", "\x1b
 def test_parse_grow_reads_back_what_the_fill_script_prints(
     grow: Grow, noise: list[str], before: str
 ) -> None:
-    fields = {k: v for k, v in vars(grow).items() if k != "log"}
+    fields = {k: v for k, v in vars(grow).items() if k not in ("log", "status")}
     fields["enospc"] = int(grow.enospc)  # the shell prints 0 or 1
     console = "\n".join(
-        [*noise, *(f"{before}{LOG_PREFIX}{line}" for line in grow.log),
+        [*noise, *(f"{before}{STATUS_PREFIX}{line}" for line in grow.status),
+         *(f"{before}{LOG_PREFIX}{line}" for line in grow.log),
          f"{before}{GROW_PREFIX}{json.dumps(fields)}", *noise]
     )  # fmt: skip
     assert parse_grow(console) == grow

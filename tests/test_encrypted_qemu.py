@@ -424,6 +424,13 @@ def test_debian_resize_service_grows_the_image_under_systemd(
     assert "I/O error" not in result.console
     # the service read the configuration the initrd published (here: built-in defaults)
     assert "weights 50:50" in grow.log[0], grow.log
+    # `pystate status` in the booted system: the boot, the image, the TPM, the policy's view
+    status = "\n".join(grow.status)
+    assert status.startswith("boot: ok in "), status
+    assert "created at this boot" in status  # a first boot: provisioned, not unlocked
+    assert "TPM2: keyslot 0, PCRs sha256:7+15 (15 = zero, measured)" in status
+    assert "resize: last change grow " in status, status
+    assert "mount: encrypted var" in status and "NOT MOUNTED" not in status, status
 
 
 def test_shell_initrd_provisions_then_unlocks(tmp_path_factory: pytest.TempPathFactory) -> None:

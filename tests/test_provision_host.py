@@ -503,6 +503,9 @@ def test_status_reads_boot_json_and_live_facts(
     text = status.render(info)
     assert "TPM2: keyslot 0, PCRs sha256:7+15 (15 = zero, measured)" in text
     assert "(NOT MOUNTED)" in text and "unseal 700.0" in text
+    assert ", unlocked by tpm2" in text
+    info["encrypted"]["boot"]["unlocked_by"] = "provisioned"
+    assert ", created at this boot" in status.render(info)
 
 
 def test_status_without_boot_json(tmp_path: Path) -> None:
