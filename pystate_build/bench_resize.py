@@ -169,7 +169,8 @@ def first_result(result: object, tag: str) -> dict[str, object]:
 def offline_seconds(console: str, shrink: dict[str, object] | None) -> float | None:
     """The offline shrink's duration: the initrd's boot.json step when the initrd did it
     (its call site in the unlock path), else the guest's own run of the same code."""
-    from .bench_unlock import boot_json, step_times
+    from .bench_unlock import step_times
+    from .roots import boot_json
 
     report = boot_json(console)
     if report is not None and "offline-shrink" in step_times(report):

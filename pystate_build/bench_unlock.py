@@ -15,7 +15,6 @@ from other builds running in the same checkout.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -53,20 +52,6 @@ def build_initrd_in(
         initrd.OUT = saved
 
 
-def boot_json(console: str) -> dict[str, object] | None:
-    """The boot.json the test root printed on its PYSTATE-BOOT-JSON line, or None."""
-    from .roots import BOOT_JSON_PREFIX
-
-    for line in console.splitlines():
-        if line.startswith(BOOT_JSON_PREFIX):
-            try:
-                data = json.loads(line[len(BOOT_JSON_PREFIX) :])
-            except ValueError:
-                return None
-            return data if isinstance(data, dict) else None
-    return None
-
-
 def step_times(report: dict[str, object]) -> dict[str, float]:
     steps = report.get("steps", [])
     assert isinstance(steps, list)
@@ -91,7 +76,7 @@ def _cmd(args: argparse.Namespace) -> int:
     import harness
 
     from .disk import build_disk
-    from .roots import build_testroot
+    from .roots import boot_json, build_testroot
 
     work = OUT / "bench-unlock"
     work.mkdir(parents=True, exist_ok=True)

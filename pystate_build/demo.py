@@ -15,8 +15,6 @@ with that grow, its sizes before and after and the service's log lines.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import shutil
 import sys
 import time
@@ -25,29 +23,18 @@ from pathlib import Path
 from pystate_initrd.errors import PystateError
 
 from . import OUT, REPO
-
-BOOT_JSON_PREFIX = "PYSTATE-BOOT-JSON "
+from .booted import Grow
 
 
 class DemoError(PystateError):
     """A demo boot did not reach its end."""
 
 
-def boot_report(console: str) -> dict[str, object] | None:
-    """The boot.json the guest printed on one console line, if any."""
-    for raw in console.splitlines():
-        line = re.sub(r"^\[\s*\d+\.\d+\]\s*", "", raw)
-        if line.startswith(BOOT_JSON_PREFIX):
-            report: dict[str, object] = json.loads(line[len(BOOT_JSON_PREFIX) :])
-            return report
-    return None
-
-
 def describe_boot(n: int, console: str, seconds: float) -> str:
-    from .roots import parse_report
+    from .roots import boot_json, parse_report
 
     mounts, _, _ = parse_report(console)
-    report = boot_report(console)
+    report = boot_json(console)
     lines = [f"── boot {n}: {seconds:.0f} s in QEMU (TCG) ──"]
     if report is None:
         lines.append("  (no /run/pystate/boot.json in the guest)")
@@ -73,10 +60,7 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def describe_grow(console: str) -> str:
-    from .booted import parse_grow
-
-    grow = parse_grow(console)
+def describe_grow(grow: Grow | None) -> str:
     lines = ["── the resize service, last boot: /var filled inside encrypted.img ──"]
     if grow is None:
         lines.append("  (no PYSTATE-DEMO-GROW line: the fill unit did not run)")
@@ -152,8 +136,8 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
                 hint=f"the whole console is in {work / f'console-{n}.log'}",
             )
         if last:
-            print(describe_grow(result.console))
             grow = parse_grow(result.console)
+            print(describe_grow(grow))
             if grow is None or not grow.grew:
                 raise DemoError(
                     "the resize service did not grow encrypted.img",

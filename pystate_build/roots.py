@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -149,6 +150,18 @@ def parse_report(
             path, _, text = line[len(FILE_PREFIX) :].partition(": ")
             files[path] = text
     return mounts, listed, files
+
+
+def boot_json(console: str) -> dict[str, object] | None:
+    """The boot.json a root printed on its PYSTATE-BOOT-JSON line, or None."""
+    for line in console.splitlines():
+        if line.startswith(BOOT_JSON_PREFIX):
+            try:
+                data = json.loads(line[len(BOOT_JSON_PREFIX) :])
+            except ValueError:
+                return None
+            return data if isinstance(data, dict) else None
+    return None
 
 
 # --- the Debian root ---------

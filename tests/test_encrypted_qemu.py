@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO / "qemu"))
 
 import harness
 
-from pystate_build.bench_unlock import STATE_SIZE, boot_json, build_initrd_in
+from pystate_build.bench_unlock import STATE_SIZE, build_initrd_in
 from pystate_build.disk import DiskLayout, build_disk
-from pystate_build.roots import TESTROOT_MARKER, build_testroot, parse_report
+from pystate_build.roots import TESTROOT_MARKER, boot_json, build_testroot, parse_report
 from pystate_initrd import luks, recovery, tpm2
 
 pytestmark = [
