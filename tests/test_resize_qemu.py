@@ -172,30 +172,42 @@ def test_ext4_shrinks_offline_and_home_fills_safely(machine_e: Machine) -> None:
     assert_no_kernel_errors(home)
 
 
+def power_cut(
+    m: Machine, cuts: tuple[str, ...], step: str, first: str
+) -> tuple[harness.BootResult, dict[str, object]]:
+    """Boot with the power cut after step (or not, for "none"), in order: the boot of each
+    cut checks what the previous one left. Asserts what holds after every cut: each file
+    fsync'd in an earlier boot intact, the layers consistent, no kernel I/O error, and the
+    cut made where asked."""
+    m.need(first)
+    index = [*cuts, "none"].index(step)
+    if index:
+        m.need(f"cut-{cuts[index - 1]}")
+    result = m.boot(f"crash,{index + 1},{step}", "CRASH-CHECK")
+    check = m.results["CRASH-CHECK"]
+    assert check["bad"] == [], check  # every file fsync'd in an earlier boot is intact
+    assert check["problems"] == [], check  # the layers at boot: fs fits its device
+    assert_no_kernel_errors(check)
+    if step == "none":
+        assert result.ok, harness.describe(result)
+    else:
+        assert f"debug-stop after {step}" in result.console, harness.describe(result)
+    return result, check
+
+
 GROW_CUTS = ("allocate", "crypt-resize", "fs-grow")
 
 
 @pytest.mark.parametrize("step", [*GROW_CUTS, "none"])
 def test_ext4_power_cut_during_grow(machine_e: Machine, step: str) -> None:
-    m = machine_e
-    m.need("fill")
-    index = [*GROW_CUTS, "none"].index(step)
-    if index:
-        m.need(f"cut-{GROW_CUTS[index - 1]}")
-    result = m.boot(f"crash,{index + 1},{step}", "CRASH-CHECK")
-    check = m.results["CRASH-CHECK"]
-    assert check["bad"] == [], check  # every file fsync'd in an earlier boot is intact
-    assert check["problems"] == [], check  # the layers at boot: fs fits its device
+    result, check = power_cut(machine_e, GROW_CUTS, step, "fill")
     after = sizes(check["layers_after_recover"])
     assert after["fs"] + 16 * MIB > after["device"], after  # anything left over finished
-    assert_no_kernel_errors(check)
     if step == "none":
-        assert result.ok, harness.describe(result)
         assert "RT-CRASH-NOT-CUT" not in result.console
     else:
-        assert f"debug-stop after {step}" in result.console, harness.describe(result)
         assert "RT-DONE" not in result.console  # the power really went
-    m.done.add(f"cut-{step}")
+    machine_e.done.add(f"cut-{step}")
 
 
 # --- machine B: btrfs ---------------------------------------------------------------------
@@ -225,18 +237,5 @@ SHRINK_CUTS = ("fs-shrink", "crypt-resize", "truncate")
 
 @pytest.mark.parametrize("step", [*SHRINK_CUTS, "none"])
 def test_btrfs_power_cut_during_shrink(machine_b: Machine, step: str) -> None:
-    m = machine_b
-    m.need("shrink")
-    index = [*SHRINK_CUTS, "none"].index(step)
-    if index:
-        m.need(f"cut-{SHRINK_CUTS[index - 1]}")
-    result = m.boot(f"crash,{index + 1},{step}", "CRASH-CHECK")
-    check = m.results["CRASH-CHECK"]
-    assert check["bad"] == [], check
-    assert check["problems"] == [], check
-    assert_no_kernel_errors(check)
-    if step == "none":
-        assert result.ok, harness.describe(result)
-    else:
-        assert f"debug-stop after {step}" in result.console, harness.describe(result)
-    m.done.add(f"cut-{step}")
+    power_cut(machine_b, SHRINK_CUTS, step, "shrink")
+    machine_b.done.add(f"cut-{step}")
