@@ -77,9 +77,11 @@ img=/state/encrypted.img
 [ -e "$img" ] || img=/run/pystate/state/encrypted.img
 dir=/var/lib/pystate-demo
 mkdir -p "$dir"
+# One field of df for /var in bytes: size or avail.
+var_df() { df -B1 --output="$1" /var | tail -n 1 | tr -d ' '; }
 image_before=$(stat -c %s "$img")
-fs_before=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
-free_before=$(df -B1 --output=avail /var | tail -n 1 | tr -d ' ')
+fs_before=$(var_df size)
+free_before=$(var_df avail)
 start=$(date +%s%N)
 written=0
 enospc=0
@@ -92,21 +94,21 @@ while [ "$i" -lt 256 ]; do
 	fi
 	written=$((written + 16))
 	i=$((i + 1))
-	fs_now=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
+	fs_now=$(var_df size)
 	[ "$fs_now" -gt "$fs_before" ] && break
 done
 # The service may still be inside its step (the file system is grown last): wait for it.
 n=0
 while [ "$n" -lt 120 ]; do
-	fs_now=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
+	fs_now=$(var_df size)
 	[ "$fs_now" -gt "$fs_before" ] && break
 	sleep 1
 	n=$((n + 1))
 done
 end=$(date +%s%N)
 image_after=$(stat -c %s "$img")
-fs_after=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')
-free_after=$(df -B1 --output=avail /var | tail -n 1 | tr -d ' ')
+fs_after=$(var_df size)
+free_after=$(var_df avail)
 active=$(systemctl is-active pystate-resized.service)
 # What `pystate status` says now, in the booted system: mounts, image, TPM, the policy.
 pystate status 2>&1 | sed 's/^/PYSTATE-DEMO-STATUS /'
