@@ -76,12 +76,14 @@ def run_boot(paths: BootPaths) -> int:
     from . import discover, fsck, fsprobe, linux, mounts, plan
 
     cmdline = paths.cmdline.read_text(errors="replace")
-    debug = any(w == "pystate.debug" or w.startswith("pystate.debug=") for w in cmdline.split())
-    log = Log(kmsg_path=str(paths.log), debug=debug)
+    # Debugging is off until the configuration says otherwise: pystate.debug is read by
+    # config.py like every other word (pystate.debug=0 is off), and nowhere else.
+    log = Log(kmsg_path=str(paths.log)).install()
     report = BootReport(log)
     try:
         with report.step("config") as s:
             cfg = config_mod.load_config(paths.config if paths.config.exists() else None, cmdline)
+            log.debug_enabled = cfg.debug
             for warning in cfg.warnings:
                 log.warning(warning)
             s.detail = "disabled by pystate=0" if not cfg.enabled else ""
@@ -102,6 +104,8 @@ def run_boot(paths: BootPaths) -> int:
         with report.step("fsck") as s:
             if read_only:
                 s.detail = "skipped: partition is read-only (GPT bit 60)"
+            elif not cfg.check_outer_fs:
+                s.detail = "skipped: [state] check-fs = no"
             else:
                 result = fsck.check(choice.device, fs.fstype)
                 s.detail = str(result.verdict)

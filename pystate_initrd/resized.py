@@ -440,7 +440,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, int]:
 
 
 def cmd_resized(args: argparse.Namespace) -> int:
-    log = Log(kmsg_path=getattr(args, "log", "/dev/kmsg"), debug=getattr(args, "debug", False))
+    log = Log(
+        kmsg_path=getattr(args, "log", "/dev/kmsg"), debug=getattr(args, "debug", False)
+    ).install()
     service = make_service(
         _path(getattr(args, "state", None)),
         _path(getattr(args, "config", None)),

@@ -9,6 +9,10 @@ no immutable copy is made); ``secret_output=True`` reads standard output into
 one preallocated bytearray (``Completed.secret``) that the caller wipes, so a
 key printed by a tool (``tpm2_unseal``, ``systemd-ask-password``) never
 exists as ``bytes``. ``pass_fds`` hands pipes (``/dev/fd/N``) to the child.
+
+With debugging on (``pystate.debug``: log.py), every command is logged at debug
+priority with its exit status and duration; argv never holds a secret, and
+neither input nor output is logged.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import os
 import selectors
 import shlex
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import PystateError
+from .log import installed as installed_log
 from .secret import wipe as _wipe
 
 # DM_DISABLE_UDEV: libdevmapper (cryptsetup) makes /dev/mapper nodes itself instead of
@@ -66,10 +72,15 @@ def run(
     full_env = dict(_BASE_ENV)
     if env:
         full_env.update(env)
-    if os.environ.get("PYSTATE_DEBUG"):
-        print(f"pystate: + {shlex.join(argv)}", flush=True)
+    begin = time.monotonic()
     if secret_output:
-        return _run_secret(argv, input, full_env, check, ok_codes, pass_fds, secret_max)
+        try:
+            result = _run_secret(argv, input, full_env, check, ok_codes, pass_fds, secret_max)
+        except CommandError as exc:
+            _log_command(argv, exc.returncode, begin)
+            raise
+        _log_command(argv, result.returncode, begin)
+        return result
     try:
         proc = subprocess.run(
             list(argv),
@@ -82,11 +93,23 @@ def run(
             check=False,
         )
     except FileNotFoundError:
+        _log_command(argv, None, begin)
         raise CommandError(f"{argv[0]} not found.") from None
+    _log_command(argv, proc.returncode, begin)
     result = Completed(tuple(argv), proc.returncode, proc.stdout or b"", proc.stderr or b"")
     if check and proc.returncode not in ok_codes:
         raise _failure(argv, proc.returncode, result.stderr)
     return result
+
+
+def _log_command(argv: Sequence[str], status: int | None, begin: float) -> None:
+    """One debug line per command: argv, exit status, duration (never input or output)."""
+    log = installed_log()
+    if log is None or not log.debug_enabled:
+        return
+    ms = (time.monotonic() - begin) * 1000
+    outcome = "not found" if status is None else f"exit {status}"
+    log.debug(f"run: {shlex.join(argv)} -> {outcome} in {ms:.1f} ms")
 
 
 def _failure(argv: Sequence[str], status: int, stderr: bytes) -> CommandError:

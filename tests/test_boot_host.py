@@ -132,6 +132,57 @@ def test_dirty_state_fs_is_repaired_then_mounted(machine: Machine) -> None:
     assert (machine.sysroot / "home/alice/notes.txt").exists()
 
 
+def _fs_state(device: str) -> str:
+    """The 'Filesystem state' line of the superblock, e.g. 'clean' or 'clean with errors'."""
+    for line in sh("dumpe2fs", "-h", device).splitlines():
+        if line.startswith("Filesystem state:"):
+            return line.partition(":")[2].strip()
+    raise AssertionError(f"dumpe2fs -h {device} has no state line")
+
+
+def test_check_fs_no_leaves_the_outer_fs_unchecked(machine: Machine) -> None:
+    # [state] check-fs = no: the flagged errors must still be there after the boot, because
+    # no fsck ran; with the default, e2fsck -p clears them (the test above).
+    sh("debugfs", "-w", "-R", "ssv state 2", machine.device)
+    rc, report, log = machine.boot(
+        f"pystate.state={machine.device}", config="[state]\ncheck-fs = no\n"
+    )
+    assert rc == 0, log
+    fsck = next(s for s in report["steps"] if s["name"] == "fsck")
+    assert fsck["detail"] == "skipped: [state] check-fs = no"
+    assert "errors" in _fs_state(machine.device)
+    assert (machine.sysroot / "home/alice/notes.txt").exists()
+
+
+def test_check_fs_default_clears_flagged_errors(machine: Machine) -> None:
+    sh("debugfs", "-w", "-R", "ssv state 2", machine.device)
+    rc, _, log = machine.boot(f"pystate.state={machine.device}")
+    assert rc == 0, log
+    assert "errors" not in _fs_state(machine.device)
+
+
+def _debug_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("<7>pystate:")]
+
+
+@pytest.mark.parametrize("word", ["pystate.debug=0", "pystate.debug=no", ""])
+def test_debug_off_logs_no_debug_line(machine: Machine, word: str) -> None:
+    rc, _, log = machine.boot(f"pystate.state={machine.device}", word)
+    assert rc == 0, log
+    assert _debug_lines(log) == []
+
+
+@pytest.mark.parametrize("word", ["pystate.debug", "pystate.debug=1", "pystate.debug=yes"])
+def test_debug_on_logs_every_command_with_status_and_duration(machine: Machine, word: str) -> None:
+    rc, _, log = machine.boot(f"pystate.state={machine.device}", word)
+    assert rc == 0, log
+    commands = [line for line in _debug_lines(log) if " run: " in line]
+    # The outer fsck is the one external command of a plain boot.
+    assert len(commands) == 1, log
+    assert f"run: e2fsck -p {machine.device} -> exit 0 in " in commands[0]
+    assert commands[0].endswith(" ms")
+
+
 def test_damaged_state_fs_stops_boot_and_mounts_nothing(machine: Machine) -> None:
     # Clear the root directory's inode and flag the errors: e2fsck -p won't fix that unattended.
     sh("debugfs", "-w", "-R", "clri <2>", machine.device)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pystate_initrd import luks
 from pystate_initrd.errors import PystateError
+from pystate_initrd.log import Log
 from pystate_initrd.recovery import generate_recovery_key, recovery_passphrase
 from pystate_initrd.secret import Secret, wipe
 
@@ -456,16 +457,20 @@ def test_format_argv() -> None:
     assert argv[-2:] == ["--key-file=-", "x.img"]
 
 
-def test_keys_never_in_argv(
-    image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("PYSTATE_DEBUG", "1")
+def test_keys_never_in_argv(image: Path, tmp_path: Path) -> None:
+    # The debug log shows every command line (pystate.debug): no key may be in one.
+    log_file = tmp_path / "log"
+    log_file.touch()
+    log = Log(kmsg_path=str(log_file), debug=True).install()
     new = b"NEW-SECRET-KEY"
-    luks.add_keyslot(image, existing_key=KEY, new_key=new, slot=1)
-    luks.check_key(image, key=new, key_slot=1)
-    luks.volume_key(image, key=new, key_slot=1).clear()
-    logged = capsys.readouterr().out
-    assert logged.count("pystate: + cryptsetup") == 3
+    try:
+        luks.add_keyslot(image, existing_key=KEY, new_key=new, slot=1)
+        luks.check_key(image, key=new, key_slot=1)
+        luks.volume_key(image, key=new, key_slot=1).clear()
+    finally:
+        log.close()
+    logged = log_file.read_text()
+    assert logged.count("<7>pystate: run: cryptsetup") == 3
     assert "NEW-SECRET" not in logged
     assert "--new-keyfile /dev/fd/" in logged and "--key-file=-" in logged
 
