@@ -24,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.run import run
+from pystate_initrd.system.run import run
 
 ROOT_TYPE_X86_64 = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
 STATE_TYPE = "24436126-bb50-47e3-b47b-21dbd57591c7"

@@ -95,7 +95,7 @@ def kernel_errors():
 def layers():
     from pathlib import Path
 
-    from pystate_initrd import resize
+    from pystate_initrd.volume import resize
 
     vol = resize.find_volume(Path(STATE))
     s = resize.sizes(vol)
@@ -219,10 +219,11 @@ def cmd_offline_shrink():
     """What the initrd does at the next boot, run here on the unmounted image for real."""
     from pathlib import Path
 
-    from pystate_initrd import config, log, offline_shrink, report
+    from pystate_initrd import config, log, report
+    from pystate_initrd.initrd import offline_shrink
 
     _, sizes_before = layers()
-    from pystate_initrd import resize
+    from pystate_initrd.volume import resize
 
     loop = "/dev/" + os.listdir(f"/sys/block/{resize.block_name(DM)}/slaves")[0]
     for target in ("/etc", "/var", ENC):
@@ -294,7 +295,9 @@ def cmd_home(*extra):
 
 def cmd_crash(boot, step, grow_mib="64", *extra):
     """Check the earlier boots' files and the layers, then resize and cut the power at step."""
-    from pystate_initrd import log, resize, resized
+    from pystate_initrd import log
+    from pystate_initrd.booted import resized
+    from pystate_initrd.volume import resize
 
     checked, bad = keep_files(int(boot))
     vol, before = layers()
@@ -344,8 +347,9 @@ def cmd_bench_grow(runs="5", *extra):
     """
     from pathlib import Path
 
-    from pystate_initrd import resize, resized
-    from pystate_initrd.resize_policy import Action, decide
+    from pystate_initrd.booted import resized
+    from pystate_initrd.formats.resize_policy import Action, decide
+    from pystate_initrd.volume import resize
 
     _, params = resized.load_params(None, {})
     vol = resize.find_volume(Path(STATE))

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.run import run
+from pystate_initrd.system.run import run
 
 from . import OUT, REPO
 from .kernel import Kernel, ensure_kernel

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.run import CommandError, run
+from pystate_initrd.system.run import CommandError, run
 
 from . import CACHE
 

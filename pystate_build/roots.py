@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.run import run
+from pystate_initrd.system.run import run
 
 from . import CACHE
 

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .errors import PystateError
+from pystate_initrd import __version__
+from pystate_initrd.errors import PystateError
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
-    from .boot import BootPaths, run_boot
+    from pystate_initrd.initrd.boot import BootPaths, run_boot
 
     paths = BootPaths(
         sysroot=Path(args.sysroot),
@@ -31,8 +31,8 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from . import config as config_mod
-    from . import plan
+    from pystate_initrd import config as config_mod
+    from pystate_initrd.formats import plan
 
     cfg = config_mod.load_config(Path(args.config) if args.config else None, "")
     mount_plan = plan.build_plan(
@@ -59,7 +59,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_gpt(args: argparse.Namespace) -> int:
-    from . import gpt
+    from pystate_initrd.formats import gpt
 
     table = gpt.read_gpt(args.image)
     if args.json:
@@ -78,7 +78,7 @@ def _cmd_gpt(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from . import status
+    from pystate_initrd.booted import status
 
     info = status.collect(Path(args.boot_json), Path(args.root))
     print(json.dumps(info, indent=2) if args.json else status.render(info))
@@ -86,13 +86,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_resized(args: argparse.Namespace) -> int:
-    from . import resized
+    from pystate_initrd.booted import resized
 
     return resized.cmd_resized(args)
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
-    from . import resized
+    from pystate_initrd.booted import resized
 
     return resized.cmd_resize(args)
 

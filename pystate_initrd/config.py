@@ -19,13 +19,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .errors import PystateError
-from .escape import NAME_MAX, EscapeError, escape_path
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.escape import NAME_MAX, EscapeError, escape_path
 
 # Re-exported (the explicit form mypy --strict wants): the layout's vocabulary is plan's.
-from .plan import Area as Area  # noqa: PLC0414
-from .plan import MountMode as MountMode  # noqa: PLC0414
-from .plan import target_refusal
+from pystate_initrd.formats.plan import Area as Area  # noqa: PLC0414
+from pystate_initrd.formats.plan import MountMode as MountMode  # noqa: PLC0414
+from pystate_initrd.formats.plan import target_refusal
 
 if TYPE_CHECKING:
     from configparser import ConfigParser

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .log import Log
+from pystate_initrd import __version__
+from pystate_initrd.log import Log
 
 REPORT_VERSION = 1
 

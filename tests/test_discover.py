@@ -17,7 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pystate_initrd.discover import (
+from pystate_initrd.formats.gpt import (
+    GROW_FS,
+    NO_AUTO,
+    READ_ONLY,
+    STATE_TYPE_GUID,
+    GptTable,
+    Partition,
+)
+from pystate_initrd.initrd.discover import (
     LOADER_PARTUUID_VARIABLE,
     DiscoverError,
     DiskInfo,
@@ -34,14 +42,6 @@ from pystate_initrd.discover import (
     read_fs_uuid,
     read_loader_partuuid,
     root_disk_of,
-)
-from pystate_initrd.gpt import (
-    GROW_FS,
-    NO_AUTO,
-    READ_ONLY,
-    STATE_TYPE_GUID,
-    GptTable,
-    Partition,
 )
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")

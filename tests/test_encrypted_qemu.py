@@ -39,7 +39,8 @@ import harness
 from pystate_build.bench_unlock import STATE_SIZE, build_initrd_in
 from pystate_build.disk import DiskLayout, build_disk
 from pystate_build.roots import TESTROOT_MARKER, boot_json, build_testroot, parse_report
-from pystate_initrd import luks, recovery, tpm2
+from pystate_initrd.formats import recovery
+from pystate_initrd.system import luks, tpm2
 
 pytestmark = [
     pytest.mark.qemu,

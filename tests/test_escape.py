@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.escape import EscapeError, escape_path, unescape_path
+from pystate_initrd.formats.escape import EscapeError, escape_path, unescape_path
 
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")
 needs_systemd_escape = pytest.mark.skipif(

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.gpt import (
+from pystate_initrd.formats.gpt import (
     GROW_FS,
     NO_AUTO,
     READ_ONLY,

@@ -1,4 +1,4 @@
-"""pystate_initrd.linux for real: mounts, openat2/open_tree/move_mount, loop devices.
+"""pystate_initrd.system.linux for real: mounts, openat2/open_tree/move_mount, loop devices.
 
 The mount and loop tests need root (marked, and skipped otherwise with the
 reason). Every mount lives on a tmpfs mounted inside tmp_path and every loop
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, needs_root
 
-from pystate_initrd import _ffi_build, linux
+from pystate_initrd.system import _ffi_build, linux
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -163,7 +163,7 @@ def test_generate_is_reproducible_and_names_its_declarations(tmp_path: Path) -> 
 
 def test_ffi_build_command_line(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pystate_initrd._ffi_build", str(tmp_path)],
+        [sys.executable, "-m", "pystate_initrd.system._ffi_build", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

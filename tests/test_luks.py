@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pystate_initrd import luks
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.recovery import generate_recovery_key, recovery_passphrase
 from pystate_initrd.log import Log
-from pystate_initrd.recovery import generate_recovery_key, recovery_passphrase
 from pystate_initrd.secret import Secret, wipe
+from pystate_initrd.system import luks
 
 CRYPTSETUP = shutil.which("cryptsetup") or shutil.which("/usr/sbin/cryptsetup")
 pytestmark = pytest.mark.skipif(CRYPTSETUP is None, reason="cryptsetup is not installed")

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pystate_initrd.escape import escape_path, unescape_path
-from pystate_initrd.plan import (
+from pystate_initrd.formats.escape import escape_path, unescape_path
+from pystate_initrd.formats.plan import (
     FORBIDDEN_PREFIXES,
     RESERVED_TARGETS,
     Area,

@@ -21,23 +21,16 @@ import pytest
 import swtpm as swtpm_helper
 from conftest import needs_root
 
-from pystate_initrd import (
-    askpass,
-    encrypted,
-    luks,
-    provision,
-    recovery,
-    seed,
-    tpm2,
-    unlock,
-)
 from pystate_initrd.config import Config, load_config
+from pystate_initrd.formats import recovery
+from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyParams
+from pystate_initrd.formats.token import TokenError, decode_token
+from pystate_initrd.initrd import encrypted, provision, seed, unlock
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.resize_policy import GIB, MIB, PolicyParams
-from pystate_initrd.run import run
 from pystate_initrd.secret import Secret
-from pystate_initrd.token import TokenError, decode_token
+from pystate_initrd.system import askpass, luks, tpm2
+from pystate_initrd.system.run import run
 
 swtpm = swtpm_helper.swtpm
 tpm = swtpm_helper.tpm
@@ -471,7 +464,7 @@ def test_run_secret_output_and_input() -> None:
 def test_status_reads_boot_json_and_live_facts(
     formatted: tuple[Path, bytes, str, str], tmp_path: Path
 ) -> None:
-    from pystate_initrd import status
+    from pystate_initrd.booted import status
 
     image, _, _, _ = formatted
     root = tmp_path / "root"
@@ -509,7 +502,7 @@ def test_status_reads_boot_json_and_live_facts(
 
 
 def test_status_without_boot_json(tmp_path: Path) -> None:
-    from pystate_initrd import status
+    from pystate_initrd.booted import status
 
     info = status.collect(tmp_path / "missing.json", tmp_path)
     assert "cannot read" in info["error"]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.recovery import (
+from pystate_initrd.formats.recovery import (
     MODHEX_ALPHABET,
     RECOVERY_KEY_LENGTH,
     RecoveryKeyError,

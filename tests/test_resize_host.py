@@ -26,11 +26,14 @@ from conftest import needs_root
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pystate_initrd import linux, offline_shrink, resize, resized
+from pystate_initrd.booted import resized
 from pystate_initrd.config import Config
+from pystate_initrd.formats.resize_policy import GIB, MIB, Action, PolicyParams, Space, decide
+from pystate_initrd.initrd import offline_shrink
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.resize_policy import GIB, MIB, Action, PolicyParams, Space, decide
+from pystate_initrd.system import linux
+from pystate_initrd.volume import resize
 
 UUID = "0b0e7ab4-8a3c-4b8e-9d5a-3f0b7c9e1a2d"
 

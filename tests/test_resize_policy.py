@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.resize_policy import (
+from pystate_initrd.formats.resize_policy import (
     DEFAULT_PARAMS,
     GIB,
     MIB,

@@ -11,16 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pystate_initrd import tpm2
 from pystate_initrd.errors import PystateError
-from pystate_initrd.token import (
+from pystate_initrd.formats.token import (
     MAX_TOKEN_BYTES,
     TokenError,
     decode_token,
     encode_token,
     encode_token_json,
 )
-from pystate_initrd.tpm2 import SealedKey
+from pystate_initrd.system import tpm2
+from pystate_initrd.system.tpm2 import SealedKey
 
 
 def tpm2b(body: bytes) -> bytes:

@@ -20,9 +20,9 @@ import pytest
 import swtpm as swtpm_helper
 from swtpm import Swtpm, needs_swtpm
 
-from pystate_initrd import run as run_module
-from pystate_initrd import tpm2
-from pystate_initrd.tpm2 import BadBlob, NoTpm, PcrMismatch, SealedKey, Tpm2Error
+from pystate_initrd.system import run as run_module
+from pystate_initrd.system import tpm2
+from pystate_initrd.system.tpm2 import BadBlob, NoTpm, PcrMismatch, SealedKey, Tpm2Error
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = needs_swtpm
@@ -159,7 +159,7 @@ def test_hashes_work_without_openssl_hashlib() -> None:
     """The initrd has no _hashlib: every bank's digest and the HMAC must still work."""
     code = (
         "import sys; sys.modules['_hashlib'] = None\n"
-        "from pystate_initrd import tpm2\n"
+        "from pystate_initrd.system import tpm2\n"
         "for bank in tpm2.BANKS:\n"
         "    n = tpm2.bank_digest_size(bank)\n"
         "    print(tpm2.policy_pcr_digest(bank, {7: bytes(n), 15: bytes(n)}).hex())\n"

@@ -15,7 +15,7 @@ Pure functions, no I/O; on failure they raise EscapeError and return nothing.
 
 from __future__ import annotations
 
-from .errors import PystateError
+from pystate_initrd.errors import PystateError
 
 # Linux limits as systemd applies them (path_is_valid): a component may have at
 # most NAME_MAX bytes and a whole path, with its terminating NUL, PATH_MAX.

@@ -22,15 +22,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import linux, luks, recovery, seed, tpm2, unlock
-from .config import Allocation, Area, Config
-from .errors import PystateError
-from .escape import escape_path
-from .report import BootReport
-from .resize_policy import ALIGN, PPM, PolicyParams, human_size, params_from_config
-from .run import CommandError, run
-from .secret import Secret
-from .token import encode_token_json
+from pystate_initrd.config import Allocation, Area, Config
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import recovery
+from pystate_initrd.formats.escape import escape_path
+from pystate_initrd.formats.resize_policy import (
+    ALIGN,
+    PPM,
+    PolicyParams,
+    human_size,
+    params_from_config,
+)
+from pystate_initrd.formats.token import encode_token_json
+from pystate_initrd.initrd import seed, unlock
+from pystate_initrd.report import BootReport
+from pystate_initrd.secret import Secret
+from pystate_initrd.system import linux, luks, tpm2
+from pystate_initrd.system.run import CommandError, run
 
 IMAGE = "encrypted.img"
 NEW_IMAGE = "encrypted.img.new"

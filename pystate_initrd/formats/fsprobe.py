@@ -10,7 +10,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from .errors import PystateError
+from pystate_initrd.errors import PystateError
 
 # (offset of the magic, magic bytes, offset of the 16-byte UUID)
 _EXT_MAGIC_OFF, _EXT_MAGIC, _EXT_UUID_OFF = 1024 + 0x38, b"\x53\xef", 1024 + 0x68

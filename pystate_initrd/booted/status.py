@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import luks, resized
-from .resize_policy import human_size
-from .token import TOKEN_TYPE, TokenError, decode_token
+from pystate_initrd.booted import resized
+from pystate_initrd.formats.resize_policy import human_size
+from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token
+from pystate_initrd.system import luks
 
 BOOT_JSON = Path("/run/pystate/boot.json")
 INITRD_SYSROOT = "/sysroot"

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import linux
-from .errors import PystateError
-from .plan import Mount, MountMode
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.plan import Mount, MountMode
+from pystate_initrd.system import linux
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 

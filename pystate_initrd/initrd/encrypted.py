@@ -24,10 +24,11 @@ import stat
 import time
 from pathlib import Path
 
-from . import askpass, luks, provision, tpm2, unlock
-from .config import Config, parse_cmdline
-from .errors import PystateError
-from .report import BootReport
+from pystate_initrd.config import Config, parse_cmdline
+from pystate_initrd.errors import PystateError
+from pystate_initrd.initrd import provision, unlock
+from pystate_initrd.report import BootReport
+from pystate_initrd.system import askpass, luks, tpm2
 
 RESERVED = frozenset({provision.IMAGE, provision.NEW_IMAGE, provision.MOUNT_DIR, "lost+found"})
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fsck, fsprobe, linux, luks, recovery, tpm2
-from .config import Config
-from .errors import PystateError
-from .report import BootReport
-from .secret import Secret
-from .token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
+from pystate_initrd.config import Config
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import fsprobe, recovery
+from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
+from pystate_initrd.report import BootReport
+from pystate_initrd.secret import Secret
+from pystate_initrd.system import fsck, linux, luks, tpm2
 
 DM_PATH = f"/dev/mapper/{luks.DM_NAME}"
 INNER_TYPES = ("ext4", "btrfs")
@@ -390,7 +391,7 @@ def unlock(
             s.detail = f"{fstype}: {verdict}"
         if fstype == "ext4" and not read_only:
             # A shrink the resize service asked for (docs/resize.md), before the mount.
-            from . import offline_shrink
+            from pystate_initrd.initrd import offline_shrink
 
             offline_shrink.apply_pending_shrink(cfg, image.parent, loop.path, report)
         with report.step("mount-encrypted") as s:

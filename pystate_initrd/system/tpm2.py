@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import run as _run
-from .errors import PystateError
+from pystate_initrd.errors import PystateError
+from pystate_initrd.system import run as _run
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 

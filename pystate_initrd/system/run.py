@@ -25,9 +25,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import PystateError
-from .log import installed as installed_log
-from .secret import wipe as _wipe
+from pystate_initrd.errors import PystateError
+from pystate_initrd.log import installed as installed_log
+from pystate_initrd.secret import wipe as _wipe
 
 # DM_DISABLE_UDEV: libdevmapper (cryptsetup) makes /dev/mapper nodes itself instead of
 # waiting for udev's confirmation, which never comes in an initrd without the dm rules.

@@ -172,13 +172,13 @@ def _ffi() -> tuple[Any, Any]:
         importlib.import_module(f"{__package__}._ffi_build").generate(here)
         importlib.invalidate_caches()
     try:
-        from ._linux_ffi import ffi
+        from pystate_initrd.system._linux_ffi import ffi
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__}._linux_ffi":
             raise
         raise ImportError(
             f"{__package__}._linux_ffi is missing: the build must run "
-            "'python3 -m pystate_initrd._ffi_build' (build.py does)"
+            "'python3 -m pystate_initrd.system._ffi_build' (build.py does)"
         ) from None
     return ffi, ffi.dlopen(None)  # libc, through the process's own namespace
 

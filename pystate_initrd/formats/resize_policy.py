@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from .errors import PystateError
+from pystate_initrd.errors import PystateError
 
 if TYPE_CHECKING:
     import os
 
-    from .config import Config
+    from pystate_initrd.config import Config
 
 KIB = 1024
 MIB = 1024 * KIB

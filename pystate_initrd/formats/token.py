@@ -16,8 +16,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import PystateError
-from .tpm2 import BANKS, PCR_COUNT, PCR_VOLUME, POLICY_HASH_SIZE, PRIMARY_ALG, SealedKey
+from pystate_initrd.errors import PystateError
+from pystate_initrd.system.tpm2 import (
+    BANKS,
+    PCR_COUNT,
+    PCR_VOLUME,
+    POLICY_HASH_SIZE,
+    PRIMARY_ALG,
+    SealedKey,
+)
 
 TOKEN_TYPE = "pystate-tpm2"
 TOKEN_VERSION = 1

@@ -26,11 +26,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import resize
-from .config import Config, load_config, parse_size
-from .errors import PystateError
-from .log import Log
-from .resize_policy import (
+from pystate_initrd.config import Config, load_config, parse_size
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.resize_policy import (
     MIB,
     Action,
     Decision,
@@ -39,6 +37,8 @@ from .resize_policy import (
     human_size,
     params_from_config,
 )
+from pystate_initrd.log import Log
+from pystate_initrd.volume import resize
 
 STATE_DIRS = (Path("/state"), Path("/run/pystate/state"))  # SPEC §2: and the /run fallback
 STATUS_FILE = Path("/run/pystate/resize.json")

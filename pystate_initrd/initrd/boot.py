@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PystateError
-from .log import Log
-from .report import BootReport
+from pystate_initrd.errors import PystateError
+from pystate_initrd.log import Log
+from pystate_initrd.report import BootReport
 
 DEFAULT_CONFIG = Path("/etc/pystate/pystate.conf")
 RUN_DIR = Path("/run/pystate")
@@ -72,8 +72,10 @@ def publish_config(paths: BootPaths, log: Log) -> None:
 
 
 def run_boot(paths: BootPaths) -> int:
-    from . import config as config_mod
-    from . import discover, fsck, fsprobe, linux, mounts, plan
+    from pystate_initrd import config as config_mod
+    from pystate_initrd.formats import fsprobe, plan
+    from pystate_initrd.initrd import discover, mounts
+    from pystate_initrd.system import fsck, linux
 
     cmdline = paths.cmdline.read_text(errors="replace")
     # Debugging is off until the configuration says otherwise: pystate.debug is read by
@@ -137,11 +139,11 @@ def run_boot(paths: BootPaths) -> int:
 
         if choice.grow_fs and not read_only:
             with report.step("grow-state-fs") as s:
-                from .growfs import grow
+                from pystate_initrd.system.growfs import grow
 
                 s.detail = grow(choice.device, fs.fstype, target)
 
-        from . import encrypted
+        from pystate_initrd.initrd import encrypted
 
         encrypted_dir = encrypted.setup(
             cfg, target, paths.sysroot, report, cmdline, read_only=read_only

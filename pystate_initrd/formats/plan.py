@@ -20,8 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
-from .errors import PystateError
-from .escape import NAME_MAX, EscapeError, escape_path, unescape_path
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.escape import NAME_MAX, EscapeError, escape_path, unescape_path
 
 
 class PlanError(PystateError):

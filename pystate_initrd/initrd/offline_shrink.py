@@ -28,12 +28,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fsck, fsprobe, linux, luks
-from .config import Config, parse_cmdline
-from .errors import PystateError
-from .log import Log
-from .report import BootReport
-from .resize import (
+from pystate_initrd.config import Config, parse_cmdline
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import fsprobe
+from pystate_initrd.formats.resize_policy import human_size, params_from_config
+from pystate_initrd.log import Log
+from pystate_initrd.report import BootReport
+from pystate_initrd.system import fsck, linux, luks
+from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume.resize import (
     DM_NAME,
     IMAGE,
     Hook,
@@ -47,8 +50,6 @@ from .resize import (
     remove_request,
     validate_request,
 )
-from .resize_policy import human_size, params_from_config
-from .run import CommandError, run
 
 DEBUG_WORD = "pystate.debug-resize-stop"
 OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")

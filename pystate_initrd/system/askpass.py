@@ -17,7 +17,7 @@ import shutil
 import termios
 from typing import Any
 
-from .run import CommandError, run
+from pystate_initrd.system.run import CommandError, run
 
 CONSOLE = "/dev/console"
 MAX_ANSWER = 1024  # a recovery key is 71 characters; anything longer is not one

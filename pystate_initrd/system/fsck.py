@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .errors import PystateError
-from .run import run
+from pystate_initrd.errors import PystateError
+from pystate_initrd.system.run import run
 
 
 class FsckError(PystateError):

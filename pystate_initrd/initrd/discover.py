@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsprobe
-from .errors import PystateError
-from .gpt import STATE_TYPE_GUID, GptError, GptTable, Partition, read_gpt
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import fsprobe
+from pystate_initrd.formats.gpt import STATE_TYPE_GUID, GptError, GptTable, Partition, read_gpt
 
 LOADER_PARTUUID_VARIABLE = "LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 _VIRTUAL_PREFIXES = ("loop", "ram", "zram")

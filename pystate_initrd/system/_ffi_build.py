@@ -1,11 +1,11 @@
-"""The C declarations behind pystate_initrd.linux, for cffi's out-of-line ABI mode.
+"""The C declarations behind pystate_initrd.system.linux, for cffi's out-of-line ABI mode.
 
 At build time this file turns the declarations below into ``_linux_ffi.py``, a
 pure-Python module that imports only ``_cffi_backend``: the initrd then needs
 the backend (Debian's python3-cffi-backend) but neither cffi's parser nor
 pycparser. Nothing is compiled; libc is opened at run time with dlopen().
 
-    python3 -m pystate_initrd._ffi_build [OUTDIR]    # default: next to this file
+    python3 -m pystate_initrd.system._ffi_build [OUTDIR]    # default: next to this file
 
 Structures are copied from the kernel's UAPI headers (linux/loop.h,
 linux/openat2.h, linux/mount.h); their sizes are checked by the tests. The
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODULE_NAME = "pystate_initrd._linux_ffi"
+MODULE_NAME = "pystate_initrd.system._linux_ffi"
 FILE_NAME = "_linux_ffi.py"
 
 CDEF = """
@@ -114,7 +114,7 @@ def generate(out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1:
-        print("usage: python3 -m pystate_initrd._ffi_build [OUTDIR]", file=sys.stderr)
+        print("usage: python3 -m pystate_initrd.system._ffi_build [OUTDIR]", file=sys.stderr)
         return 2
     out_dir = Path(args[0]) if args else Path(__file__).resolve().parent
     print(generate(out_dir))

@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import linux
-from .errors import PystateError
-from .resize_policy import MIB, Space, human_size
-from .run import CommandError, run
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.resize_policy import MIB, Space, human_size
+from pystate_initrd.system import linux
+from pystate_initrd.system.run import CommandError, run
 
 IMAGE = "encrypted.img"  # the names of provision.py, repeated to keep this module light
 MOUNT_DIR = "encrypted"
@@ -167,7 +167,9 @@ def find_volume(
         raise ResizeError(f"{loop} is backed by {backing}, not {image}: refusing to resize it")
     header, uuid = 0, ""
     if crypt_name is not None:
-        from . import luks  # lazily: the service's hot path never needs it again
+        from pystate_initrd.system import (
+            luks,  # lazily: the service's hot path never needs it again
+        )
 
         luks_header = luks.read_header(image)
         header, uuid = luks_header.data_offset, luks_header.uuid
@@ -278,7 +280,7 @@ def sizes(vol: Volume) -> Sizes:
 
 def measure(vol: Volume) -> Space:
     """What the policy needs (resize_policy.Space), from two statvfs calls and one stat."""
-    from .resize_policy import space_from_statvfs
+    from pystate_initrd.formats.resize_policy import space_from_statvfs
 
     outer = os.statvfs(vol.state_dir)
     inner = os.statvfs(vol.mountpoint)

@@ -21,8 +21,8 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import PystateError
-from .run import CommandError, run
+from pystate_initrd.errors import PystateError
+from pystate_initrd.system.run import CommandError, run
 
 CP_ARGV = (
     "cp",

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PystateError
+from pystate_initrd.errors import PystateError
 
 STATE_TYPE_GUID = uuid.UUID("24436126-bb50-47e3-b47b-21dbd57591c7")
 

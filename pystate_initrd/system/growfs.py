@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .run import run
+from pystate_initrd.system.run import run
 
 
 def grow(device: str, fstype: str, mountpoint: Path) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import PystateError
+from pystate_initrd.errors import PystateError
 
 MODHEX_ALPHABET = "cbdefghijklnrtuv"
 RECOVERY_KEY_BYTES = 32

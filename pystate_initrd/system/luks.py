@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PystateError
-from .run import CommandError, run
-from .secret import wipe as _wipe
+from pystate_initrd.errors import PystateError
+from pystate_initrd.secret import wipe as _wipe
+from pystate_initrd.system.run import CommandError, run
 
 CRYPTSETUP = "cryptsetup"
 DM_NAME = "pystate-encrypted"
