@@ -6,7 +6,7 @@ device is detached by a fixture, whatever happens in the test.
 
 Fallbacks for kernels without openat2/open_tree/move_mount/mount_setattr
 cannot be caused for real on this kernel: the tests that exercise them put the
-call's name into linux._missing, which is exactly the state the module enters
+call's name into libc.missing, which is exactly the state the module enters
 after the kernel answered ENOSYS once.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, needs_root
 
-from pystate_initrd.system import _ffi_build, linux
+from pystate_initrd.system import _ffi_build, beneath, block, libc, loopdev, mount_api
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -62,11 +62,11 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A fresh tmpfs at tmp_path/t; lazily unmounted with everything below it afterwards."""
     where = tmp_path / "t"
     where.mkdir()
-    linux.mount("tmpfs", str(where), "tmpfs", 0, "mode=0755")
+    mount_api.mount("tmpfs", str(where), "tmpfs", 0, "mode=0755")
     try:
         yield where
     finally:
-        linux.umount2(str(where), linux.MNT_DETACH)
+        mount_api.umount2(str(where), mount_api.MNT_DETACH)
 
 
 @pytest.fixture
@@ -78,37 +78,37 @@ def unmount_later() -> Iterator[list[Path]]:
     finally:
         for path in reversed(paths):
             with contextlib.suppress(OSError):  # already unmounted by the test
-                linux.umount2(str(path), linux.MNT_DETACH)
+                mount_api.umount2(str(path), mount_api.MNT_DETACH)
 
 
 @pytest.fixture
-def loops() -> Iterator[list[linux.LoopDevice]]:
+def loops() -> Iterator[list[loopdev.LoopDevice]]:
     """Loop devices to detach when the test ends (after unmount_later's unmounts)."""
-    devices: list[linux.LoopDevice] = []
+    devices: list[loopdev.LoopDevice] = []
     try:
         yield devices
     finally:
         for dev in devices:
             dev.close()
             with contextlib.suppress(OSError):  # already detached by the test
-                linux.loop_detach(dev)
+                loopdev.loop_detach(dev)
 
 
 @pytest.fixture
 def no_new_mount_api(monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulated: a kernel older than 5.2 (open_tree, move_mount, mount_setattr answer ENOSYS)."""
-    monkeypatch.setattr(linux, "_missing", {"open_tree", "move_mount", "mount_setattr"})
+    monkeypatch.setattr(libc, "missing", {"open_tree", "move_mount", "mount_setattr"})
 
 
 def open_dir(path: Path) -> int:
     return os.open(path, O_PATH_DIR)
 
 
-def sysfs_loop(dev: linux.LoopDevice, attr: str) -> str:
+def sysfs_loop(dev: loopdev.LoopDevice, attr: str) -> str:
     return Path(f"/sys/block/loop{dev.number}/{attr}").read_text().strip()
 
 
-def wait_detached(dev: linux.LoopDevice) -> bool:
+def wait_detached(dev: loopdev.LoopDevice) -> bool:
     backing = Path(f"/sys/block/loop{dev.number}/loop/backing_file")
     for _ in range(100):
         if not backing.exists():
@@ -176,7 +176,7 @@ def test_ffi_build_command_line(tmp_path: Path) -> None:
 def test_syscall_numbers_match_the_headers() -> None:
     # asm-generic/unistd.h (aarch64) and the x86_64 table agree on these.
     for arch in ("x86_64", "aarch64"):
-        assert linux._SYSCALLS[arch] == {
+        assert libc.SYSCALLS[arch] == {
             "open_tree": 428,
             "move_mount": 429,
             "openat2": 437,
@@ -236,7 +236,7 @@ BENEATH_CASES = [
 def test_open_beneath_one(
     tree: Path, how: str, relpath: str, flags: int, expected: int | None
 ) -> None:
-    opener = linux.open_beneath if how == "openat2" else linux.open_beneath_walk
+    opener = beneath.open_beneath if how == "openat2" else beneath.open_beneath_walk
     root_fd = open_dir(tree)
     try:
         if expected is None:
@@ -263,14 +263,14 @@ def test_open_beneath_uses_the_walk_when_openat2_is_missing(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Simulated: a kernel before 5.6, where openat2 answers ENOSYS.
-    monkeypatch.setattr(linux, "_missing", {"openat2"})
+    monkeypatch.setattr(libc, "missing", {"openat2"})
     root_fd = open_dir(tree)
     try:
-        fd = linux.open_beneath(root_fd, "a/b/file", os.O_RDONLY)
+        fd = beneath.open_beneath(root_fd, "a/b/file", os.O_RDONLY)
         assert os.read(fd, 10) == b"inside"
         os.close(fd)
         with pytest.raises(OSError) as info:
-            linux.openat2(root_fd, "a", O_PATH_DIR)
+            beneath.openat2(root_fd, "a", O_PATH_DIR)
         assert info.value.errno == errno.ENOSYS
     finally:
         os.close(root_fd)
@@ -279,10 +279,10 @@ def test_open_beneath_uses_the_walk_when_openat2_is_missing(
 def test_mkdir_beneath(tree: Path) -> None:
     root_fd = open_dir(tree)
     try:
-        linux.mkdir_beneath(root_fd, "new/deeper/still", 0o750)
+        beneath.mkdir_beneath(root_fd, "new/deeper/still", 0o750)
         assert (tree / "new" / "deeper" / "still").is_dir()
         assert (tree / "new").stat().st_mode & 0o7777 == 0o750 & ~_umask()
-        linux.mkdir_beneath(root_fd, "a/b", 0o755)  # existing: fine, untouched
+        beneath.mkdir_beneath(root_fd, "a/b", 0o755)  # existing: fine, untouched
         assert (tree / "a" / "b" / "file").read_text() == "inside"
         for relpath, expected in [
             ("link_out/made", errno.ELOOP),
@@ -294,7 +294,7 @@ def test_mkdir_beneath(tree: Path) -> None:
             ("file/made", errno.ENOTDIR),
         ]:
             with pytest.raises(OSError) as info:
-                linux.mkdir_beneath(root_fd, relpath)
+                beneath.mkdir_beneath(root_fd, relpath)
             assert info.value.errno == expected, (relpath, info.value)
             assert info.value.filename == (relpath if relpath[0] == "/" else f"{tree}/{relpath}")
     finally:
@@ -320,16 +320,16 @@ def test_bind_mount_fd_with_nosuid_nodev(
 ) -> None:
     if api == "old_mount_api":
         # Simulated: a kernel before 5.2 (open_tree, move_mount, mount_setattr answer ENOSYS).
-        monkeypatch.setattr(linux, "_missing", {"open_tree", "move_mount", "mount_setattr"})
+        monkeypatch.setattr(libc, "missing", {"open_tree", "move_mount", "mount_setattr"})
     (tmpfs / "state" / "home").mkdir(parents=True)
     (tmpfs / "state" / "home" / "hello").write_text("from state")
     (tmpfs / "sysroot" / "home").mkdir(parents=True)
     state_fd, sysroot_fd = open_dir(tmpfs / "state"), open_dir(tmpfs / "sysroot")
     try:
-        src = linux.open_beneath(state_fd, "home", O_PATH_DIR)
-        tgt = linux.open_beneath(sysroot_fd, "home", O_PATH_DIR)
+        src = beneath.open_beneath(state_fd, "home", O_PATH_DIR)
+        tgt = beneath.open_beneath(sysroot_fd, "home", O_PATH_DIR)
         try:
-            linux.bind_mount_fd(src, tgt, flags=linux.MS_NOSUID | linux.MS_NODEV)
+            mount_api.bind_mount_fd(src, tgt, flags=mount_api.MS_NOSUID | mount_api.MS_NODEV)
         finally:
             os.close(src)
             os.close(tgt)
@@ -350,12 +350,12 @@ def test_bind_mount_fd_when_only_mount_setattr_is_missing(
     tmpfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Simulated: kernels 5.2-5.11 have open_tree/move_mount but not mount_setattr.
-    monkeypatch.setattr(linux, "_missing", {"mount_setattr"})
+    monkeypatch.setattr(libc, "missing", {"mount_setattr"})
     (tmpfs / "src").mkdir()
     (tmpfs / "dst").mkdir()
     src, dst = open_dir(tmpfs / "src"), open_dir(tmpfs / "dst")
     try:
-        linux.bind_mount_fd(src, dst, flags=linux.MS_NODEV | linux.MS_NOEXEC)
+        mount_api.bind_mount_fd(src, dst, flags=mount_api.MS_NODEV | mount_api.MS_NOEXEC)
     finally:
         os.close(src)
         os.close(dst)
@@ -373,14 +373,14 @@ def test_bind_mount_fd_recursive(
 ) -> None:
     if api == "old_mount_api":
         # Simulated: a kernel before 5.2.
-        monkeypatch.setattr(linux, "_missing", {"open_tree", "move_mount", "mount_setattr"})
+        monkeypatch.setattr(libc, "missing", {"open_tree", "move_mount", "mount_setattr"})
     (tmpfs / "src" / "sub").mkdir(parents=True)
     (tmpfs / "dst").mkdir()
-    linux.mount("tmpfs", str(tmpfs / "src" / "sub"), "tmpfs")
+    mount_api.mount("tmpfs", str(tmpfs / "src" / "sub"), "tmpfs")
     (tmpfs / "src" / "sub" / "on_submount").write_text("x")
     src, dst = open_dir(tmpfs / "src"), open_dir(tmpfs / "dst")
     try:
-        linux.bind_mount_fd(src, dst, recursive=recursive)
+        mount_api.bind_mount_fd(src, dst, recursive=recursive)
     finally:
         os.close(src)
         os.close(dst)
@@ -396,16 +396,16 @@ def test_set_mount_flags_adds_and_keeps(
 ) -> None:
     if api == "remount":
         # Simulated: a kernel before 5.12 (mount_setattr answers ENOSYS).
-        monkeypatch.setattr(linux, "_missing", {"mount_setattr"})
+        monkeypatch.setattr(libc, "missing", {"mount_setattr"})
     (tmpfs / "src").mkdir()
     (tmpfs / "dst").mkdir()
     (tmpfs / "dst" / "below").mkdir()
     src, dst = open_dir(tmpfs / "src"), open_dir(tmpfs / "dst")
     try:
-        linux.bind_mount_fd(src, dst, flags=linux.MS_NOEXEC | linux.MS_STRICTATIME)
+        mount_api.bind_mount_fd(src, dst, flags=mount_api.MS_NOEXEC | mount_api.MS_STRICTATIME)
         # dst still names the directory underneath the new mount: refused, not misapplied.
         with pytest.raises(OSError) as info:
-            linux.set_mount_flags(dst, linux.MS_RDONLY)
+            mount_api.set_mount_flags(dst, mount_api.MS_RDONLY)
         assert info.value.errno == errno.EINVAL
         assert info.value.filename == str(tmpfs / "dst")
     finally:
@@ -413,8 +413,8 @@ def test_set_mount_flags_adds_and_keeps(
         os.close(dst)
     top = open_dir(tmpfs / "dst")  # opened after mounting: the new mount's root
     try:
-        linux.set_mount_options(top, ["nosuid", "nodev"])
-        linux.set_mount_flags(top, linux.MS_RDONLY)
+        mount_api.set_mount_options(top, ["nosuid", "nodev"])
+        mount_api.set_mount_flags(top, mount_api.MS_RDONLY)
     finally:
         os.close(top)
     options = mountinfo_options(tmpfs / "dst")
@@ -425,13 +425,13 @@ def test_set_mount_flags_adds_and_keeps(
 
 
 def test_mount_flag_validation() -> None:
-    assert linux.mount_flags(["nosuid", "nodev"]) == linux.MS_NOSUID | linux.MS_NODEV
+    assert mount_api.mount_flags(["nosuid", "nodev"]) == mount_api.MS_NOSUID | mount_api.MS_NODEV
     with pytest.raises(ValueError, match="'suid'"):
-        linux.mount_flags(["suid"])
+        mount_api.mount_flags(["suid"])
     with pytest.raises(ValueError, match="not a per-mount flag"):
-        linux.bind_mount_fd(-1, -1, flags=linux.MS_BIND)
+        mount_api.bind_mount_fd(-1, -1, flags=mount_api.MS_BIND)
     with pytest.raises(ValueError, match="conflicting atime"):
-        linux.set_mount_flags(-1, linux.MS_NOATIME | linux.MS_STRICTATIME)
+        mount_api.set_mount_flags(-1, mount_api.MS_NOATIME | mount_api.MS_STRICTATIME)
 
 
 @pytest.mark.root
@@ -442,7 +442,7 @@ def test_symlinked_target_is_refused_and_nothing_is_mounted_outside(
 ) -> None:
     if how == "walk":
         # Simulated: a kernel before 5.6 (openat2 answers ENOSYS).
-        monkeypatch.setattr(linux, "_missing", {"openat2"})
+        monkeypatch.setattr(libc, "missing", {"openat2"})
     outside = tmpfs / "outside"
     (outside / "home").mkdir(parents=True)
     (tmpfs / "state" / "home").mkdir(parents=True)
@@ -452,16 +452,16 @@ def test_symlinked_target_is_refused_and_nothing_is_mounted_outside(
     (sysroot / "var").symlink_to("../outside")  # a relative one
     state_fd, root_fd = open_dir(tmpfs / "state"), open_dir(sysroot)
     try:
-        src = linux.open_beneath(state_fd, "home", O_PATH_DIR)
+        src = beneath.open_beneath(state_fd, "home", O_PATH_DIR)
         try:
             for relpath in ("home", "var/home", "var/lib/flatpak"):
                 with pytest.raises(OSError) as info:
-                    tgt = linux.open_beneath(root_fd, relpath, O_PATH_DIR)
-                    linux.bind_mount_fd(src, tgt)  # never reached
+                    tgt = beneath.open_beneath(root_fd, relpath, O_PATH_DIR)
+                    mount_api.bind_mount_fd(src, tgt)  # never reached
                 assert info.value.errno in (errno.ELOOP, errno.EXDEV)
                 assert info.value.filename == f"{sysroot}/{relpath}"
                 with pytest.raises(OSError) as info:
-                    linux.mkdir_beneath(root_fd, relpath)
+                    beneath.mkdir_beneath(root_fd, relpath)
                 assert info.value.errno in (errno.ELOOP, errno.EXDEV)
         finally:
             os.close(src)
@@ -489,7 +489,7 @@ def _make_ext4(image: Path, size: int, content: Path) -> None:
 @pytest.mark.root
 @needs_root
 def test_loop_device_over_ext4_image(
-    tmp_path: Path, loops: list[linux.LoopDevice], unmount_later: list[Path]
+    tmp_path: Path, loops: list[loopdev.LoopDevice], unmount_later: list[Path]
 ) -> None:
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("needs mkfs.ext4 (e2fsprogs)")
@@ -499,39 +499,39 @@ def test_loop_device_over_ext4_image(
     image = tmp_path / "encrypted.img"  # tmp_path is on a file system with O_DIRECT
     _make_ext4(image, 32 * MiB, content)
 
-    dev = linux.loop_attach(str(image), direct_io=True)
+    dev = loopdev.loop_attach(str(image), direct_io=True)
     loops.append(dev)
     assert dev.path == f"/dev/loop{dev.number}"
     assert dev.direct_io and not dev.read_only and not dev.autoclear and dev.fd is None
     assert sysfs_loop(dev, "loop/dio") == "1"
     assert sysfs_loop(dev, "loop/backing_file") == str(image)
     assert sysfs_loop(dev, "loop/autoclear") == "0"
-    assert linux.block_size_bytes(dev.path) == 32 * MiB
-    assert linux.logical_sector_size(dev.path) in (512, 4096)
+    assert block.block_size_bytes(dev.path) == 32 * MiB
+    assert block.logical_sector_size(dev.path) in (512, 4096)
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    linux.mount(dev.path, str(mnt), "ext4", linux.MS_NOSUID | linux.MS_NODEV)
+    mount_api.mount(dev.path, str(mnt), "ext4", mount_api.MS_NOSUID | mount_api.MS_NODEV)
     unmount_later.append(mnt)
     assert (mnt / "hello.txt").read_text() == "hello from the image\n"
 
     # Grow online, as the resize service does (SPEC §7): extend, then LOOP_SET_CAPACITY.
     with open(image, "r+b") as f:
-        linux.fallocate(f.fileno(), 0, 0, 48 * MiB)
-    assert linux.block_size_bytes(dev.path) == 32 * MiB
-    linux.loop_set_capacity(dev)
+        block.fallocate(f.fileno(), 0, 0, 48 * MiB)
+    assert block.block_size_bytes(dev.path) == 32 * MiB
+    loopdev.loop_set_capacity(dev)
     fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        assert linux.block_size_bytes(fd) == 48 * MiB
+        assert block.block_size_bytes(fd) == 48 * MiB
     finally:
         os.close(fd)
 
-    linux.umount2(str(mnt))
+    mount_api.umount2(str(mnt))
     unmount_later.clear()
-    linux.loop_detach(dev)
+    loopdev.loop_detach(dev)
     assert wait_detached(dev)
     with pytest.raises(OSError) as info:
-        linux.loop_detach(dev)  # nothing attached any more
+        loopdev.loop_detach(dev)  # nothing attached any more
     assert info.value.errno == errno.ENXIO
     assert info.value.filename == dev.path
 
@@ -539,11 +539,11 @@ def test_loop_device_over_ext4_image(
 @pytest.mark.root
 @needs_root
 def test_loop_direct_io_refused_falls_back_to_buffered(
-    tmp_path: Path, loops: list[linux.LoopDevice], unmount_later: list[Path]
+    tmp_path: Path, loops: list[loopdev.LoopDevice], unmount_later: list[Path]
 ) -> None:
     ramfs = tmp_path / "ramfs"  # ramfs has no O_DIRECT at all
     ramfs.mkdir()
-    linux.mount("ramfs", str(ramfs), "ramfs")
+    mount_api.mount("ramfs", str(ramfs), "ramfs")
     unmount_later.append(ramfs)
     image = ramfs / "img"
     image.write_bytes(b"\0" * MiB)
@@ -551,17 +551,17 @@ def test_loop_direct_io_refused_falls_back_to_buffered(
         os.close(os.open(image, os.O_RDONLY | os.O_DIRECT))
     assert info.value.errno == errno.EINVAL  # the premise of this test
 
-    dev = linux.loop_attach(str(image), direct_io=True)
+    dev = loopdev.loop_attach(str(image), direct_io=True)
     loops.append(dev)
     assert dev.direct_io is False
     assert sysfs_loop(dev, "loop/dio") == "0"
-    assert linux.block_size_bytes(dev.path) == MiB
+    assert block.block_size_bytes(dev.path) == MiB
 
 
 @pytest.mark.root
 @needs_root
 def test_loop_direct_io_needs_the_backing_sector_size(
-    tmp_path: Path, loops: list[linux.LoopDevice], unmount_later: list[Path]
+    tmp_path: Path, loops: list[loopdev.LoopDevice], unmount_later: list[Path]
 ) -> None:
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("needs mkfs.ext4 (e2fsprogs)")
@@ -569,41 +569,41 @@ def test_loop_direct_io_needs_the_backing_sector_size(
     outer_img = tmp_path / "outer.img"
     with open(outer_img, "wb") as f:
         f.truncate(32 * MiB)
-    outer = linux.loop_attach(str(outer_img), sector_size=4096)
+    outer = loopdev.loop_attach(str(outer_img), sector_size=4096)
     loops.append(outer)
     subprocess.run(["mkfs.ext4", "-q", "-F", outer.path], check=True, capture_output=True)
     mnt = tmp_path / "outer"
     mnt.mkdir()
-    linux.mount(outer.path, str(mnt), "ext4")
+    mount_api.mount(outer.path, str(mnt), "ext4")
     unmount_later.append(mnt)
     image = mnt / "encrypted.img"
     with open(image, "wb") as f:
         f.truncate(4 * MiB)
 
-    small = linux.loop_attach(str(image), sector_size=512)  # 512-byte O_DIRECT: impossible
+    small = loopdev.loop_attach(str(image), sector_size=512)  # 512-byte O_DIRECT: impossible
     loops.append(small)
     assert small.direct_io is False
     assert sysfs_loop(small, "loop/dio") == "0"
-    linux.loop_detach(small)
+    loopdev.loop_detach(small)
     assert wait_detached(small)
 
-    chosen = linux.loop_attach(str(image))  # the kernel picks the backing sector size
+    chosen = loopdev.loop_attach(str(image))  # the kernel picks the backing sector size
     loops.insert(0, chosen)  # detached before outer
     assert chosen.direct_io is True
-    assert linux.logical_sector_size(chosen.path) == 4096
+    assert block.logical_sector_size(chosen.path) == 4096
 
 
 @pytest.mark.root
 @needs_root
-def test_loop_read_only_with_4k_sectors(tmp_path: Path, loops: list[linux.LoopDevice]) -> None:
+def test_loop_read_only_with_4k_sectors(tmp_path: Path, loops: list[loopdev.LoopDevice]) -> None:
     image = tmp_path / "img"
     with open(image, "wb") as f:
         f.truncate(4 * MiB)
-    dev = linux.loop_attach(str(image), read_only=True, sector_size=4096)
+    dev = loopdev.loop_attach(str(image), read_only=True, sector_size=4096)
     loops.append(dev)
     assert dev.read_only
     assert sysfs_loop(dev, "ro") == "1"
-    assert linux.logical_sector_size(dev.path) == 4096
+    assert block.logical_sector_size(dev.path) == 4096
     fd = os.open(dev.path, os.O_WRONLY | os.O_CLOEXEC)  # this kernel allows the open itself
     try:
         with pytest.raises(OSError) as info:
@@ -616,12 +616,12 @@ def test_loop_read_only_with_4k_sectors(tmp_path: Path, loops: list[linux.LoopDe
 @pytest.mark.root
 @needs_root
 def test_loop_autoclear_goes_with_the_last_close(
-    tmp_path: Path, loops: list[linux.LoopDevice]
+    tmp_path: Path, loops: list[loopdev.LoopDevice]
 ) -> None:
     image = tmp_path / "img"
     with open(image, "wb") as f:
         f.truncate(MiB)
-    dev = linux.loop_attach(str(image), autoclear=True)
+    dev = loopdev.loop_attach(str(image), autoclear=True)
     loops.append(dev)
     assert dev.fd is not None and dev.autoclear
     assert sysfs_loop(dev, "loop/autoclear") == "1"
@@ -637,18 +637,18 @@ def test_fallocate_keep_size_and_punch_hole(tmp_path: Path) -> None:
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        linux.fallocate(fd, 0, 0, 4 * MiB)
+        block.fallocate(fd, 0, 0, 4 * MiB)
         st = os.fstat(fd)
         assert st.st_size == 4 * MiB and st.st_blocks * 512 >= 4 * MiB
-        linux.fallocate(fd, linux.FALLOC_FL_KEEP_SIZE, 4 * MiB, 4 * MiB)
+        block.fallocate(fd, block.FALLOC_FL_KEEP_SIZE, 4 * MiB, 4 * MiB)
         st = os.fstat(fd)
         assert st.st_size == 4 * MiB and st.st_blocks * 512 >= 8 * MiB
         before = st.st_blocks * 512
-        linux.fallocate(fd, linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, 0, 4 * MiB)
+        block.fallocate(fd, block.FALLOC_FL_PUNCH_HOLE | block.FALLOC_FL_KEEP_SIZE, 0, 4 * MiB)
         st = os.fstat(fd)
         assert st.st_size == 4 * MiB and st.st_blocks * 512 <= before - 4 * MiB
         with pytest.raises(OSError) as info:
-            linux.fallocate(fd, linux.FALLOC_FL_PUNCH_HOLE, 0, MiB)  # needs KEEP_SIZE
+            block.fallocate(fd, block.FALLOC_FL_PUNCH_HOLE, 0, MiB)  # needs KEEP_SIZE
         assert info.value.errno == errno.EOPNOTSUPP
         assert info.value.filename == str(path)
     finally:
@@ -656,7 +656,7 @@ def test_fallocate_keep_size_and_punch_hole(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with pytest.raises(OSError) as info:
-            linux.fallocate(fd, 0, 0, MiB)
+            block.fallocate(fd, 0, 0, MiB)
         assert info.value.errno == errno.EBADF
         assert info.value.filename == str(path)
     finally:
@@ -673,17 +673,17 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     plain.write_bytes(b"x")
     cases: list[tuple[Callable[[], object], int, str, str | None]] = [
-        (lambda: linux.mount(str(tmp_path), str(missing), None, linux.MS_BIND),
+        (lambda: mount_api.mount(str(tmp_path), str(missing), None, mount_api.MS_BIND),
          errno.ENOENT, str(tmp_path), str(missing)),
-        (lambda: linux.mount("tmpfs", str(missing), "tmpfs"), errno.ENOENT, str(missing), None),
-        (lambda: linux.umount2(str(tmp_path)), errno.EINVAL, str(tmp_path), None),
-        (lambda: linux.open_tree(linux.AT_FDCWD, str(missing), linux.OPEN_TREE_CLONE),
+        (lambda: mount_api.mount("tmpfs", str(missing), "tmpfs"), errno.ENOENT, str(missing), None),
+        (lambda: mount_api.umount2(str(tmp_path)), errno.EINVAL, str(tmp_path), None),
+        (lambda: mount_api.open_tree(libc.AT_FDCWD, str(missing), mount_api.OPEN_TREE_CLONE),
          errno.ENOENT, str(missing), None),
-        (lambda: linux.openat2(linux.AT_FDCWD, str(missing), os.O_RDONLY),
+        (lambda: beneath.openat2(libc.AT_FDCWD, str(missing), os.O_RDONLY),
          errno.ENOENT, str(missing), None),
-        (lambda: linux.loop_attach(str(missing)), errno.ENOENT, str(missing), None),
-        (lambda: linux.block_size_bytes(str(plain)), errno.ENOTTY, str(plain), None),
-        (lambda: linux.logical_sector_size(str(missing)), errno.ENOENT, str(missing), None),
+        (lambda: loopdev.loop_attach(str(missing)), errno.ENOENT, str(missing), None),
+        (lambda: block.block_size_bytes(str(plain)), errno.ENOTTY, str(plain), None),
+        (lambda: block.logical_sector_size(str(missing)), errno.ENOENT, str(missing), None),
     ]  # fmt: skip
     for call, expected, filename, filename2 in cases:
         with pytest.raises(OSError) as info:

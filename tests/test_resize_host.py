@@ -32,7 +32,7 @@ from pystate_initrd.formats.resize_policy import GIB, MIB, Action, PolicyParams,
 from pystate_initrd.initrd import offline_shrink
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.system import linux
+from pystate_initrd.system import block, loopdev, mount_api
 from pystate_initrd.volume import resize
 
 UUID = "0b0e7ab4-8a3c-4b8e-9d5a-3f0b7c9e1a2d"
@@ -353,20 +353,20 @@ def plain_volume(tmp_path: Path, fstype: str, size: int) -> Iterator[resize.Volu
     (state / "encrypted").mkdir(parents=True)
     image = state / "encrypted.img"
     fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
-    linux.fallocate(fd, 0, 0, size)
+    block.fallocate(fd, 0, 0, size)
     os.close(fd)
     mkfs = ["mkfs.ext4", "-q", "-F"] if fstype == "ext4" else ["mkfs.btrfs", "-q", "-f"]
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
-    loop = linux.loop_attach(str(image), direct_io=True)
+    loop = loopdev.loop_attach(str(image), direct_io=True)
     try:
-        linux.mount(loop.path, str(state / "encrypted"), fstype, 0, None)
+        mount_api.mount(loop.path, str(state / "encrypted"), fstype, 0, None)
         try:
             yield resize.find_volume(state, crypt_name=None)
         finally:
             with contextlib.suppress(OSError):
-                linux.umount2(str(state / "encrypted"))
+                mount_api.umount2(str(state / "encrypted"))
     finally:
-        linux.loop_detach(loop.path)
+        loopdev.loop_detach(loop.path)
 
 
 def write_random(path: Path, mib: int) -> str:
@@ -407,7 +407,7 @@ def test_reconcile_finishes_an_interrupted_grow(tmp_path: Path) -> None:
     with plain_volume(tmp_path, "btrfs", 300 * MIB) as vol:
         # A grow cut off after its first step: the file is larger, nothing above it.
         fd = os.open(vol.image, os.O_RDWR)
-        linux.fallocate(fd, 0, 300 * MIB, 100 * MIB)
+        block.fallocate(fd, 0, 300 * MIB, 100 * MIB)
         os.close(fd)
         assert resize.sizes(vol).loop == 300 * MIB
         change = resize.reconcile(vol)
@@ -422,10 +422,10 @@ def test_grow_refused_without_outer_space_changes_nothing(tmp_path: Path) -> Non
     with open(outer, "wb") as f:
         f.truncate(200 * MIB)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(outer)], check=True)
-    loop = linux.loop_attach(str(outer))
+    loop = loopdev.loop_attach(str(outer))
     mnt = tmp_path / "outer"
     mnt.mkdir()
-    linux.mount(loop.path, str(mnt), "ext4", 0, None)
+    mount_api.mount(loop.path, str(mnt), "ext4", 0, None)
     try:
         with plain_volume(mnt, "btrfs", 120 * MIB) as vol:
             with pytest.raises(resize.ResizeError, match="nothing was changed"):
@@ -433,8 +433,8 @@ def test_grow_refused_without_outer_space_changes_nothing(tmp_path: Path) -> Non
             assert resize.sizes(vol).file == 120 * MIB
             assert os.stat(vol.image).st_blocks * 512 < 130 * MIB  # the blocks given back
     finally:
-        linux.umount2(str(mnt))
-        linux.loop_detach(loop.path)
+        mount_api.umount2(str(mnt))
+        loopdev.loop_detach(loop.path)
 
 
 @needs_root
@@ -472,11 +472,11 @@ def unmounted_ext4(tmp_path: Path, size: int, data_mib: int) -> Iterator[tuple[P
     state = tmp_path / "state"
     with plain_volume(tmp_path, "ext4", size) as vol:
         digest = write_random(vol.mountpoint / "data", data_mib)
-    loop = linux.loop_attach(str(state / "encrypted.img"), direct_io=True)
+    loop = loopdev.loop_attach(str(state / "encrypted.img"), direct_io=True)
     try:
         yield state, loop.path, digest
     finally:
-        linux.loop_detach(loop.path)
+        loopdev.loop_detach(loop.path)
 
 
 def shrink_request(state: Path, size: int, current: int) -> None:
@@ -487,11 +487,11 @@ def shrink_request(state: Path, size: int, current: int) -> None:
 def read_back(loop: str, tmp_path: Path) -> str:
     mnt = tmp_path / "check"
     mnt.mkdir(exist_ok=True)
-    linux.mount(loop, str(mnt), "ext4", linux.MS_RDONLY, None)
+    mount_api.mount(loop, str(mnt), "ext4", mount_api.MS_RDONLY, None)
     try:
         return hashlib.sha256((mnt / "data").read_bytes()).hexdigest()
     finally:
-        linux.umount2(str(mnt))
+        mount_api.umount2(str(mnt))
 
 
 @needs_root
@@ -503,7 +503,7 @@ def test_offline_shrink_applies_a_valid_request(tmp_path: Path) -> None:
         )
         assert detail is not None and "512 MiB -> 300 MiB" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB
-        assert linux.block_size_bytes(loop) == 300 * MIB
+        assert block.block_size_bytes(loop) == 300 * MIB
         assert resize.pending_request(state) is None
         fsck = subprocess.run(
             ["e2fsck", "-f", "-n", loop], capture_output=True, text=True, check=False

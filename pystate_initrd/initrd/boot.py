@@ -75,7 +75,7 @@ def run_boot(paths: BootPaths) -> int:
     from pystate_initrd import config as config_mod
     from pystate_initrd.formats import fsprobe, plan
     from pystate_initrd.initrd import discover, mounts
-    from pystate_initrd.system import fsck, linux
+    from pystate_initrd.system import fsck, mount_api
 
     cmdline = paths.cmdline.read_text(errors="replace")
     # Debugging is off until the configuration says otherwise: pystate.debug is read by
@@ -116,11 +116,11 @@ def run_boot(paths: BootPaths) -> int:
             target = _state_mountpoint(paths)
             # The outer file system is writable by anyone holding the disk, so nothing on
             # it may be a set-uid program or a device node; plain entries inherit this.
-            flags = linux.MS_NOSUID | linux.MS_NODEV
+            flags = mount_api.MS_NOSUID | mount_api.MS_NODEV
             if read_only:
-                flags |= linux.MS_RDONLY
+                flags |= mount_api.MS_RDONLY
             try:
-                linux.mount(choice.device, str(target), fs.fstype, flags, None)
+                mount_api.mount(choice.device, str(target), fs.fstype, flags, None)
             except OSError as exc:
                 raise BootError(
                     f"mounting the state partition {choice.device} ({fs.fstype}) on {target} "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats.plan import Mount, MountMode
-from pystate_initrd.system import linux
+from pystate_initrd.system import beneath, mount_api
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -46,12 +46,12 @@ def _open_target(root_fd: int, sysroot: Path, target: str) -> tuple[int, bool]:
     """Open the target beneath the new root, creating it where the root is writable."""
     rel = target.lstrip("/")
     try:
-        return linux.open_beneath(root_fd, rel, _O_PATH_DIR), False
+        return beneath.open_beneath(root_fd, rel, _O_PATH_DIR), False
     except FileNotFoundError:
         pass
     try:
-        linux.mkdir_beneath(root_fd, rel, 0o755)
-        return linux.open_beneath(root_fd, rel, _O_PATH_DIR), True
+        beneath.mkdir_beneath(root_fd, rel, 0o755)
+        return beneath.open_beneath(root_fd, rel, _O_PATH_DIR), True
     except OSError as exc:
         if exc.errno == errno.EROFS:
             raise MountError(
@@ -67,19 +67,19 @@ def _open_target(root_fd: int, sysroot: Path, target: str) -> tuple[int, bool]:
 def _overlay(mount: Mount, src: int, tgt: int, area_fd: int) -> None:
     """Overlay: lower is the image's directory, upper the entry, work in <area>/.pystate/."""
     work_rel = f".pystate/overlay-work/{mount.name}"
-    linux.mkdir_beneath(area_fd, work_rel, 0o700)
-    work = linux.open_beneath(area_fd, work_rel, _O_PATH_DIR)
+    beneath.mkdir_beneath(area_fd, work_rel, 0o700)
+    work = beneath.open_beneath(area_fd, work_rel, _O_PATH_DIR)
     with _fd(work):
         # /proc/self/fd paths pin the directories opened above without following symlinks.
         data = (
             f"lowerdir=/proc/self/fd/{tgt},upperdir=/proc/self/fd/{src},"
             f"workdir=/proc/self/fd/{work}"
         )
-        linux.mount(
+        mount_api.mount(
             "overlay",
             f"/proc/self/fd/{tgt}",
             "overlay",
-            linux.mount_flags(mount.options),
+            mount_api.mount_flags(mount.options),
             data,
         )
 
@@ -88,7 +88,7 @@ def apply_mount(mount: Mount, *, root_fd: int, sysroot: Path, area_fds: dict[str
     """Make one planned mount; raise MountError naming the entry and the target."""
     area_fd = area_fds[str(mount.area)]
     try:
-        src = linux.open_beneath(area_fd, mount.name, _O_PATH_DIR)
+        src = beneath.open_beneath(area_fd, mount.name, _O_PATH_DIR)
     except OSError as exc:
         raise MountError(
             f"state entry {mount.name!r} ({mount.area}) cannot be opened safely: {exc.strerror}"
@@ -102,7 +102,7 @@ def apply_mount(mount: Mount, *, root_fd: int, sysroot: Path, area_fds: dict[str
                 else:
                     # Options are set on the detached clone, so the mount is never
                     # visible without them (nosuid,nodev on /home).
-                    linux.bind_mount_fd(src, tgt_fd, flags=linux.mount_flags(mount.options))
+                    mount_api.bind_mount_fd(src, tgt_fd, flags=mount_api.mount_flags(mount.options))
             except OSError as exc:
                 raise MountError(
                     f"{mount.mode} mount of {mount.area} entry {mount.name!r} onto "
@@ -125,9 +125,9 @@ def apply_plan(
         for d in reversed(done):
             # Best effort: the boot stops anyway and nothing was written.
             with contextlib.suppress(OSError):
-                linux.umount2(
+                mount_api.umount2(
                     str(sysroot / d.mount.target.lstrip("/")),
-                    linux.MNT_DETACH | linux.UMOUNT_NOFOLLOW,
+                    mount_api.MNT_DETACH | mount_api.UMOUNT_NOFOLLOW,
                 )
         raise
     finally:

@@ -34,7 +34,7 @@ from pystate_initrd.formats import fsprobe
 from pystate_initrd.formats.resize_policy import human_size, params_from_config
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.system import fsck, linux, luks
+from pystate_initrd.system import fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume.resize import (
     DM_NAME,
@@ -270,7 +270,7 @@ def _apply(
         os.close(fd)
     timed("truncate", t0)
     t0 = time.monotonic()
-    linux.loop_set_capacity(loop)
+    loopdev.loop_set_capacity(loop)
     timed("loop-capacity", t0)
     remove_request(state_dir)
     seconds = time.monotonic() - begin

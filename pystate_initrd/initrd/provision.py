@@ -37,7 +37,7 @@ from pystate_initrd.formats.token import encode_token_json
 from pystate_initrd.initrd import seed, unlock
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
-from pystate_initrd.system import linux, luks, tpm2
+from pystate_initrd.system import block, luks, tpm2
 from pystate_initrd.system.run import CommandError, run
 
 IMAGE = "encrypted.img"
@@ -115,7 +115,7 @@ def allocate(path: Path, size: int, allocation: Allocation) -> None:
     try:
         if allocation is Allocation.FULL:
             try:
-                linux.fallocate(fd, 0, 0, size)
+                block.fallocate(fd, 0, 0, size)
             except OSError as exc:
                 raise ProvisionError(
                     f"allocating {human_size(size)} for {path} failed: {exc.strerror}"

@@ -28,7 +28,7 @@ from pystate_initrd.formats import fsprobe, recovery
 from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
-from pystate_initrd.system import fsck, linux, luks, tpm2
+from pystate_initrd.system import fsck, loopdev, luks, mount_api, tpm2
 
 DM_PATH = f"/dev/mapper/{luks.DM_NAME}"
 INNER_TYPES = ("ext4", "btrfs")
@@ -112,9 +112,9 @@ def wait_for_tpm(tcti: str | None, seconds: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def attach(image: Path, *, read_only: bool = False) -> linux.LoopDevice:
+def attach(image: Path, *, read_only: bool = False) -> loopdev.LoopDevice:
     try:
-        return linux.loop_attach(str(image), read_only=read_only, direct_io=True)
+        return loopdev.loop_attach(str(image), read_only=read_only, direct_io=True)
     except OSError as exc:
         raise UnlockError(f"attaching {image} to a loop device failed: {exc.strerror}") from None
 
@@ -146,7 +146,9 @@ def mount_inner(mountpoint: Path, fstype: str, *, read_only: bool = False) -> Pa
             raise UnlockError(f"{mountpoint} is not a directory; cannot mount the image there")
         mountpoint.mkdir(mode=0o700)
     try:
-        linux.mount(DM_PATH, str(mountpoint), fstype, linux.MS_RDONLY if read_only else 0, None)
+        mount_api.mount(
+            DM_PATH, str(mountpoint), fstype, mount_api.MS_RDONLY if read_only else 0, None
+        )
     except OSError as exc:
         raise UnlockError(
             f"mounting {DM_PATH} ({fstype}) on {mountpoint} failed: {exc.strerror}"
@@ -244,13 +246,13 @@ def teardown(loop: str | None, mountpoint: Path | None) -> None:
     """Undo mount, mapping and loop device, best effort (the boot is failing anyway)."""
     if mountpoint is not None and os.path.ismount(mountpoint):
         with contextlib.suppress(OSError):
-            linux.umount2(str(mountpoint))
+            mount_api.umount2(str(mountpoint))
     if os.path.exists(DM_PATH):
         with contextlib.suppress(luks.LuksError):
             luks.close()
     if loop:
         with contextlib.suppress(OSError):
-            linux.loop_detach(loop)
+            loopdev.loop_detach(loop)
 
 
 def _free_slot(header: luks.Luks2Header) -> int:
@@ -364,7 +366,7 @@ def unlock(
             reason = str(exc)
             s.detail = f"failed: {reason}"
 
-    loop: linux.LoopDevice | None = None
+    loop: loopdev.LoopDevice | None = None
     opened_with: tuple[bytearray, int] | None = None
     try:
         with report.step("loop-attach") as s:

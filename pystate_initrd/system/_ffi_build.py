@@ -1,4 +1,4 @@
-"""The C declarations behind pystate_initrd.system.linux, for cffi's out-of-line ABI mode.
+"""The C declarations behind system/libc.py and its users, for cffi's out-of-line ABI mode.
 
 At build time this file turns the declarations below into ``_linux_ffi.py``, a
 pure-Python module that imports only ``_cffi_backend``: the initrd then needs
@@ -75,7 +75,7 @@ struct loop_config {
 };
 """
 
-# Written into the generated module so linux.py can notice a stale file in a dev checkout.
+# Written into the generated module so libc.py can notice a stale file in a dev checkout.
 CDEF_SHA256 = hashlib.sha256(CDEF.encode()).hexdigest()
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats.resize_policy import MIB, Space, human_size
-from pystate_initrd.system import linux
+from pystate_initrd.system import block, loopdev
 from pystate_initrd.system.run import CommandError, run
 
 IMAGE = "encrypted.img"  # the names of provision.py, repeated to keep this module light
@@ -272,8 +272,8 @@ def read_fs_size(device: str, fstype: str) -> int:
 def sizes(vol: Volume) -> Sizes:
     return Sizes(
         file=os.stat(vol.image).st_size,
-        loop=linux.block_size_bytes(vol.loop),
-        device=linux.block_size_bytes(vol.device),
+        loop=block.block_size_bytes(vol.loop),
+        device=block.block_size_bytes(vol.device),
         fs=read_fs_size(vol.device, vol.fstype),
     )
 
@@ -411,7 +411,7 @@ def grow(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
                 else:
                     # Mode 0 allocates every block and moves EOF: no hole for the inner fs
                     # to hit ENOSPC in later (SPEC §5).
-                    linux.fallocate(fd, 0, before, target - before)
+                    block.fallocate(fd, 0, before, target - before)
                 os.fsync(fd)  # the new size is durable before any layer above uses it
             except OSError as exc:
                 # Blocks allocated beyond the old end are given back; the size is unchanged.
@@ -432,7 +432,7 @@ def grow(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
 def finish_grow(vol: Volume, change: Change, hook: Hook = _no_hook) -> None:
     """Steps 2-4 of a grow: each layer takes the size of the one below it."""
     with _step(change, "loop-capacity", hook):
-        linux.loop_set_capacity(vol.loop)
+        loopdev.loop_set_capacity(vol.loop)
     with _step(change, "crypt-resize", hook):
         _crypt_resize(vol, None)
     with _step(change, "fs-grow", hook):
@@ -479,7 +479,7 @@ def shrink_online(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
     finally:
         os.close(fd)
     with _step(change, "loop-capacity", hook):
-        linux.loop_set_capacity(vol.loop)
+        loopdev.loop_set_capacity(vol.loop)
     change.seconds = time.monotonic() - begin
     return change
 

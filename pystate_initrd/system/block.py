@@ -1,0 +1,57 @@
+"""Block devices and files: sizes, logical sectors, fallocate."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+
+from pystate_initrd.system import libc
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# linux/fs.h: BLKSSZGET = _IO(0x12, 104); BLKGETSIZE64 = _IOR(0x12, 114, size_t) with
+# the asm-generic ioctl encoding that x86_64 and aarch64 share.
+BLKSSZGET = 0x1268
+BLKGETSIZE64 = 0x80081272
+
+
+# --- block devices and files ---
+
+
+def _block_ioctl(fd_or_path: int | str, request: int, fmt_size: int) -> int:
+    if isinstance(fd_or_path, int):
+        fd, name, owned = fd_or_path, libc.fd_name(fd_or_path), False
+    else:
+        fd, name, owned = os.open(fd_or_path, os.O_RDONLY | os.O_CLOEXEC), fd_or_path, True
+    try:
+        buf = bytearray(fmt_size)
+        fcntl.ioctl(fd, request, buf)
+    except OSError as exc:
+        libc.fail(exc.errno or errno.EIO, name)
+    finally:
+        if owned:
+            os.close(fd)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def block_size_bytes(fd_or_path: int | str) -> int:
+    """Size of a block device in bytes (BLKGETSIZE64); ENOTTY for anything else."""
+    return _block_ioctl(fd_or_path, BLKGETSIZE64, 8)
+
+
+def logical_sector_size(fd_or_path: int | str) -> int:
+    """Logical sector size of a block device in bytes (BLKSSZGET)."""
+    return _block_ioctl(fd_or_path, BLKSSZGET, 4)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with FALLOC_FL_* mode bits (os.posix_fallocate has none)."""
+    ffi, c = libc.ffi_libc()
+    while c.fallocate(fd, mode, offset, length) != 0:
+        err = ffi.errno
+        if err != errno.EINTR:
+            libc.fail(err, libc.fd_name(fd))
