@@ -505,5 +505,5 @@ def test_root_disk_from_mountinfo(
     info.write_text(
         "22 27 0:21 / /proc rw - proc proc rw\n99 1 " + line.format(mm=mm, p3=p3) + "\n"
     )
-    got = root_disk_of("/with space", mountinfo=info)
+    got = root_disk_of("/with space", mountinfo_path=info)
     assert got == (f"/dev/{loop.name}" if expected else None)

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from pystate_initrd.booted import resized
 from pystate_initrd.config import Config
+from pystate_initrd.formats import superblock
 from pystate_initrd.formats.resize_policy import GIB, MIB, Action, PolicyParams, Space, decide
 from pystate_initrd.initrd import offline_shrink
 from pystate_initrd.log import Log
@@ -278,10 +279,10 @@ def test_fs_size_from_real_superblocks(fstype: str, tmp_path: Path) -> None:
     mkfs = ["mkfs.ext4", "-q", "-F"] if fstype == "ext4" else ["mkfs.btrfs", "-q", "-f"]
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
     head = image.read_bytes()[:0x10100]
-    assert resize.fs_size_from_superblock(head, fstype) == 300 * MIB
-    assert resize.fs_size_from_superblock(bytes(0x10100), fstype) is None
+    assert superblock.fs_size(head, fstype) == 300 * MIB
+    assert superblock.fs_size(bytes(0x10100), fstype) is None
     if fstype == "ext4":
-        usage = offline_shrink.ext4_usage(head)
+        usage = superblock.ext4_usage(head)
         assert usage is not None and usage.size == 300 * MIB and 0 < usage.used < 40 * MIB
         out = subprocess.run(
             ["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=False

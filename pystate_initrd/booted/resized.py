@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pystate_initrd.config import Config, load_config, parse_size
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import names
 from pystate_initrd.formats.resize_policy import (
     MIB,
     Action,
@@ -56,7 +57,7 @@ class ServiceError(PystateError):
 
 def find_state_dir(candidates: tuple[Path, ...] = STATE_DIRS) -> Path:
     for path in candidates:
-        if (path / resize.IMAGE).is_file():
+        if (path / names.IMAGE).is_file():
             return path
     raise ServiceError(
         "no encrypted.img in " + " or ".join(map(str, candidates)) + ": nothing to resize"
@@ -269,7 +270,7 @@ def make_service(
     vol = resize.find_volume(
         state_dir,
         sparse=str(cfg.allocation) == "sparse",
-        crypt_name=None if plain else resize.DM_NAME,
+        crypt_name=None if plain else names.DM_NAME,
     )
     hook = resize.power_cut_hook(debug_stop, log.error)
     return Service(vol, params, log, status_file=status_file, hook=hook)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pystate_initrd.booted import resized
+from pystate_initrd.formats import mountinfo, names
 from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token
 from pystate_initrd.system import luks
@@ -43,20 +44,16 @@ def _space(path: Path) -> dict[str, Any]:
 
 def _mounted(root: Path) -> dict[str, str]:
     """Mount point -> source, from mountinfo, for the mounts below root."""
-    found: dict[str, str] = {}
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        mounts = mountinfo.parse(Path(mountinfo.MOUNTINFO).read_text())
     except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        if " - " not in line or len(fields) < 10:
-            continue
-        sep = fields.index("-")
-        point = fields[4].encode().decode("unicode_escape")
-        found[point] = fields[sep + 2]
+        return {}
     prefix = str(root).rstrip("/")
-    return {p[len(prefix) :] or "/": s for p, s in found.items() if p.startswith(prefix)}
+    return {
+        m.mountpoint[len(prefix) :] or "/": m.source
+        for m in mounts
+        if m.mountpoint.startswith(prefix)
+    }
 
 
 def _header(image: Path) -> dict[str, Any]:
@@ -122,7 +119,7 @@ def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, An
     if isinstance(state, dict) and state.get("mountpoint"):
         state_dir = _booted_path(str(state["mountpoint"]), root)
         status["outer"] = {**_space(state_dir), "fstype": state.get("fstype")}
-        image = state_dir / "encrypted.img"
+        image = state_dir / names.IMAGE
         enc = report.get("encrypted") or {}
         status["encrypted"] = {"boot": enc}
         if image.exists():
@@ -133,7 +130,7 @@ def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, An
                 "allocated": st.st_blocks * 512,
             }
             status["encrypted"]["luks"] = _header(image)
-            status["encrypted"]["inner"] = _space(state_dir / "encrypted")
+            status["encrypted"]["inner"] = _space(state_dir / names.MOUNT_DIR)
             status["resize"] = resized.status_view(state_dir)  # policy, last change, request
     live = _mounted(root)
     status["mounts"] = [

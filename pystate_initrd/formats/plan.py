@@ -21,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import names
 from pystate_initrd.formats.escape import NAME_MAX, EscapeError, escape_path, unescape_path
 
 
@@ -109,8 +110,8 @@ class MountPlan:
 # SPEC §3: names with a meaning of their own in each area.
 _RESERVED: Mapping[Area, frozenset[str]] = MappingProxyType(
     {
-        Area.PLAIN: frozenset({"encrypted.img", "encrypted", "encrypted.img.new", "lost+found"}),
-        Area.ENCRYPTED: frozenset({".pystate", "lost+found"}),
+        Area.PLAIN: names.RESERVED_PLAIN,
+        Area.ENCRYPTED: names.RESERVED_ENCRYPTED,
     }
 )
 
@@ -127,7 +128,7 @@ FORBIDDEN_PREFIXES = (
     "/sysroot",
 )
 # The targets of reserved names (SPEC §4).
-RESERVED_TARGETS = frozenset({"/encrypted", "/encrypted.img", "/encrypted.img.new", "/lost+found"})
+RESERVED_TARGETS = frozenset("/" + name for name in names.RESERVED_PLAIN)
 
 # Mount options by target (SPEC §4); any other target keeps what the image has.
 _OPTIONS: Mapping[str, tuple[str, ...]] = MappingProxyType({"/home": ("nosuid", "nodev")})

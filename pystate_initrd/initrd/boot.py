@@ -73,9 +73,9 @@ def publish_config(paths: BootPaths, log: Log) -> None:
 
 def run_boot(paths: BootPaths) -> int:
     from pystate_initrd import config as config_mod
-    from pystate_initrd.formats import fsprobe, plan
+    from pystate_initrd.formats import plan
     from pystate_initrd.initrd import discover, mounts
-    from pystate_initrd.system import fsck, mount_api
+    from pystate_initrd.system import block, fsck, mount_api
 
     cmdline = paths.cmdline.read_text(errors="replace")
     # Debugging is off until the configuration says otherwise: pystate.debug is read by
@@ -99,7 +99,7 @@ def run_boot(paths: BootPaths) -> int:
             s.detail = f"{choice.device} (PARTUUID {choice.part_uuid}, {choice.reason})"
             report.facts["partition"] = choice.to_json()
         with report.step("probe") as s:
-            fs = fsprobe.probe(choice.device)
+            fs = block.probe(choice.device)
             s.detail = f"{fs.fstype} {fs.uuid}"
 
         read_only = choice.read_only

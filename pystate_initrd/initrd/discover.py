@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 import stat
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -31,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import fsprobe
+from pystate_initrd.formats import mountinfo
 from pystate_initrd.formats.gpt import STATE_TYPE_GUID, GptError, GptTable, Partition, read_gpt
+from pystate_initrd.system import block
 
 LOADER_PARTUUID_VARIABLE = "LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 _VIRTUAL_PREFIXES = ("loop", "ram", "zram")
@@ -358,32 +358,18 @@ def disk_of_devnum(major: int, minor: int, sys_dir: str | Path = "/sys") -> str 
     return f"/dev/{disks.pop()}" if len(disks) == 1 else None
 
 
-def _unescape_mountinfo(field: str) -> str:
-    """Undo the kernel's octal escapes (space, tab, newline, backslash) in a mountinfo field."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def root_disk_of(
     mountpoint: str | Path = "/sysroot",
     *,
-    mountinfo: str | Path = "/proc/self/mountinfo",
+    mountinfo_path: str | Path = mountinfo.MOUNTINFO,
     sys_dir: str | Path = "/sys",
 ) -> str | None:
     """The disk under the file system mounted at `mountpoint`, or None (not mounted, tmpfs…)."""
     target = os.path.normpath(str(mountpoint))
-    found: tuple[str, str] | None = None
-    for line in Path(mountinfo).read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 10 or "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        mnt = _unescape_mountinfo(fields[4])
-        if mnt == target and len(fields) > sep + 2:
-            found = (fields[2], fields[sep + 2])  # the last mount there is the visible one
+    found = mountinfo.visible_at(mountinfo.parse(Path(mountinfo_path).read_text()), target)
     if found is None:
         return None
-    devnum, source = found
-    major, minor = (int(x) for x in devnum.split(":"))
+    (major, minor), source = found.devnum, found.source
     if major == 0 and source.startswith("/dev/"):
         # btrfs and others report an anonymous device number; its source names the device.
         try:
@@ -402,8 +388,8 @@ def root_disk_of(
 def read_fs_uuid(device: str | Path) -> uuid.UUID | None:
     """File-system UUID of a device or image; None when unreadable or unrecognized."""
     try:
-        return fsprobe.probe(str(device)).uuid
-    except fsprobe.FsProbeError:
+        return block.probe(str(device)).uuid
+    except block.FsProbeError:
         return None
 
 
@@ -435,13 +421,15 @@ def discover_state(
     sysroot: str | Path = "/sysroot",
     sys_dir: str | Path = "/sys",
     efivars: str | Path = "/sys/firmware/efi/efivars",
-    mountinfo: str | Path = "/proc/self/mountinfo",
+    mountinfo_path: str | Path = mountinfo.MOUNTINFO,
     include_virtual: bool = False,
 ) -> StateChoice:
     """Find the state partition on this machine: scan, then apply the rules."""
     if state and state.startswith("/") and os.path.exists(state):
         state = os.path.realpath(state)  # /dev/disk/by-… links, where something made them
-    root_disk = None if state else root_disk_of(sysroot, mountinfo=mountinfo, sys_dir=sys_dir)
+    root_disk = (
+        None if state else root_disk_of(sysroot, mountinfo_path=mountinfo_path, sys_dir=sys_dir)
+    )
     also = [os.path.basename(root_disk)] if root_disk else []
     if state and state.startswith("/dev/"):
         # A named device's own disk is read even when virtual (loop, …): its GPT

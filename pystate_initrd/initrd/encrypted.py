@@ -26,11 +26,10 @@ from pathlib import Path
 
 from pystate_initrd.config import Config, parse_cmdline
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import names
 from pystate_initrd.initrd import provision, unlock
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import askpass, luks, tpm2
-
-RESERVED = frozenset({provision.IMAGE, provision.NEW_IMAGE, provision.MOUNT_DIR, "lost+found"})
 
 
 class EncryptedError(PystateError):
@@ -61,14 +60,14 @@ def _power_cut_hook(report: BootReport, stop_at: str | None) -> provision.Hook:
 def factory_reset(state_dir: Path) -> list[str]:
     """Crypto-erase encrypted.img and delete it and every plain entry; what went."""
     gone = []
-    image = state_dir / provision.IMAGE
+    image = state_dir / names.IMAGE
     if image.is_file() and not image.is_symlink():
         # Not a LUKS image: nothing to erase; it is deleted all the same.
         with contextlib.suppress(luks.NotLuks):
             luks.erase(image)
-        gone.append(provision.IMAGE)
+        gone.append(names.IMAGE)
     for entry in os.scandir(state_dir):
-        if entry.name.startswith(".") or entry.name in RESERVED - {provision.IMAGE}:
+        if entry.name.startswith(".") or entry.name in names.RESERVED_PLAIN - {names.IMAGE}:
             continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)
@@ -106,8 +105,8 @@ def setup(
 ) -> Path | None:
     """Provision or unlock encrypted.img; the opened image's mount point, or None."""
     log = report.log
-    image = state_dir / provision.IMAGE
-    mountpoint = state_dir / provision.MOUNT_DIR
+    image = state_dir / names.IMAGE
+    mountpoint = state_dir / names.MOUNT_DIR
     debug = _debug_words(cmdline)
 
     if read_only:
@@ -122,10 +121,10 @@ def setup(
         with report.step("factory-reset") as s:
             gone = factory_reset(state_dir)
             s.detail = "removed " + (", ".join(gone) or "nothing")
-    if (state_dir / provision.NEW_IMAGE).exists() or (state_dir / provision.NEW_IMAGE).is_symlink():
+    if (state_dir / names.NEW_IMAGE).exists() or (state_dir / names.NEW_IMAGE).is_symlink():
         with report.step("discard-leftover") as s:
             provision.remove_leftover(state_dir)
-            s.detail = f"deleted {provision.NEW_IMAGE} of an interrupted first boot"
+            s.detail = f"deleted {names.NEW_IMAGE} of an interrupted first boot"
 
     if "pystate.debug-extend-pcr" in debug:
         index = int(debug["pystate.debug-extend-pcr"])

@@ -25,25 +25,22 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pystate_initrd.config import Config, parse_cmdline
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import fsprobe
+from pystate_initrd.formats import superblock
+from pystate_initrd.formats.names import DM_NAME, IMAGE
 from pystate_initrd.formats.resize_policy import human_size, params_from_config
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.system import fsck, loopdev, luks
+from pystate_initrd.system import block, fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume.resize import (
-    DM_NAME,
-    IMAGE,
     Hook,
     RequestError,
     ShrinkRequest,
     crypt_resize_argv,
-    fs_size_from_superblock,
     parse_request,
     power_cut_hook,
     read_request,
@@ -59,51 +56,14 @@ class OfflineShrinkError(PystateError):
     """The shrink failed in a way that leaves the file system needing a person."""
 
 
-@dataclass(frozen=True)
-class Ext4Usage:
-    block_size: int
-    blocks: int
-    free: int
-
-    @property
-    def size(self) -> int:
-        return self.blocks * self.block_size
-
-    @property
-    def used(self) -> int:
-        return (self.blocks - self.free) * self.block_size
-
-
-def ext4_usage(head: bytes) -> Ext4Usage | None:
-    """Block size, block count and free blocks from an ext4 superblock (pure).
-
-    After ``e2fsck -f`` the free count is exact; metadata (inode tables, journal) counts
-    as used, which is what resize2fs has to keep.
-    """
-    size = fs_size_from_superblock(head, "ext4")
-    if size is None:
-        return None
-    sb = head[1024:]
-    block_size = 1024 << int.from_bytes(sb[0x18:0x1C], "little")
-    incompat = int.from_bytes(sb[0x60:0x64], "little")
-    free_lo = int.from_bytes(sb[0xC:0x10], "little")
-    free_hi = int.from_bytes(sb[0x158:0x15C], "little") if incompat & 0x80 else 0
-    return Ext4Usage(block_size, size // block_size, (free_hi << 32) | free_lo)
-
-
-def read_ext4_usage(device: str) -> Ext4Usage:
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = os.pread(fd, 4096, 0)
-    finally:
-        os.close(fd)
-    usage = ext4_usage(head)
+def read_ext4_usage(device: str) -> superblock.Ext4Usage:
+    usage = superblock.ext4_usage(block.read_head(device))
     if usage is None:
         raise OfflineShrinkError(f"{device} holds no ext4 superblock")
     return usage
 
 
-def check_fs_bounds(req: ShrinkRequest, usage: Ext4Usage, margin_of: int) -> str | None:
+def check_fs_bounds(req: ShrinkRequest, usage: superblock.Ext4Usage, margin_of: int) -> str | None:
     """Why fs_size is too small for the data measured offline (pure); None if it fits."""
     if req.fs_size < usage.used + margin_of:
         return (
@@ -205,8 +165,8 @@ def _apply(
     if why:
         return _drop(state_dir, log, why)
     try:
-        fstype = fsprobe.probe(device).fstype
-    except fsprobe.FsProbeError as exc:
+        fstype = block.probe(device).fstype
+    except block.FsProbeError as exc:
         return _drop(state_dir, log, str(exc))
     if fstype != "ext4":
         return _drop(state_dir, log, f"the image holds {fstype}, which shrinks online")

@@ -26,6 +26,14 @@ from pystate_initrd.config import Allocation, Area, Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import recovery
 from pystate_initrd.formats.escape import escape_path
+from pystate_initrd.formats.names import (
+    DM_PATH,
+    IMAGE,
+    META_DIR,
+    MOUNT_DIR,
+    NEW_IMAGE,
+    RECOVERY_FILE,
+)
 from pystate_initrd.formats.resize_policy import (
     ALIGN,
     PPM,
@@ -40,11 +48,6 @@ from pystate_initrd.secret import Secret
 from pystate_initrd.system import block, luks, tpm2
 from pystate_initrd.system.run import CommandError, run
 
-IMAGE = "encrypted.img"
-NEW_IMAGE = "encrypted.img.new"
-MOUNT_DIR = "encrypted"
-META_DIR = ".pystate"
-RECOVERY_FILE = "recovery-key"
 HEADER_SIZE = 16 * 1024 * 1024  # cryptsetup 2.6's default LUKS2 header (both copies + slots)
 FS_LABEL = "pystate"
 
@@ -258,10 +261,10 @@ def provision(
             undo.callback(unlock.teardown, loop.path, state_dir / MOUNT_DIR)
             luks.open(loop.path, key=secret.value, key_slot=luks.TPM2_KEYSLOT)
             try:
-                run(mkfs_argv(unlock.DM_PATH, str(cfg.inner_fs)))
+                run(mkfs_argv(DM_PATH, str(cfg.inner_fs)))
             except CommandError as exc:
                 raise ProvisionError(f"making the encrypted file system failed: {exc}") from None
-            s.detail = f"{cfg.inner_fs} on {unlock.DM_PATH}"
+            s.detail = f"{cfg.inner_fs} on {DM_PATH}"
         hook("mkfs")
         with report.step("layout") as s:
             mountpoint = unlock.mount_inner(state_dir / MOUNT_DIR, str(cfg.inner_fs))

@@ -24,13 +24,13 @@ from typing import Any
 
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import fsprobe, recovery
+from pystate_initrd.formats import recovery
+from pystate_initrd.formats.names import DM_NAME, DM_PATH
 from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
-from pystate_initrd.system import fsck, loopdev, luks, mount_api, tpm2
+from pystate_initrd.system import block, fsck, loopdev, luks, mount_api, tpm2
 
-DM_PATH = f"/dev/mapper/{luks.DM_NAME}"
 INNER_TYPES = ("ext4", "btrfs")
 
 # ask(prompt, attempt) -> the typed text in a bytearray (caller wipes), None: nobody there.
@@ -122,8 +122,8 @@ def attach(image: Path, *, read_only: bool = False) -> loopdev.LoopDevice:
 def check_inner(read_only: bool = False) -> tuple[str, str]:
     """The inner file system's type and fsck verdict; UnlockError stops the boot."""
     try:
-        info = fsprobe.probe(DM_PATH)
-    except fsprobe.FsProbeError:
+        info = block.probe(DM_PATH)
+    except block.FsProbeError:
         info = None
     if info is None or info.fstype not in INNER_TYPES:
         raise UnlockError(
@@ -192,7 +192,7 @@ def dm_table_request(name: str) -> bytearray:
     return buf
 
 
-def dm_table_key(buf: bytearray, name: str = luks.DM_NAME) -> bytearray:
+def dm_table_key(buf: bytearray, name: str = DM_NAME) -> bytearray:
     """The hex key of the crypt target in a DM_TABLE_STATUS reply, decoded in place (pure)."""
     import struct
 
@@ -220,7 +220,7 @@ def dm_table_key(buf: bytearray, name: str = luks.DM_NAME) -> bytearray:
     return key
 
 
-def dm_volume_key(name: str = luks.DM_NAME) -> bytearray:
+def dm_volume_key(name: str = DM_NAME) -> bytearray:
     """The volume key of an active dm-crypt mapping, from its table: no process (SPEC §10).
 
     The key is in the table because the mapping was opened without the kernel keyring.
@@ -377,7 +377,7 @@ def unlock(
                 try:
                     luks.open(loop.path, key=secret, key_slot=token[2], readonly=read_only)
                     opened_with = (secret, token[2])
-                    s.detail = f"keyslot {token[2]} as {luks.DM_NAME}"
+                    s.detail = f"keyslot {token[2]} as {DM_NAME}"
                 except (luks.BadKey, luks.NoKeyslot) as exc:
                     reason = f"the unsealed key does not open keyslot {token[2]}: {exc}"
                     s.detail = f"failed: {reason}"

@@ -1,4 +1,4 @@
-"""Block devices and files: sizes, logical sectors, fallocate."""
+"""Block devices and files: sizes, logical sectors, fallocate, the bytes of a superblock."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import fcntl
 import os
 import sys
 
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import superblock
 from pystate_initrd.system import libc
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -55,3 +57,39 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = ffi.errno
         if err != errno.EINTR:
             libc.fail(err, libc.fd_name(fd))
+
+
+# --- superblocks ---
+
+
+class FsProbeError(PystateError):
+    """The device holds no file system pystate knows, or could not be read."""
+
+
+def read_head(device: str) -> bytes:
+    """The first superblock.HEAD_BYTES bytes of a device or image, through the page cache.
+
+    Buffered on purpose: a mounted ext4 keeps its superblock buffer in the block device's
+    page cache, so this sees an online resize before the journal is checkpointed.
+    """
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FsProbeError(f"cannot open {device}: {exc.strerror}") from None
+    try:
+        return os.pread(fd, superblock.HEAD_BYTES, 0)
+    except OSError as exc:
+        raise FsProbeError(f"cannot read {device}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def probe(device: str) -> superblock.FsInfo:
+    """Which file system device holds; FsProbeError when none pystate knows."""
+    info = superblock.identify(read_head(device))
+    if info is None:
+        raise FsProbeError(
+            f"{device} holds no ext4, btrfs or xfs file system",
+            hint="a state partition must be formatted before first boot",
+        )
+    return info

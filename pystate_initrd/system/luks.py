@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.names import DM_NAME
 from pystate_initrd.secret import wipe as _wipe
 from pystate_initrd.system.run import CommandError, run
 
 CRYPTSETUP = "cryptsetup"
-DM_NAME = "pystate-encrypted"
 LABEL = "pystate"
 CIPHER = "aes-xts-plain64"
 KEY_BITS = 512

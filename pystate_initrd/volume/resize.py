@@ -36,15 +36,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import mountinfo, superblock
+from pystate_initrd.formats.names import DM_NAME, IMAGE, META_DIR, MOUNT_DIR
+from pystate_initrd.formats.names import SHRINK_REQUEST as REQUEST
 from pystate_initrd.formats.resize_policy import MIB, Space, human_size
 from pystate_initrd.system import block, loopdev
 from pystate_initrd.system.run import CommandError, run
 
-IMAGE = "encrypted.img"  # the names of provision.py, repeated to keep this module light
-MOUNT_DIR = "encrypted"
-META_DIR = ".pystate"
-REQUEST = "shrink-request"
-DM_NAME = "pystate-encrypted"
 REQUEST_VERSION = 1
 REQUEST_MAX_BYTES = 4096
 SECTOR = 512  # cryptsetup resize --size counts 512-byte sectors whatever the LUKS sector size
@@ -197,73 +195,18 @@ def block_name(device: str | Path) -> str:
 
 
 def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
-    """(source, type) of the file system mounted exactly at mountpoint (/proc/self/mounts)."""
-    want = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and _unoctal(fields[1]) == want:
-                found = (_unoctal(fields[0]), fields[2])  # the last one is the visible one
-    return found
-
-
-def _unoctal(text: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as \\NNN."""
-    if "\\" not in text:
-        return text
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and text[i + 1 : i + 4].isdigit() and len(text[i + 1 : i + 4]) == 3:
-            out.append(chr(int(text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    """(source, type) of the file system one sees at mountpoint, from mountinfo."""
+    mounts = mountinfo.parse(Path(mountinfo.MOUNTINFO).read_text())
+    found = mountinfo.visible_at(mounts, os.path.realpath(mountpoint))
+    return (found.source, found.fstype) if found else None
 
 
 # --- measuring ---------------------------------------------------------------------------
 
 
-def fs_size_from_superblock(head: bytes, fstype: str) -> int | None:
-    """The size a file system spans, from its first 0x10100 bytes (pure); None if unknown.
-
-    ext4: s_blocks_count (lo at 0x404, hi at 0x550 with the 64bit feature) times the
-    block size (1024 << s_log_block_size at 0x418). btrfs: the primary superblock's
-    dev_item.total_bytes (0x100d1), the size this one device is used to.
-    """
-    if fstype == "ext4":
-        if len(head) < 1024 + 0x160 or head[1024 + 0x38 : 1024 + 0x3A] != b"\x53\xef":
-            return None
-        sb = head[1024:]
-        lo = int.from_bytes(sb[0x4:0x8], "little")
-        log_block = int.from_bytes(sb[0x18:0x1C], "little")
-        incompat = int.from_bytes(sb[0x60:0x64], "little")
-        hi = int.from_bytes(sb[0x150:0x154], "little") if incompat & 0x80 else 0
-        if log_block > 6:
-            return None
-        return ((hi << 32) | lo) * (1024 << log_block)
-    if fstype == "btrfs":
-        base = 0x10000
-        if len(head) < base + 0xD9 or head[base + 0x40 : base + 0x48] != b"_BHRfS_M":
-            return None
-        return int.from_bytes(head[base + 0xD1 : base + 0xD9], "little")
-    return None
-
-
 def read_fs_size(device: str, fstype: str) -> int:
-    """The file system's size from its superblock, read through the page cache.
-
-    Buffered on purpose: a mounted ext4 keeps its superblock buffer in the block device's
-    page cache, so this sees an online resize before the journal is checkpointed.
-    """
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = os.pread(fd, 0x10100, 0)
-    finally:
-        os.close(fd)
-    size = fs_size_from_superblock(head, fstype)
+    """The file system's size from its superblock (through the page cache: block.read_head)."""
+    size = superblock.fs_size(block.read_head(device), fstype)
     if size is None:
         raise ResizeError(f"{device} holds no {fstype} superblock")
     return size
