@@ -22,7 +22,7 @@ import swtpm as swtpm_helper
 from conftest import needs_root
 
 from pystate_initrd.config import Config, load_config
-from pystate_initrd.formats import recovery
+from pystate_initrd.formats import dm_table, luks2, recovery
 from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyParams
 from pystate_initrd.formats.token import TokenError, decode_token
 from pystate_initrd.initrd import encrypted, provision, seed, unlock
@@ -313,7 +313,7 @@ def test_damaged_header_copy_is_refused_and_left_alone(tmp_path: Path) -> None:
     ],
 )
 def test_hostile_or_foreign_tokens_are_not_used(token: dict[str, object]) -> None:
-    header = luks.Luks2Header(
+    header = luks2.Luks2Header(
         uuid="x",
         label="",
         subsystem="",
@@ -512,7 +512,7 @@ def test_status_without_boot_json(tmp_path: Path) -> None:
 def _dm_reply(params: bytes, target: bytes = b"crypt", count: int = 1) -> bytearray:
     import struct
 
-    buf = unlock.dm_table_request("pystate-encrypted")
+    buf = dm_table.dm_table_request("pystate-encrypted")
     struct.pack_into("=I", buf, 20, count)
     spec = struct.pack("=QQiI16s", 0, 2048, 0, 0, target)
     buf[312 : 312 + len(spec)] = spec
@@ -523,7 +523,7 @@ def _dm_reply(params: bytes, target: bytes = b"crypt", count: int = 1) -> bytear
 def test_dm_table_request_layout() -> None:
     import struct
 
-    buf = unlock.dm_table_request("pystate-encrypted")
+    buf = dm_table.dm_table_request("pystate-encrypted")
     assert struct.unpack_from("=3IIII", buf, 0) == (4, 0, 0, 16384, 312, 0)
     assert buf[48:65] == b"pystate-encrypted" and buf[65] == 0
 
@@ -541,7 +541,7 @@ def test_dm_table_request_layout() -> None:
 def test_dm_table_key(params: bytes, target: bytes, expected: bytes | None) -> None:
     buf = _dm_reply(params, target)
     if expected is None:
-        with pytest.raises(unlock.UnlockError):
-            unlock.dm_table_key(buf)
+        with pytest.raises(dm_table.DmTableError):
+            dm_table.dm_table_key(buf)
     else:
-        assert unlock.dm_table_key(buf) == expected
+        assert dm_table.dm_table_key(buf) == expected

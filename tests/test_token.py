@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import tpm2_policy
 from pystate_initrd.formats.token import (
     MAX_TOKEN_BYTES,
     TokenError,
@@ -19,8 +20,7 @@ from pystate_initrd.formats.token import (
     encode_token,
     encode_token_json,
 )
-from pystate_initrd.system import tpm2
-from pystate_initrd.system.tpm2 import SealedKey
+from pystate_initrd.formats.tpm2_policy import SealedKey
 
 
 def tpm2b(body: bytes) -> bytes:
@@ -40,7 +40,7 @@ def sealed_public(policy: bytes, name_alg: int = 0x000B, kind: int = 0x0008) -> 
     return tpm2b(body)
 
 
-POLICY = tpm2.policy_pcr_digest("sha256", {7: bytes(32), 15: bytes(32)})
+POLICY = tpm2_policy.policy_pcr_digest("sha256", {7: bytes(32), 15: bytes(32)})
 KEY = SealedKey(
     public=sealed_public(POLICY),
     private=tpm2b(bytes(range(158))),
@@ -212,7 +212,7 @@ keys = st.builds(
     ),
     st.binary(min_size=32, max_size=32),
     st.binary(min_size=1, max_size=1022),
-    st.sampled_from(tpm2.BANKS),
+    st.sampled_from(tpm2_policy.BANKS),
     st.sets(st.integers(0, 23), min_size=1, max_size=24),
     st.booleans(),
 )

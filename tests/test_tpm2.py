@@ -20,9 +20,10 @@ import pytest
 import swtpm as swtpm_helper
 from swtpm import Swtpm, needs_swtpm
 
+from pystate_initrd.formats import tpm2_policy
+from pystate_initrd.formats.tpm2_policy import BadBlob, NoTpm, PcrMismatch, SealedKey, Tpm2Error
 from pystate_initrd.system import run as run_module
 from pystate_initrd.system import tpm2
-from pystate_initrd.system.tpm2 import BadBlob, NoTpm, PcrMismatch, SealedKey, Tpm2Error
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = needs_swtpm
@@ -54,7 +55,7 @@ def spawns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def values_for(bank: str, pcrs: Sequence[int]) -> dict[int, bytes]:
-    size = tpm2.bank_digest_size(bank)
+    size = tpm2_policy.bank_digest_size(bank)
     return {i: hashlib.sha512(f"{bank}{i}".encode()).digest()[:size] for i in pcrs}
 
 
@@ -74,11 +75,11 @@ def test_policy_digest_matches_createpolicy(tpm: Swtpm, bank: str, pcrs: list[in
     work = Path(tpm.dir)
     (work / "pcrs.bin").write_bytes(b"".join(values[i] for i in sorted(pcrs)))
     tools(
-        ["tpm2_createpolicy", "--policy-pcr", "-l", tpm2.pcr_selection(bank, pcrs),
+        ["tpm2_createpolicy", "--policy-pcr", "-l", tpm2_policy.pcr_selection(bank, pcrs),
          "-f", str(work / "pcrs.bin"), "-L", str(work / "policy")],
         tpm.tcti,
     )  # fmt: skip
-    assert tpm2.policy_pcr_digest(bank, values) == (work / "policy").read_bytes()
+    assert tpm2_policy.policy_pcr_digest(bank, values) == (work / "policy").read_bytes()
 
 
 def test_policy_digest_matches_policypcr_trial_session(tpm: Swtpm) -> None:
@@ -94,7 +95,7 @@ def test_policy_digest_matches_policypcr_trial_session(tpm: Swtpm) -> None:
         tpm.tcti,
     )  # fmt: skip
     tools(["tpm2_flushcontext", str(work / "session")], tpm.tcti)
-    assert tpm2.policy_pcr_digest("sha256", values) == (work / "policy").read_bytes()
+    assert tpm2_policy.policy_pcr_digest("sha256", values) == (work / "policy").read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -110,12 +111,12 @@ def test_policy_digest_matches_policypcr_trial_session(tpm: Swtpm) -> None:
 )
 def test_policy_digest_refusals(bank: str, values: dict[int, bytes], error: str) -> None:
     with pytest.raises(Tpm2Error, match=error):
-        tpm2.policy_pcr_digest(bank, values)
+        tpm2_policy.policy_pcr_digest(bank, values)
 
 
 def test_policy_digest_known_answer() -> None:
     # tpm2_createpolicy --policy-pcr -l sha256:7,15 with both values zero (swtpm, fresh).
-    assert tpm2.policy_pcr_digest("sha256", {7: bytes(32), 15: bytes(32)}).hex() == (
+    assert tpm2_policy.policy_pcr_digest("sha256", {7: bytes(32), 15: bytes(32)}).hex() == (
         "f62d13a8dfa1a3dca5b7f16214692abd321889814e17d52ab9e830623eb8f15d"
     )
 
@@ -138,7 +139,7 @@ def test_measure_volume_against_openssl(key: bytes, uuid: str) -> None:
         capture_output=True,
         check=True,
     ).stdout.decode()
-    assert tpm2.measure_volume(bytearray(key), uuid).hex() == out.split()[-1]
+    assert tpm2_policy.measure_volume(bytearray(key), uuid).hex() == out.split()[-1]
 
 
 @pytest.mark.parametrize(
@@ -152,29 +153,35 @@ def test_measure_volume_against_openssl(key: bytes, uuid: str) -> None:
 )
 def test_measure_volume_refusals(key: bytes, uuid: str, error: str) -> None:
     with pytest.raises(Tpm2Error, match=error):
-        tpm2.measure_volume(key, uuid)
+        tpm2_policy.measure_volume(key, uuid)
+
+
+UUID = "01234567-89ab-cdef-0123-456789abcdef"
 
 
 def test_hashes_work_without_openssl_hashlib() -> None:
     """The initrd has no _hashlib: every bank's digest and the HMAC must still work."""
     code = (
         "import sys; sys.modules['_hashlib'] = None\n"
-        "from pystate_initrd.system import tpm2\n"
-        "for bank in tpm2.BANKS:\n"
-        "    n = tpm2.bank_digest_size(bank)\n"
-        "    print(tpm2.policy_pcr_digest(bank, {7: bytes(n), 15: bytes(n)}).hex())\n"
-        "print(tpm2.measure_volume(bytes(64), '01234567-89ab-cdef-0123-456789abcdef').hex())\n"
+        "from pystate_initrd.formats import tpm2_policy\n"
+        "for bank in tpm2_policy.BANKS:\n"
+        "    n = tpm2_policy.bank_digest_size(bank)\n"
+        "    print(tpm2_policy.policy_pcr_digest(bank, {7: bytes(n), 15: bytes(n)}).hex())\n"
+        f"print(tpm2_policy.measure_volume(bytes(64), {UUID!r}).hex())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, check=True, text=True
     ).stdout.split()
     expected = [
-        tpm2.policy_pcr_digest(
-            b, {7: bytes(tpm2.bank_digest_size(b)), 15: bytes(tpm2.bank_digest_size(b))}
+        tpm2_policy.policy_pcr_digest(
+            b,
+            {7: bytes(tpm2_policy.bank_digest_size(b)), 15: bytes(tpm2_policy.bank_digest_size(b))},
         ).hex()
-        for b in tpm2.BANKS
+        for b in tpm2_policy.BANKS
     ]
-    expected.append(tpm2.measure_volume(bytes(64), "01234567-89ab-cdef-0123-456789abcdef").hex())
+    expected.append(
+        tpm2_policy.measure_volume(bytes(64), "01234567-89ab-cdef-0123-456789abcdef").hex()
+    )
     assert out == expected
 
 
@@ -193,7 +200,7 @@ def test_tss2_pem_matches_encodeobject(tpm: Swtpm) -> None:
          "-r", str(work / "priv"), "-o", str(work / "key.pem")],
         tpm.tcti,
     )  # fmt: skip
-    assert tpm2.tss2_pem(key.public, key.private) == (work / "key.pem").read_text()
+    assert tpm2_policy.tss2_pem(key.public, key.private) == (work / "key.pem").read_text()
 
 
 # --------------------------------------------------- pure: error classification
@@ -264,7 +271,7 @@ def test_round_trip_and_spawn_count(tpm: Swtpm, spawns: list[str]) -> None:
     assert key.bank == "sha256"
     assert key.primary_alg == "ecc"
     assert key.pcr15_zero
-    assert key.policy_hash == tpm2.policy_pcr_digest("sha256", {7: bytes(32), 15: bytes(32)})
+    assert key.policy_hash == tpm2_policy.policy_pcr_digest("sha256", {7: bytes(32), 15: bytes(32)})
     assert key.pcr_spec == "sha256:7,15"
     seal_calls = list(spawns)
     spawns.clear()
@@ -309,11 +316,13 @@ def test_repeated_seal_unseal_leave_nothing_loaded(tpm: Swtpm) -> None:
 
 @pytest.mark.parametrize(("bank", "pcrs"), [("sha1", [0, 7]), ("sha384", [7]), ("sha512", [4])])
 def test_round_trip_other_banks(tpm: Swtpm, bank: str, pcrs: list[int]) -> None:
-    tpm2.pcr_extend(pcrs[0], bank, bytes(tpm2.bank_digest_size(bank) - 1) + b"\x01", tpm.tcti)
+    tpm2.pcr_extend(
+        pcrs[0], bank, bytes(tpm2_policy.bank_digest_size(bank) - 1) + b"\x01", tpm.tcti
+    )
     key = tpm2.seal(SECRET, pcrs=pcrs, bank=bank, pcr15_zero=True, tcti=tpm.tcti)
-    assert len(key.policy_hash) == tpm2.POLICY_HASH_SIZE
+    assert len(key.policy_hash) == tpm2_policy.POLICY_HASH_SIZE
     assert tpm2.unseal(key, tcti=tpm.tcti) == SECRET
-    tpm2.pcr_extend(pcrs[0], bank, bytes(tpm2.bank_digest_size(bank)), tpm.tcti)
+    tpm2.pcr_extend(pcrs[0], bank, bytes(tpm2_policy.bank_digest_size(bank)), tpm.tcti)
     with pytest.raises(PcrMismatch):
         tpm2.unseal(key, tcti=tpm.tcti)
 
@@ -337,7 +346,7 @@ def test_unseal_ignores_unselected_pcr(tpm: Swtpm) -> None:
 def test_pcr15_measurement_blocks_unseal(tpm: Swtpm) -> None:
     key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tpm.tcti)
     secret = tpm2.unseal(key, tcti=tpm.tcti)
-    measurement = tpm2.measure_volume(bytes(64), "01234567-89ab-cdef-0123-456789abcdef")
+    measurement = tpm2_policy.measure_volume(bytes(64), "01234567-89ab-cdef-0123-456789abcdef")
     tpm2.pcr_extend(15, "sha256", measurement, tpm.tcti)
     assert (
         tpm2.pcr_read("sha256", [15], tpm.tcti)[15]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pystate_initrd.booted import resized
-from pystate_initrd.formats import mountinfo, names
+from pystate_initrd.formats import luks2, mountinfo, names
 from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token
 from pystate_initrd.system import luks
@@ -61,7 +61,7 @@ def _header(image: Path) -> dict[str, Any]:
         header = luks.read_header(image)
     except luks.LuksError as exc:
         return {"error": str(exc)}
-    slots = luks.keyslot_infos(header.metadata)
+    slots = luks2.keyslot_infos(header.metadata)
     info: dict[str, Any] = {
         "uuid": header.uuid,
         "header_ok": header.primary_ok and header.secondary_ok,
@@ -72,7 +72,7 @@ def _header(image: Path) -> dict[str, Any]:
         },
         "tpm2": None,
     }
-    for token_id, token in luks.token_dicts(header.metadata).items():
+    for token_id, token in luks2.token_dicts(header.metadata).items():
         if token.get("type") != TOKEN_TYPE:
             continue
         try:

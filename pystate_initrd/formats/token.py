@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.system.tpm2 import (
+from pystate_initrd.formats.tpm2_policy import (
     BANKS,
     PCR_COUNT,
     PCR_VOLUME,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pystate_initrd.config import Config, parse_cmdline
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import names
+from pystate_initrd.formats import names, tpm2_policy
 from pystate_initrd.initrd import provision, unlock
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import askpass, luks, tpm2
@@ -129,7 +129,7 @@ def setup(
     if "pystate.debug-extend-pcr" in debug:
         index = int(debug["pystate.debug-extend-pcr"])
         tpm2.pcr_extend(
-            index, str(cfg.pcr_bank), bytes(tpm2.bank_digest_size(str(cfg.pcr_bank))), tcti
+            index, str(cfg.pcr_bank), bytes(tpm2_policy.bank_digest_size(str(cfg.pcr_bank))), tcti
         )
         log.warning(f"debug: extended PCR {index} (pystate.debug-extend-pcr)")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pystate_initrd.config import Allocation, Area, Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import recovery
+from pystate_initrd.formats import recovery, tpm2_policy
 from pystate_initrd.formats.escape import escape_path
 from pystate_initrd.formats.names import (
     DM_PATH,
@@ -184,7 +184,7 @@ def format_image(
     secret: bytearray,
     volume_key: bytearray,
     recovery_pass: bytearray,
-    sealed: tpm2.SealedKey,
+    sealed: tpm2_policy.SealedKey,
 ) -> str:
     """LUKS2 on image: TPM keyslot, recovery keyslot, pystate-tpm2 token; its UUID."""
     luks.format(image, key=secret, volume_key=volume_key, key_slot=luks.TPM2_KEYSLOT)

@@ -24,12 +24,12 @@ from typing import Any
 
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import recovery
+from pystate_initrd.formats import dm_table, luks2, recovery, tpm2_policy
 from pystate_initrd.formats.names import DM_NAME, DM_PATH
 from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
-from pystate_initrd.system import block, fsck, loopdev, luks, mount_api, tpm2
+from pystate_initrd.system import block, devmapper, fsck, loopdev, luks, mount_api, tpm2
 
 INNER_TYPES = ("ext4", "btrfs")
 
@@ -63,7 +63,7 @@ class Opened:
 # --- pieces -------------------------------------------------------------------------------
 
 
-def check_header(image: Path) -> luks.Luks2Header:
+def check_header(image: Path) -> luks2.Luks2Header:
     """The LUKS2 header, refused unless both copies are intact (cryptsetup would "repair")."""
     try:
         header = luks.read_header(image)
@@ -81,10 +81,10 @@ def check_header(image: Path) -> luks.Luks2Header:
     return header
 
 
-def tpm_token(header: luks.Luks2Header) -> tuple[int, tpm2.SealedKey, int]:
+def tpm_token(header: luks2.Luks2Header) -> tuple[int, tpm2_policy.SealedKey, int]:
     """(token id, sealed key, keyslot) of the first pystate-tpm2 token; TokenError if none."""
     errors = []
-    for token_id, token in luks.token_dicts(header.metadata).items():
+    for token_id, token in luks2.token_dicts(header.metadata).items():
         if token.get("type") != TOKEN_TYPE:
             continue
         try:
@@ -158,7 +158,7 @@ def mount_inner(mountpoint: Path, fstype: str, *, read_only: bool = False) -> Pa
 
 def extend_pcr15(volume_key: bytes | bytearray, uuid: str, bank: str, tcti: str | None) -> None:
     """PCR 15 += HMAC(volume key, "pystate:<uuid>") (SPEC §5)."""
-    digest = tpm2.measure_volume(volume_key, uuid)
+    digest = tpm2_policy.measure_volume(volume_key, uuid)
     # The HMAC is sha256; another bank gets it hashed to its own size. hashlib.shaNNN,
     # not hashlib.new(): the initrd's Python has no OpenSSL.
     import hashlib
@@ -166,80 +166,7 @@ def extend_pcr15(volume_key: bytes | bytearray, uuid: str, bank: str, tcti: str 
     rehash = {"sha1": hashlib.sha1, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
     if bank in rehash:
         digest = rehash[bank](digest).digest()
-    tpm2.pcr_extend(tpm2.PCR_VOLUME, bank, digest, tcti)
-
-
-# device-mapper's DM_TABLE_STATUS ioctl (linux/dm-ioctl.h): struct dm_ioctl is 312 bytes,
-# _IOWR(0xfd, 12, struct dm_ioctl); a dm_target_spec (40 bytes) and its parameters follow.
-_DM_TABLE_STATUS = (3 << 30) | (312 << 16) | (0xFD << 8) | 12
-_DM_STATUS_TABLE_FLAG = 1 << 4
-_DM_BUFFER_FULL_FLAG = 1 << 8
-_DM_SECURE_DATA_FLAG = 1 << 15  # the kernel wipes its copies of the table
-_DM_BUFFER = 16384  # > 1024: fcntl.ioctl then works on this buffer, not a static copy
-_HEX = {c: i for i, c in enumerate(b"0123456789abcdef")}
-
-
-def dm_table_request(name: str) -> bytearray:
-    """A DM_TABLE_STATUS request for the mapping name, in a buffer the reply goes into (pure)."""
-    import struct
-
-    buf = bytearray(_DM_BUFFER)
-    # version 4.0.0, data_size, data_start (the reply's data follows the 312-byte header)
-    struct.pack_into("=3III", buf, 0, 4, 0, 0, _DM_BUFFER, 312)
-    struct.pack_into("=I", buf, 28, _DM_STATUS_TABLE_FLAG | _DM_SECURE_DATA_FLAG)
-    encoded = name.encode()[:127]
-    buf[48 : 48 + len(encoded)] = encoded
-    return buf
-
-
-def dm_table_key(buf: bytearray, name: str = DM_NAME) -> bytearray:
-    """The hex key of the crypt target in a DM_TABLE_STATUS reply, decoded in place (pure)."""
-    import struct
-
-    try:
-        data_start, count = struct.unpack_from("=II", buf, 16)
-        flags = struct.unpack_from("=I", buf, 28)[0]
-        if count != 1 or flags & _DM_BUFFER_FULL_FLAG or data_start + 40 > len(buf):
-            raise UnlockError(f"device-mapper table of {name}: {count} targets")
-        target = bytes(buf[data_start + 24 : data_start + 40]).split(b"\0", 1)[0]
-        if target != b"crypt":
-            raise UnlockError(f"device-mapper table of {name} is {target!r}, not crypt")
-        start = buf.index(b" ", data_start + 40) + 1  # after the cipher
-        end = buf.index(b" ", start)
-    except (struct.error, ValueError):
-        raise UnlockError(f"device-mapper table of {name} is malformed") from None
-    if (end - start) % 2 or not 32 <= end - start <= 256:
-        raise UnlockError(f"device-mapper table of {name} holds no key (keyring?)")
-    key = bytearray((end - start) // 2)
-    for i in range(start, end):
-        value = _HEX.get(buf[i])
-        if value is None:
-            key[:] = bytes(len(key))
-            raise UnlockError(f"device-mapper table of {name} holds no hex key")
-        key[(i - start) // 2] |= value << (4 * (1 - (i - start) % 2))
-    return key
-
-
-def dm_volume_key(name: str = DM_NAME) -> bytearray:
-    """The volume key of an active dm-crypt mapping, from its table: no process (SPEC §10).
-
-    The key is in the table because the mapping was opened without the kernel keyring.
-    It arrives in a bytearray, is decoded in place and the buffer wiped; caller wipes the key.
-    """
-    import fcntl
-
-    buf = dm_table_request(name)
-    try:
-        fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, _DM_TABLE_STATUS, buf, True)
-        finally:
-            os.close(fd)
-        return dm_table_key(buf, name)
-    except OSError as exc:
-        raise UnlockError(f"reading the device-mapper table of {name}: {exc.strerror}") from None
-    finally:
-        buf[:] = bytes(_DM_BUFFER)
+    tpm2.pcr_extend(tpm2_policy.PCR_VOLUME, bank, digest, tcti)
 
 
 def teardown(loop: str | None, mountpoint: Path | None) -> None:
@@ -255,9 +182,9 @@ def teardown(loop: str | None, mountpoint: Path | None) -> None:
             loopdev.loop_detach(loop)
 
 
-def _free_slot(header: luks.Luks2Header) -> int:
-    used = luks.keyslot_infos(header.metadata)
-    for slot in range(luks.MAX_KEYSLOTS):
+def _free_slot(header: luks2.Luks2Header) -> int:
+    used = luks2.keyslot_infos(header.metadata)
+    for slot in range(luks2.MAX_KEYSLOTS):
         if slot not in used and slot != luks.RECOVERY_KEYSLOT:
             return slot
     raise UnlockError("encrypted.img has no free keyslot for the new TPM2 seal")
@@ -267,7 +194,7 @@ def reseal(
     cfg: Config,
     device: str,
     recovery_pass: bytearray,
-    old: tuple[int, tpm2.SealedKey, int] | None,
+    old: tuple[int, tpm2_policy.SealedKey, int] | None,
     token_id: int | None,
     tcti: str | None,
 ) -> str:
@@ -354,7 +281,7 @@ def unlock(
         s.detail = f"LUKS2 {header.uuid}"
 
     secret: bytearray | None = None
-    token: tuple[int, tpm2.SealedKey, int] | None = None
+    token: tuple[int, tpm2_policy.SealedKey, int] | None = None
     reason = ""
     with report.step("unseal") as s:
         try:
@@ -412,8 +339,8 @@ def unlock(
             with report.step("measure-pcr15") as s:
                 try:
                     try:
-                        volume_key = dm_volume_key()
-                    except UnlockError as exc:  # a keyring mapping: ask cryptsetup instead
+                        volume_key = devmapper.dm_volume_key()
+                    except dm_table.DmTableError as exc:  # a keyring mapping: ask cryptsetup
                         log.debug(f"{exc}; dumping the volume key with cryptsetup")
                         volume_key = luks.volume_key(loop.path, key=key, key_slot=slot)
                     with Secret(volume_key) as vk:
@@ -438,9 +365,9 @@ def unlock(
     return Opened(image=image, loop=loop.path, mountpoint=mountpoint, uuid=header.uuid, how=how)
 
 
-def _pystate_token_id(header: luks.Luks2Header) -> int | None:
+def _pystate_token_id(header: luks2.Luks2Header) -> int | None:
     """The id of a (possibly damaged) pystate-tpm2 token, to be replaced by the re-seal."""
-    for token_id, token in luks.token_dicts(header.metadata).items():
+    for token_id, token in luks2.token_dicts(header.metadata).items():
         if token.get("type") == TOKEN_TYPE:
             return token_id
     return None

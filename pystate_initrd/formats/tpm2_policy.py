@@ -1,0 +1,182 @@
+"""The TPM2 side of the seal, pure: PCR banks and selections, the PolicyPCR digest, the
+PCR 15 volume measurement, the TSS2 PEM that tpm2_load reads, and the error types.
+
+system/tpm2.py runs tpm2-tools with these; the token (token.py) stores a ``SealedKey``.
+docs/tpm2.md explains each choice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pystate_initrd.errors import PystateError
+
+# bank name -> (TPM_ALG_ID, digest size, constructor). hashlib.shaNNN, not
+# hashlib.new(): the initrd has no _hashlib (OpenSSL); Debian's python has the
+# _sha1/_sha256/_sha512 modules built in.
+_BANKS: dict[str, tuple[int, int, Callable[..., hashlib._Hash]]] = {
+    "sha1": (0x0004, 20, hashlib.sha1),
+    "sha256": (0x000B, 32, hashlib.sha256),
+    "sha384": (0x000C, 48, hashlib.sha384),
+    "sha512": (0x000D, 64, hashlib.sha512),
+}
+BANKS = tuple(_BANKS)
+# The policy session's hash (and the sealed object's nameAlg) is always sha256,
+# whatever the PCR bank: `tpm2_unseal -p pcr:` opens a sha256 session.
+POLICY_HASH_SIZE = 32
+TPM_CC_POLICY_PCR = 0x0000017F
+PCR_COUNT = 24
+PCR_VOLUME = 15
+PRIMARY_ALG = "ecc"
+_TPM_RH_OWNER = 0x40000001
+
+
+class Tpm2Error(PystateError):
+    """A TPM2 operation failed; `kind` says how (subclasses for the ones that matter)."""
+
+    kind = "tpm2"
+
+
+class NoTpm(Tpm2Error):
+    """No TPM answers on the TCTI (device missing, socket refused, tools absent)."""
+
+    kind = "no-tpm"
+
+
+class PcrMismatch(Tpm2Error):
+    """The PCR policy check failed: the PCRs differ from those sealed to."""
+
+    kind = "pcr-mismatch"
+
+
+class BadBlob(Tpm2Error):
+    """The sealed blob is malformed or does not belong to this TPM."""
+
+    kind = "bad-blob"
+
+
+@dataclass(frozen=True)
+class SealedKey:
+    """A sealed secret as stored in the `pystate-tpm2` token."""
+
+    public: bytes  # TPM2B_PUBLIC, with its 2-byte size
+    private: bytes  # TPM2B_PRIVATE, with its 2-byte size
+    bank: str
+    pcrs: tuple[int, ...]  # sorted, unique; includes 15 when pcr15_zero
+    policy_hash: bytes  # sha256 PolicyPCR digest, the object's authPolicy
+    pcr15_zero: bool  # PCR 15 sealed as all zeros, the volume measured into it
+    primary_alg: str = PRIMARY_ALG
+
+    @property
+    def pcr_spec(self) -> str:
+        """The tpm2-tools PCR selection, e.g. `sha256:7,15`."""
+        return pcr_selection(self.bank, self.pcrs)
+
+
+def bank_digest_size(bank: str) -> int:
+    """Digest size of a PCR bank; Tpm2Error for an unknown bank."""
+    try:
+        return _BANKS[bank][1]
+    except KeyError:
+        raise Tpm2Error(f"unknown PCR bank {bank!r} (expected one of {', '.join(BANKS)})") from None
+
+
+def pcr_selection(bank: str, pcrs: Sequence[int]) -> str:
+    """`bank:i,j` for tpm2-tools, after validating bank and indices."""
+    bank_digest_size(bank)
+    indices = check_pcrs(pcrs)
+    return f"{bank}:{','.join(str(i) for i in indices)}"
+
+
+def check_pcrs(pcrs: Sequence[int]) -> tuple[int, ...]:
+    for i in pcrs:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < PCR_COUNT:
+            raise Tpm2Error(f"invalid PCR index {i!r} (expected 0-{PCR_COUNT - 1})")
+    if len(set(pcrs)) != len(pcrs):
+        raise Tpm2Error(f"duplicate PCR index in {list(pcrs)}")
+    if not pcrs:
+        raise Tpm2Error("empty PCR selection")
+    return tuple(sorted(pcrs))
+
+
+def policy_pcr_digest(bank: str, pcr_values: Mapping[int, bytes]) -> bytes:
+    """The sha256 policy digest of a trial PolicyPCR over `pcr_values` of `bank`.
+
+    digest = sha256(0^32 ‖ TPM_CC_PolicyPCR ‖ TPML_PCR_SELECTION ‖ pcrDigest) with
+    pcrDigest = sha256(the values concatenated in ascending PCR order) and the
+    selection one TPMS_PCR_SELECTION (hash alg, sizeofSelect 3, bitmap).
+    """
+    size = bank_digest_size(bank)
+    alg = _BANKS[bank][0]
+    indices = check_pcrs(list(pcr_values))
+    bitmap = bytearray(3)
+    concat = bytearray()
+    for i in indices:
+        value = pcr_values[i]
+        if len(value) != size:
+            raise Tpm2Error(f"PCR {i} value has {len(value)} bytes, {bank} needs {size}")
+        bitmap[i // 8] |= 1 << (i % 8)
+        concat += value
+    selection = (1).to_bytes(4, "big") + alg.to_bytes(2, "big") + b"\x03" + bytes(bitmap)
+    pcr_digest = hashlib.sha256(concat).digest()
+    return hashlib.sha256(
+        bytes(POLICY_HASH_SIZE) + TPM_CC_POLICY_PCR.to_bytes(4, "big") + selection + pcr_digest
+    ).digest()
+
+
+def measure_volume(volume_key: bytes | bytearray, luks_uuid: str) -> bytes:
+    """HMAC-SHA256 keyed by the volume key over `pystate:<luks uuid>` (SPEC §5).
+
+    The UUID is the canonical 8-4-4-4-12 form, lowercased, as cryptsetup prints it.
+    """
+    if not volume_key:
+        raise Tpm2Error("empty volume key, refusing to measure")
+    uuid = luks_uuid.lower()
+    parts = uuid.split("-")
+    if [len(p) for p in parts] != [8, 4, 4, 4, 12] or not all(
+        c in "0123456789abcdef" for p in parts for c in p
+    ):
+        raise Tpm2Error(f"invalid LUKS UUID {luks_uuid!r}")
+    return hmac.new(volume_key, f"pystate:{uuid}".encode(), hashlib.sha256).digest()
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + body
+
+
+def tss2_pem(public: bytes, private: bytes) -> str:
+    """The TSS2 PRIVATE KEY PEM for a blob whose parent is the owner-hierarchy primary.
+
+    Byte for byte what `tpm2_encodeobject` writes (OID 2.23.133.10.1.3, emptyAuth
+    FALSE, parent TPM2_RH_OWNER); `tpm2_load -r` then recreates the primary itself.
+    """
+    body = (
+        _der(0x06, bytes.fromhex("6781050a0103"))
+        + _der(0xA0, _der(0x01, b"\x00"))
+        + _der(0x02, _TPM_RH_OWNER.to_bytes(4, "big"))
+        + _der(0x04, public)
+        + _der(0x04, private)
+    )
+    b64 = base64.b64encode(_der(0x30, body)).decode()
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return (
+        "-----BEGIN TSS2 PRIVATE KEY-----\n"
+        + "\n".join(lines)
+        + "\n-----END TSS2 PRIVATE KEY-----\n"
+    )
+
+
+def check_tpm2b(blob: bytes, name: str) -> bytes:
+    if len(blob) < 3 or int.from_bytes(blob[:2], "big") != len(blob) - 2:
+        raise BadBlob(f"TPM2 {name} blob of {len(blob)} bytes has an inconsistent size field")
+    return blob
