@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pystate_initrd import __version__
 from pystate_initrd.errors import PystateError
+from pystate_initrd.system import block
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
@@ -61,7 +62,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_gpt(args: argparse.Namespace) -> int:
     from pystate_initrd.formats import gpt
 
-    table = gpt.read_gpt(args.image)
+    table = block.read_gpt(args.image)
     if args.json:
         print(json.dumps(table.to_json(), indent=2))
         return 0

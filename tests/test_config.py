@@ -20,11 +20,9 @@ from pystate_initrd.config import (
     ConfigError,
     LayoutEntry,
     MountMode,
-    format_cmdline,
     format_pcrs,
     format_size,
     load_config,
-    parse_cmdline,
     parse_pcrs,
     parse_percent,
     parse_size,
@@ -32,9 +30,14 @@ from pystate_initrd.config import (
     parse_target,
     parse_weights,
     reference_markdown,
-    split_cmdline,
 )
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats.cmdline import (
+    CmdlineError,
+    format_cmdline,
+    parse_cmdline,
+    split_cmdline,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "configuration.md"
@@ -46,7 +49,7 @@ M = 1 << 20
 
 def check_cmdline_one(text: str, expected: list[tuple[str, str | None]] | None) -> None:
     if expected is None:
-        with pytest.raises(ConfigError):
+        with pytest.raises(CmdlineError):
             parse_cmdline(text)
     else:
         assert parse_cmdline(text) == expected
@@ -98,7 +101,7 @@ def test_format_cmdline_round_trip(pairs: list[tuple[str, str | None]]) -> None:
 def test_parse_cmdline_never_crashes(text: str) -> None:
     try:
         pairs = parse_cmdline(text)
-    except ConfigError:
+    except CmdlineError:
         assert "\0" in text
     else:
         assert all("=" not in key for key, _ in pairs)
@@ -127,7 +130,7 @@ def test_format_cmdline(pairs: list[tuple[str, str | None]], expected: str) -> N
 
 @pytest.mark.parametrize("pairs", [[("a=b", None)], [("a", "\0")]])
 def test_format_cmdline_refuses(pairs: list[tuple[str, str | None]]) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(CmdlineError):
         format_cmdline(pairs)
 
 

@@ -36,8 +36,8 @@ from pystate_initrd.formats.gpt import (
     GptError,
     GptTable,
     parse_gpt,
-    read_gpt,
 )
+from pystate_initrd.system.block import read_gpt
 
 pytestmark = pytest.mark.skipif(shutil.which("sfdisk") is None, reason="needs sfdisk")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices")

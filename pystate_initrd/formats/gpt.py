@@ -21,16 +21,12 @@ LBA (or where the primary's AlternateLBA points), and the table says so.
 
 from __future__ import annotations
 
-import errno
 import itertools
-import os
-import stat
 import struct
 import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 
@@ -49,8 +45,6 @@ _SIGNATURE = b"EFI PART"
 _ZERO_GUID = uuid.UUID(int=0)
 
 # ioctls from <linux/fs.h>: logical sector size and size in bytes of a block device.
-_BLKSSZGET = 0x1268
-_BLKGETSIZE64 = 0x80081272
 
 # Header layout (UEFI 2.10 §5.3.2), little-endian, 92 bytes.
 _HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
@@ -384,46 +378,3 @@ def parse_gpt(
         raise GptError(f"{name}: cannot read the partition table: {exc}") from exc
     # Only the most plausible sector size's fault: the others would be noise.
     raise GptError(f"{name}: no valid GPT ({faults[0]})")
-
-
-def _block_device_geometry(fd: int) -> tuple[int, int]:
-    import array
-    import fcntl
-
-    ssz = array.array("i", [0])
-    fcntl.ioctl(fd, _BLKSSZGET, ssz, True)
-    size = array.array("Q", [0])
-    fcntl.ioctl(fd, _BLKGETSIZE64, size, True)
-    return int(size[0]), int(ssz[0])
-
-
-def read_gpt(path: str | Path, sector_size: int | None = None) -> GptTable:
-    """Read the GPT of an image file or a block device.
-
-    A block device reports its logical sector size; for a file it is probed
-    unless given. Every failure, including I/O errors, is a GptError naming
-    `path`.
-    """
-    name = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise GptError(f"{name}: cannot open: {os.strerror(exc.errno or errno.EIO)}") from exc
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode):
-            size, reported = _block_device_geometry(fd)
-            sector_size = sector_size or reported
-        elif stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        else:
-            raise GptError(f"{name}: not a disk image or block device")
-
-        def read_at(offset: int, length: int) -> bytes:
-            return os.pread(fd, length, offset)
-
-        return parse_gpt(read_at, size, sector_size, name=name)
-    except OSError as exc:
-        raise GptError(f"{name}: cannot read: {os.strerror(exc.errno or errno.EIO)}") from exc
-    finally:
-        os.close(fd)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import mountinfo
-from pystate_initrd.formats.gpt import STATE_TYPE_GUID, GptError, GptTable, Partition, read_gpt
+from pystate_initrd.formats.gpt import STATE_TYPE_GUID, GptError, GptTable, Partition
 from pystate_initrd.system import block
 
 LOADER_PARTUUID_VARIABLE = "LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
@@ -407,7 +407,7 @@ def scan_disks(
     for name in names:
         device = f"/dev/{name}"
         try:
-            table = read_gpt(device)
+            table = block.read_gpt(device)
         except GptError as exc:
             skipped.append(str(exc))
             continue

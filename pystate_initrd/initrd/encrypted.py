@@ -24,9 +24,10 @@ import stat
 import time
 from pathlib import Path
 
-from pystate_initrd.config import Config, parse_cmdline
+from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import names, tpm2_policy
+from pystate_initrd.formats.cmdline import parse_cmdline
 from pystate_initrd.initrd import provision, unlock
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import askpass, luks, tpm2

@@ -27,9 +27,10 @@ import os
 import time
 from pathlib import Path
 
-from pystate_initrd.config import Config, parse_cmdline
+from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import superblock
+from pystate_initrd.formats.cmdline import parse_cmdline
 from pystate_initrd.formats.names import DM_NAME, IMAGE
 from pystate_initrd.formats.resize_policy import human_size, params_from_config
 from pystate_initrd.log import Log

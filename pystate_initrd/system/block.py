@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import sys
+from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import superblock
+from pystate_initrd.formats import gpt, superblock
 from pystate_initrd.system import libc
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -93,3 +95,38 @@ def probe(device: str) -> superblock.FsInfo:
             hint="a state partition must be formatted before first boot",
         )
     return info
+
+
+# --- partition tables ---
+
+
+def read_gpt(path: str | Path, sector_size: int | None = None) -> gpt.GptTable:
+    """Read the GPT of an image file or a block device.
+
+    A block device reports its logical sector size; for a file it is probed
+    unless given. Every failure, including I/O errors, is a gpt.GptError naming
+    `path`.
+    """
+    name = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise gpt.GptError(f"{name}: cannot open: {os.strerror(exc.errno or errno.EIO)}") from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            size, reported = block_size_bytes(fd), logical_sector_size(fd)
+            sector_size = sector_size or reported
+        elif stat.S_ISREG(st.st_mode):
+            size = st.st_size
+        else:
+            raise gpt.GptError(f"{name}: not a disk image or block device")
+
+        def read_at(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        return gpt.parse_gpt(read_at, size, sector_size, name=name)
+    except OSError as exc:
+        raise gpt.GptError(f"{name}: cannot read: {os.strerror(exc.errno or errno.EIO)}") from exc
+    finally:
+        os.close(fd)
