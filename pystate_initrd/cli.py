@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pystate_initrd import __version__
 from pystate_initrd.errors import PystateError
-from pystate_initrd.system import block
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
@@ -61,6 +60,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_gpt(args: argparse.Namespace) -> int:
     from pystate_initrd.formats import gpt
+    from pystate_initrd.system import block
 
     table = block.read_gpt(args.image)
     if args.json:
