@@ -28,13 +28,13 @@ from hypothesis import strategies as st
 
 from pystate_initrd.booted import resized
 from pystate_initrd.config import Config
-from pystate_initrd.formats import superblock
+from pystate_initrd.formats import shrink_request, superblock
 from pystate_initrd.formats.resize_policy import GIB, MIB, Action, PolicyParams, Space, decide
 from pystate_initrd.initrd import offline_shrink
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import block, loopdev, mount_api
-from pystate_initrd.volume import resize
+from pystate_initrd.volume import request_file, resize
 
 UUID = "0b0e7ab4-8a3c-4b8e-9d5a-3f0b7c9e1a2d"
 
@@ -163,8 +163,8 @@ def good_request(**changes: object) -> dict[str, object]:
 
 
 def test_request_round_trip() -> None:
-    req = resize.parse_request(json.dumps(good_request()).encode())
-    assert resize.parse_request(json.dumps(req.to_json()).encode()) == req
+    req = shrink_request.parse_request(json.dumps(good_request()).encode())
+    assert shrink_request.parse_request(json.dumps(req.to_json()).encode()) == req
 
 
 @pytest.mark.parametrize(
@@ -196,16 +196,16 @@ def test_request_round_trip() -> None:
     ],
 )
 def test_hostile_requests_are_refused(data: bytes, error: str) -> None:
-    with pytest.raises(resize.RequestError, match=error):
-        resize.parse_request(data)
+    with pytest.raises(shrink_request.RequestError, match=error):
+        shrink_request.parse_request(data)
 
 
 @given(st.binary(max_size=600))
 @settings(max_examples=300, deadline=None)
 def test_parse_request_only_raises_request_error(data: bytes) -> None:
     try:
-        req = resize.parse_request(data)
-    except resize.RequestError:
+        req = shrink_request.parse_request(data)
+    except shrink_request.RequestError:
         return
     assert req.size < req.current and req.fs_size <= req.size
 
@@ -224,36 +224,38 @@ def test_parse_request_only_raises_request_error(data: bytes) -> None:
 def test_validate_request_against_the_image(
     changes: dict[str, object], image_size: int, reason: str | None
 ) -> None:
-    req = resize.parse_request(json.dumps(good_request(**changes)).encode())
-    why = resize.validate_request(
+    req = shrink_request.parse_request(json.dumps(good_request(**changes)).encode())
+    why = shrink_request.validate_request(
         req, luks_uuid=UUID, header=16 * MIB, image_size=image_size, min_image_size=256 * MIB
     )
     assert (why is None) if reason is None else (why is not None and reason in why), why
 
 
 def test_request_file_written_atomically_and_never_followed(tmp_path: Path) -> None:
-    req = resize.parse_request(json.dumps(good_request()).encode())
-    path = resize.write_request(tmp_path, req)
+    req = shrink_request.parse_request(json.dumps(good_request()).encode())
+    path = request_file.write_request(tmp_path, req)
     assert path == tmp_path / ".pystate/shrink-request"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
-    assert resize.pending_request(tmp_path) == req
+    assert request_file.pending_request(tmp_path) == req
     assert not list((tmp_path / ".pystate").glob(".*tmp"))
-    assert resize.remove_request(tmp_path)
-    assert resize.pending_request(tmp_path) is None
+    assert request_file.remove_request(tmp_path)
+    assert request_file.pending_request(tmp_path) is None
     # A symlink planted where the request goes is never followed, for reading or removal.
     secret = tmp_path / "secret"
     secret.write_text("not json")
     (tmp_path / ".pystate/shrink-request").symlink_to(secret)
-    assert "cannot be opened" in str(resize.pending_request(tmp_path))
-    assert resize.remove_request(tmp_path)
+    assert "cannot be opened" in str(request_file.pending_request(tmp_path))
+    assert request_file.remove_request(tmp_path)
     assert secret.read_text() == "not json"
     # A directory, a FIFO: reported, removed.
     (tmp_path / ".pystate/shrink-request").mkdir()
-    assert "not a regular file" in str(resize.pending_request(tmp_path))
-    assert resize.remove_request(tmp_path)
+    assert "not a regular file" in str(request_file.pending_request(tmp_path))
+    assert request_file.remove_request(tmp_path)
     os.mkfifo(tmp_path / ".pystate/shrink-request")
-    assert "not a regular file" in str(resize.pending_request(tmp_path))  # O_NONBLOCK: no hang
-    assert resize.remove_request(tmp_path)
+    assert "not a regular file" in str(
+        request_file.pending_request(tmp_path)
+    )  # O_NONBLOCK: no hang
+    assert request_file.remove_request(tmp_path)
 
 
 def test_pystate_dir_as_symlink_is_refused(tmp_path: Path) -> None:
@@ -262,9 +264,9 @@ def test_pystate_dir_as_symlink_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / ".pystate").symlink_to(elsewhere)
-    req = resize.parse_request(json.dumps(good_request()).encode())
+    req = shrink_request.parse_request(json.dumps(good_request()).encode())
     with pytest.raises(resize.ResizeError, match="not a directory"):
-        resize.write_request(state, req)
+        request_file.write_request(state, req)
     assert list(elsewhere.iterdir()) == []
 
 
@@ -480,9 +482,9 @@ def unmounted_ext4(tmp_path: Path, size: int, data_mib: int) -> Iterator[tuple[P
         loopdev.loop_detach(loop.path)
 
 
-def shrink_request(state: Path, size: int, current: int) -> None:
-    req = resize.ShrinkRequest(UUID, current, size, size, 0)  # no LUKS: fs_size = size
-    resize.write_request(state, req)
+def request_shrink(state: Path, size: int, current: int) -> None:
+    req = shrink_request.ShrinkRequest(UUID, current, size, size, 0)  # no LUKS: fs_size = size
+    request_file.write_request(state, req)
 
 
 def read_back(loop: str, tmp_path: Path) -> str:
@@ -498,14 +500,14 @@ def read_back(loop: str, tmp_path: Path) -> str:
 @needs_root
 def test_offline_shrink_applies_a_valid_request(tmp_path: Path) -> None:
     with unmounted_ext4(tmp_path, 512 * MIB, 64) as (state, loop, digest):
-        shrink_request(state, 300 * MIB, 512 * MIB)
+        request_shrink(state, 300 * MIB, 512 * MIB)
         detail = offline_shrink.apply_pending_shrink(
             Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
         )
         assert detail is not None and "512 MiB -> 300 MiB" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB
         assert block.block_size_bytes(loop) == 300 * MIB
-        assert resize.pending_request(state) is None
+        assert request_file.pending_request(state) is None
         fsck = subprocess.run(
             ["e2fsck", "-f", "-n", loop], capture_output=True, text=True, check=False
         )
@@ -532,13 +534,13 @@ def test_offline_shrink_refuses_invalid_requests(
     size: int, current: int, error: str, tmp_path: Path
 ) -> None:
     with unmounted_ext4(tmp_path, 512 * MIB, 8) as (state, loop, digest):
-        shrink_request(state, size, current)
+        request_shrink(state, size, current)
         detail = offline_shrink.apply_pending_shrink(
             Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
         )
         assert detail is not None and "ignored and removed" in detail and error in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 512 * MIB
-        assert resize.pending_request(state) is None
+        assert request_file.pending_request(state) is None
         assert read_back(loop, tmp_path) == digest
 
 
@@ -546,7 +548,7 @@ def test_offline_shrink_refuses_invalid_requests(
 def test_offline_shrink_never_below_used_plus_margin(tmp_path: Path) -> None:
     # 250 MiB of data: a forged request for 256 MiB would leave no margin: refused.
     with unmounted_ext4(tmp_path, 600 * MIB, 250) as (state, loop, digest):
-        shrink_request(state, 256 * MIB, 600 * MIB)
+        request_shrink(state, 256 * MIB, 600 * MIB)
         detail = offline_shrink.apply_pending_shrink(
             Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
         )
@@ -575,7 +577,7 @@ def test_offline_shrink_repeated_after_a_crash_finishes(tmp_path: Path) -> None:
         # resize2fs wants a check newer than the last mount (as apply_pending_shrink does).
         subprocess.run(["e2fsck", "-f", "-p", loop], check=True, capture_output=True)
         subprocess.run(["resize2fs", loop, f"{300 * 1024}K"], check=True, capture_output=True)
-        shrink_request(state, 300 * MIB, 512 * MIB)
+        request_shrink(state, 300 * MIB, 512 * MIB)
         detail = offline_shrink.apply_pending_shrink(
             Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
         )
@@ -629,13 +631,13 @@ def test_offline_shrink_failure_does_not_stop_the_boot(tmp_path: Path) -> None:
     # With a LUKS mapping named but none there (the host has no device-mapper) the shrink
     # cannot proceed: it says so, changes nothing, keeps the request, and does not raise.
     with unmounted_ext4(tmp_path, 512 * MIB, 8) as (state, loop, digest):
-        shrink_request(state, 300 * MIB, 512 * MIB)
+        request_shrink(state, 300 * MIB, 512 * MIB)
         detail = offline_shrink.apply_pending_shrink(
             Config(), state, loop, quiet_report(), device=loop, cmdline=""
         )
         assert detail is not None and "the boot goes on" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 512 * MIB
-        assert isinstance(resize.pending_request(state), resize.ShrinkRequest)
+        assert isinstance(request_file.pending_request(state), shrink_request.ShrinkRequest)
         assert read_back(loop, tmp_path) == digest
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pystate_initrd.config import Config, load_config, parse_size
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import names
+from pystate_initrd.formats import names, shrink_request
 from pystate_initrd.formats.resize_policy import (
     MIB,
     Action,
@@ -39,7 +39,7 @@ from pystate_initrd.formats.resize_policy import (
     params_from_config,
 )
 from pystate_initrd.log import Log
-from pystate_initrd.volume import resize
+from pystate_initrd.volume import request_file, resize
 
 STATE_DIRS = (Path("/state"), Path("/run/pystate/state"))  # SPEC §2: and the /run fallback
 STATUS_FILE = Path("/run/pystate/resize.json")
@@ -121,8 +121,10 @@ def decision_json(d: Decision) -> dict[str, object]:
     }
 
 
-def request_json(pending: resize.ShrinkRequest | str | None) -> dict[str, object] | str | None:
-    return pending.to_json() if isinstance(pending, resize.ShrinkRequest) else pending
+def request_json(
+    pending: shrink_request.ShrinkRequest | str | None,
+) -> dict[str, object] | str | None:
+    return pending.to_json() if isinstance(pending, shrink_request.ShrinkRequest) else pending
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Service:
 
     def _save(self) -> None:
         self.state.updated = time.time()
-        self.state.pending_shrink = request_json(resize.pending_request(self.vol.state_dir))
+        self.state.pending_shrink = request_json(request_file.pending_request(self.vol.state_dir))
         if self.status_file is not None:
             try:
                 self.state.write(self.status_file)
@@ -174,22 +176,22 @@ class Service:
     def act(self, d: Decision) -> resize.Change | None:
         vol = self.vol
         if d.action is Action.GROW:
-            if resize.remove_request(vol.state_dir):
+            if request_file.remove_request(vol.state_dir):
                 self.log.notice("pending shrink request withdrawn: the image grows instead")
             self.log.notice(f"decided: {d.describe()}")
             change = resize.grow(vol, d.target, hook=self.hook)
         elif d.action is Action.SHRINK and d.offline:
-            pending = resize.pending_request(vol.state_dir)
-            if isinstance(pending, resize.ShrinkRequest) and pending.size == d.target:
+            pending = request_file.pending_request(vol.state_dir)
+            if isinstance(pending, shrink_request.ShrinkRequest) and pending.size == d.target:
                 return None  # already asked for
-            req = resize.ShrinkRequest(
+            req = shrink_request.ShrinkRequest(
                 luks_uuid=vol.luks_uuid,
                 current=d.current,
                 size=d.target,
                 fs_size=d.fs_size,
                 requested=int(time.time()),
             )
-            path = resize.write_request(vol.state_dir, req)
+            path = request_file.write_request(vol.state_dir, req)
             self.log.notice(f"decided: {d.describe()}; request written to {path}")
             return resize.Change("request", d.current, d.target)
         elif d.action is Action.SHRINK:
@@ -372,7 +374,7 @@ def status_view(
         vol = resize.find_volume(state)
         _, params = load_params(None, {})
         view["decision"] = decision_json(decide(resize.measure(vol), params))
-        view["pending_shrink"] = request_json(resize.pending_request(state))
+        view["pending_shrink"] = request_json(request_file.pending_request(state))
     except (PystateError, OSError) as exc:
         view["error"] = str(exc)
     return view

@@ -1,7 +1,7 @@
 """The initrd half of an ext4 shrink: carry out a validated request before mounting.
 
 The resize service cannot shrink a mounted ext4, so it leaves a request in
-``<state>/.pystate/shrink-request`` (resize.write_request). At the next boot, after the
+``<state>/.pystate/shrink-request`` (request_file.write_request). At the next boot, after the
 image is unlocked and checked and before its file system is mounted, the boot calls
 ``apply_pending_shrink()``:
 
@@ -33,21 +33,18 @@ from pystate_initrd.formats import superblock
 from pystate_initrd.formats.cmdline import parse_cmdline
 from pystate_initrd.formats.names import DM_NAME, IMAGE
 from pystate_initrd.formats.resize_policy import human_size, params_from_config
+from pystate_initrd.formats.shrink_request import (
+    RequestError,
+    ShrinkRequest,
+    parse_request,
+    validate_request,
+)
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import block, fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
-from pystate_initrd.volume.resize import (
-    Hook,
-    RequestError,
-    ShrinkRequest,
-    crypt_resize_argv,
-    parse_request,
-    power_cut_hook,
-    read_request,
-    remove_request,
-    validate_request,
-)
+from pystate_initrd.volume.request_file import read_request, remove_request
+from pystate_initrd.volume.resize import Hook, crypt_resize_argv, power_cut_hook
 
 DEBUG_WORD = "pystate.debug-resize-stop"
 OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")
