@@ -10,7 +10,6 @@ import os
 import stat
 from pathlib import Path
 
-from pystate_initrd.errors import PystateError
 from pystate_initrd.formats.names import META_DIR
 from pystate_initrd.formats.names import SHRINK_REQUEST as REQUEST
 from pystate_initrd.formats.shrink_request import (
@@ -19,10 +18,7 @@ from pystate_initrd.formats.shrink_request import (
     ShrinkRequest,
     parse_request,
 )
-
-
-class RequestFileError(PystateError):
-    """<state>/.pystate cannot hold a request (it is not a directory)."""
+from pystate_initrd.volume.resize import ResizeError
 
 
 def _meta_dir_fd(state_dir: Path, create: bool) -> int | None:
@@ -41,7 +37,7 @@ def _meta_dir_fd(state_dir: Path, create: bool) -> int | None:
         except FileNotFoundError:
             return None
         except (NotADirectoryError, OSError) as exc:
-            raise RequestFileError(
+            raise ResizeError(
                 f"{state_dir / META_DIR} is not a directory ({exc.strerror}); refusing it"
             ) from None
     finally:
@@ -130,5 +126,5 @@ def pending_request(state_dir: Path) -> ShrinkRequest | str | None:
     try:
         data = read_request(state_dir)
         return None if data is None else parse_request(data)
-    except (RequestError, RequestFileError) as exc:
+    except (RequestError, ResizeError) as exc:
         return str(exc)
