@@ -24,13 +24,14 @@ from conftest import needs_root
 from pystate_initrd.config import Config, load_config
 from pystate_initrd.formats import dm_table, luks2, recovery
 from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyParams
-from pystate_initrd.formats.token import TokenError, decode_token
+from pystate_initrd.formats.token import TokenError, decode_token, usable_token
 from pystate_initrd.initrd import encrypted, provision, seed, unlock
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
 from pystate_initrd.system import askpass, luks, tpm2
 from pystate_initrd.system.run import run
+from pystate_initrd.volume import binding
 
 swtpm = swtpm_helper.swtpm
 tpm = swtpm_helper.tpm
@@ -256,7 +257,7 @@ def test_format_keyslots_and_token(formatted: tuple[Path, bytes, str, str]) -> N
     with pytest.raises(luks.BadKey):
         luks.check_key(image, key=secret, key_slot=1)
     # What the initrd does: token from the header, unsealed by the TPM, opens slot 0.
-    token_id, sealed2, slot2 = unlock.tpm_token(unlock.check_header(image))
+    token_id, sealed2, slot2 = usable_token(luks.tokens(image))
     assert (token_id, slot2) == (0, 0)
     assert tpm2.unseal(sealed2, tcti=tcti) == secret
 
@@ -264,8 +265,8 @@ def test_format_keyslots_and_token(formatted: tuple[Path, bytes, str, str]) -> N
 @needs_swtpm
 def test_unseal_refused_once_pcr15_is_extended(formatted: tuple[Path, bytes, str, str]) -> None:
     image, _, _, tcti = formatted
-    _, sealed, _ = unlock.tpm_token(unlock.check_header(image))
-    unlock.extend_pcr15(os.urandom(64), luks.uuid(image), "sha256", tcti)
+    _, sealed, _ = usable_token(luks.tokens(image))
+    binding.extend_pcr15(os.urandom(64), luks.uuid(image), "sha256", tcti)
     with pytest.raises(tpm2.PcrMismatch):
         tpm2.unseal(sealed, tcti=tcti)
 
@@ -275,12 +276,12 @@ def test_unseal_refused_once_pcr15_is_extended(formatted: tuple[Path, bytes, str
 def test_reseal_moves_the_tpm_keyslot(formatted: tuple[Path, bytes, str, str]) -> None:
     image, secret, key_text, tcti = formatted
     header = unlock.check_header(image)
-    old = unlock.tpm_token(header)
+    old = usable_token(luks2.token_dicts(header.metadata))
     passphrase = recovery.recovery_passphrase(key_text)
     detail = unlock.reseal(Config(), str(image), passphrase, old, old[0], tcti)
     assert detail.startswith("keyslot 2 sealed to sha256:7,15")
     assert sorted(luks.keyslots(image)) == [1, 2]
-    token_id, sealed, slot = unlock.tpm_token(unlock.check_header(image))
+    token_id, sealed, slot = usable_token(luks.tokens(image))
     assert (token_id, slot) == (0, 2)
     luks.check_key(image, key=tpm2.unseal(sealed, tcti=tcti), key_slot=2)
 
@@ -330,7 +331,7 @@ def test_hostile_or_foreign_tokens_are_not_used(token: dict[str, object]) -> Non
         secondary_ok=True,
     )
     with pytest.raises(TokenError):
-        unlock.tpm_token(header)
+        usable_token(luks2.token_dicts(header.metadata))
 
 
 # --- unlock failures on a real image, no device-mapper needed -------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 from pystate_initrd.booted import resized
 from pystate_initrd.formats import luks2, mountinfo, names
 from pystate_initrd.formats.resize_policy import human_size
-from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token
+from pystate_initrd.formats.token import pystate_tokens
 from pystate_initrd.system import luks
 
 BOOT_JSON = Path("/run/pystate/boot.json")
@@ -72,23 +72,20 @@ def _header(image: Path) -> dict[str, Any]:
         },
         "tpm2": None,
     }
-    for token_id, token in luks2.token_dicts(header.metadata).items():
-        if token.get("type") != TOKEN_TYPE:
-            continue
-        try:
-            sealed, slot = decode_token(token)
-        except TokenError as exc:
-            info["tpm2"] = {"token": token_id, "error": str(exc)}
-            continue
+    found = pystate_tokens(luks2.token_dicts(header.metadata))
+    usable = [t for t in found if t.sealed is not None]
+    if usable and usable[0].sealed is not None:
+        sealed = usable[0].sealed
         info["tpm2"] = {
-            "token": token_id,
-            "keyslot": slot,
+            "token": usable[0].token_id,
+            "keyslot": usable[0].keyslot,
             "bank": sealed.bank,
             "pcrs": list(sealed.pcrs),
             "pcr15_zero": sealed.pcr15_zero,
             "primary": sealed.primary_alg,
         }
-        break
+    elif found:
+        info["tpm2"] = {"token": found[-1].token_id, "error": found[-1].error}
     for n in slots:
         tpm = info["tpm2"]
         role = "tpm2" if tpm and tpm.get("keyslot") == n else "recovery?"

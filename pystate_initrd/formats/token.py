@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pystate_initrd.errors import PystateError
@@ -78,6 +79,44 @@ def encode_token(key: SealedKey, keyslot: int) -> dict[str, Any]:
 def encode_token_json(key: SealedKey, keyslot: int) -> str:
     """`encode_token` as compact JSON text."""
     return json.dumps(encode_token(key, keyslot), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class FoundToken:
+    """A pystate-tpm2 token of a LUKS2 header: decoded, or the reason it is not usable."""
+
+    token_id: int
+    sealed: SealedKey | None
+    keyslot: int | None
+    error: str | None
+
+
+def pystate_tokens(tokens: Mapping[int, Mapping[str, Any]]) -> list[FoundToken]:
+    """Every pystate-tpm2 token among a header's tokens (luks2.token_dicts), in id order."""
+    found = []
+    for token_id, token in sorted(tokens.items()):
+        if token.get("type") != TOKEN_TYPE:
+            continue
+        try:
+            sealed, slot = decode_token(token)
+        except TokenError as exc:
+            found.append(FoundToken(token_id, None, None, str(exc)))
+        else:
+            found.append(FoundToken(token_id, sealed, slot, None))
+    return found
+
+
+def usable_token(tokens: Mapping[int, Mapping[str, Any]]) -> tuple[int, SealedKey, int]:
+    """(token id, sealed key, keyslot) of the first usable pystate-tpm2 token.
+
+    TokenError naming every unusable one, or saying there is none.
+    """
+    found = pystate_tokens(tokens)
+    for t in found:
+        if t.sealed is not None and t.keyslot is not None:
+            return t.token_id, t.sealed, t.keyslot
+    errors = [f"token {t.token_id}: {t.error}" for t in found]
+    raise TokenError("; ".join(errors) or f"no {TOKEN_TYPE} token in the LUKS2 header")
 
 
 def _refuse_constant(name: str) -> Any:

@@ -144,6 +144,14 @@ def measure_volume(volume_key: bytes | bytearray, luks_uuid: str) -> bytes:
     return hmac.new(volume_key, f"pystate:{uuid}".encode(), hashlib.sha256).digest()
 
 
+def volume_measurement(volume_key: bytes | bytearray, luks_uuid: str, bank: str) -> bytes:
+    """What is extended into PCR 15 of bank: measure_volume's HMAC, hashed to the bank's
+    digest size unless the bank is sha256 (SPEC §11.4)."""
+    digest = measure_volume(volume_key, luks_uuid)
+    size = bank_digest_size(bank)
+    return digest if size == len(digest) else _BANKS[bank][2](digest).digest()
+
+
 def _der(tag: int, body: bytes) -> bytes:
     n = len(body)
     if n < 0x80:

@@ -135,7 +135,7 @@ def setup(
         log.warning(f"debug: extended PCR {index} (pystate.debug-extend-pcr)")
 
     if not _check_image(image):
-        unlock.wait_for_tpm(tcti)
+        tpm2.wait_for_tpm(tcti)
         if not tpm2.tpm_present(tcti):
             log.error(
                 f"no TPM2 on this machine: {image} is not created and the encrypted entries "

@@ -42,11 +42,12 @@ from pystate_initrd.formats.resize_policy import (
     params_from_config,
 )
 from pystate_initrd.formats.token import encode_token_json
-from pystate_initrd.initrd import seed, unlock
+from pystate_initrd.initrd import seed
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
-from pystate_initrd.system import block, luks, tpm2
+from pystate_initrd.system import block, luks
 from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume import binding, stack
 
 HEADER_SIZE = 16 * 1024 * 1024  # cryptsetup 2.6's default LUKS2 header (both copies + slots)
 FS_LABEL = "pystate"
@@ -204,7 +205,7 @@ def format_image(
 
 @dataclass(frozen=True)
 class Provisioned:
-    opened: unlock.Opened
+    opened: stack.Opened
     size: int
     layout: list[tuple[str, str, bool]]
 
@@ -220,20 +221,14 @@ def provision(
 ) -> Provisioned:
     """Make, fill and commit encrypted.img; it is left open and mounted at state_dir/encrypted."""
     new, final = state_dir / NEW_IMAGE, state_dir / IMAGE
-    with contextlib.ExitStack() as stack:
-        secret = stack.enter_context(Secret.random(32))
-        volume_key = stack.enter_context(Secret.random(luks.KEY_BITS // 8))
+    with contextlib.ExitStack() as held:
+        secret = held.enter_context(Secret.random(32))
+        volume_key = held.enter_context(Secret.random(luks.KEY_BITS // 8))
         recovery_text = recovery.generate_recovery_key()
-        recovery_pass = stack.enter_context(Secret(recovery.recovery_passphrase(recovery_text)))
+        recovery_pass = held.enter_context(Secret(recovery.recovery_passphrase(recovery_text)))
 
         with report.step("seal") as s:
-            sealed = tpm2.seal(
-                secret.value,
-                pcrs=cfg.pcrs,
-                bank=str(cfg.pcr_bank),
-                pcr15_zero=cfg.measure_pcr15,
-                tcti=tcti,
-            )
+            sealed = binding.seal(cfg, secret.value, tcti)
             s.detail = f"to {sealed.pcr_spec}"
         with report.step("allocate") as s:
             st = os.statvfs(state_dir)
@@ -254,11 +249,11 @@ def provision(
             s.detail = f"LUKS2 {uuid}, keyslots {luks.TPM2_KEYSLOT} (tpm2), 1 (recovery)"
         hook("luks-format")
         with report.step("mkfs") as s:
-            loop = unlock.attach(new)
+            loop = stack.attach(new)
             # Undone on failure only; kept (pop_all) once committed. The secrets are
-            # wiped by the outer stack either way.
-            undo = stack.enter_context(contextlib.ExitStack())
-            undo.callback(unlock.teardown, loop.path, state_dir / MOUNT_DIR)
+            # wiped by the outer ExitStack either way.
+            undo = held.enter_context(contextlib.ExitStack())
+            undo.callback(stack.teardown, loop.path, state_dir / MOUNT_DIR)
             luks.open(loop.path, key=secret.value, key_slot=luks.TPM2_KEYSLOT)
             try:
                 run(mkfs_argv(DM_PATH, str(cfg.inner_fs)))
@@ -267,7 +262,7 @@ def provision(
             s.detail = f"{cfg.inner_fs} on {DM_PATH}"
         hook("mkfs")
         with report.step("layout") as s:
-            mountpoint = unlock.mount_inner(state_dir / MOUNT_DIR, str(cfg.inner_fs))
+            mountpoint = stack.mount_inner(state_dir / MOUNT_DIR, str(cfg.inner_fs))
             os.chmod(mountpoint, 0o755)
             layout = make_layout(cfg, mountpoint, state_dir, sysroot)
             write_recovery_key(mountpoint, recovery_text)
@@ -288,12 +283,12 @@ def provision(
             s.detail = f"{new.name} -> {final.name}"
         hook("commit")
         undo.pop_all()  # committed: keep loop, mapping and mount
-        opened = unlock.Opened(
+        opened = stack.Opened(
             image=final, loop=loop.path, mountpoint=mountpoint, uuid=uuid, how="provisioned"
         )
         if cfg.measure_pcr15:
             with report.step("measure-pcr15") as s:
-                unlock.extend_pcr15(volume_key.value, uuid, str(cfg.pcr_bank), tcti)
+                binding.extend_pcr15(volume_key.value, uuid, str(cfg.pcr_bank), tcti)
                 s.detail = f"PCR 15 ({cfg.pcr_bank}) extended with the volume's measurement"
         return Provisioned(opened=opened, size=size, layout=layout)
     raise AssertionError("unreachable")

@@ -16,9 +16,7 @@ successful recovery unlock writes: the re-seal of the TPM keyslot.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +24,11 @@ from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import dm_table, luks2, recovery, tpm2_policy
 from pystate_initrd.formats.names import DM_NAME, DM_PATH
-from pystate_initrd.formats.token import TOKEN_TYPE, TokenError, decode_token, encode_token_json
+from pystate_initrd.formats.token import TokenError, encode_token_json, pystate_tokens, usable_token
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
-from pystate_initrd.system import block, devmapper, fsck, loopdev, luks, mount_api, tpm2
-
-INNER_TYPES = ("ext4", "btrfs")
+from pystate_initrd.system import devmapper, loopdev, luks, tpm2
+from pystate_initrd.volume import binding, stack
 
 # ask(prompt, attempt) -> the typed text in a bytearray (caller wipes), None: nobody there.
 Ask = Callable[[str, int], bytearray | None]
@@ -39,25 +36,6 @@ Ask = Callable[[str, int], bytearray | None]
 
 class UnlockError(PystateError):
     """encrypted.img could not be opened, checked or mounted."""
-
-
-@dataclass(frozen=True)
-class Opened:
-    image: Path
-    loop: str
-    mountpoint: Path
-    uuid: str
-    how: str  # "tpm2", "recovery" or "provisioned"
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "image": str(self.image),
-            "loop": self.loop,
-            "device": DM_PATH,
-            "mountpoint": str(self.mountpoint),
-            "luks_uuid": self.uuid,
-            "unlocked_by": self.how,
-        }
 
 
 # --- pieces -------------------------------------------------------------------------------
@@ -79,107 +57,6 @@ def check_header(image: Path) -> luks2.Luks2Header:
             hint=f"nothing was changed; check the disk, then 'cryptsetup repair {image}'",
         )
     return header
-
-
-def tpm_token(header: luks2.Luks2Header) -> tuple[int, tpm2_policy.SealedKey, int]:
-    """(token id, sealed key, keyslot) of the first pystate-tpm2 token; TokenError if none."""
-    errors = []
-    for token_id, token in luks2.token_dicts(header.metadata).items():
-        if token.get("type") != TOKEN_TYPE:
-            continue
-        try:
-            sealed, slot = decode_token(token)
-        except TokenError as exc:
-            errors.append(f"token {token_id}: {exc}")
-            continue
-        return token_id, sealed, slot
-    raise TokenError("; ".join(errors) or f"no {TOKEN_TYPE} token in the LUKS2 header")
-
-
-def wait_for_tpm(tcti: str | None, seconds: float = 5.0) -> None:
-    """Give a TPM the firmware announces a moment for its driver to register it."""
-    name, _, conf = (tcti or tpm2.DEFAULT_TCTI).partition(":")
-    if name != "device" or os.path.exists(conf):
-        return
-    if not os.path.exists("/sys/firmware/acpi/tables/TPM2") and not any(
-        Path("/sys/class/tpm").glob("tpm*")
-    ):
-        return  # no TPM on this machine: NoTpm right away, not after a wait
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not os.path.exists(conf) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def attach(image: Path, *, read_only: bool = False) -> loopdev.LoopDevice:
-    try:
-        return loopdev.loop_attach(str(image), read_only=read_only, direct_io=True)
-    except OSError as exc:
-        raise UnlockError(f"attaching {image} to a loop device failed: {exc.strerror}") from None
-
-
-def check_inner(read_only: bool = False) -> tuple[str, str]:
-    """The inner file system's type and fsck verdict; UnlockError stops the boot."""
-    try:
-        info = block.probe(DM_PATH)
-    except block.FsProbeError:
-        info = None
-    if info is None or info.fstype not in INNER_TYPES:
-        raise UnlockError(
-            f"encrypted.img opened, but {DM_PATH} holds no ext4 or btrfs file system: "
-            "the image's content is damaged",
-            hint="nothing was written; restore from a backup or check it by hand",
-        )
-    if read_only:
-        return info.fstype, "skipped (read-only)"
-    try:
-        result = fsck.check(DM_PATH, info.fstype)
-    except fsck.FsckError as exc:
-        raise UnlockError(f"the encrypted file system needs a person: {exc}") from None
-    return info.fstype, str(result.verdict)
-
-
-def mount_inner(mountpoint: Path, fstype: str, *, read_only: bool = False) -> Path:
-    if not mountpoint.is_dir() or mountpoint.is_symlink():
-        if mountpoint.is_symlink() or mountpoint.exists():
-            raise UnlockError(f"{mountpoint} is not a directory; cannot mount the image there")
-        mountpoint.mkdir(mode=0o700)
-    try:
-        mount_api.mount(
-            DM_PATH, str(mountpoint), fstype, mount_api.MS_RDONLY if read_only else 0, None
-        )
-    except OSError as exc:
-        raise UnlockError(
-            f"mounting {DM_PATH} ({fstype}) on {mountpoint} failed: {exc.strerror}"
-        ) from None
-    return mountpoint
-
-
-def extend_pcr15(volume_key: bytes | bytearray, uuid: str, bank: str, tcti: str | None) -> None:
-    """PCR 15 += HMAC(volume key, "pystate:<uuid>") (SPEC §5)."""
-    digest = tpm2_policy.measure_volume(volume_key, uuid)
-    # The HMAC is sha256; another bank gets it hashed to its own size. hashlib.shaNNN,
-    # not hashlib.new(): the initrd's Python has no OpenSSL.
-    import hashlib
-
-    rehash = {"sha1": hashlib.sha1, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
-    if bank in rehash:
-        digest = rehash[bank](digest).digest()
-    tpm2.pcr_extend(tpm2_policy.PCR_VOLUME, bank, digest, tcti)
-
-
-def teardown(loop: str | None, mountpoint: Path | None) -> None:
-    """Undo mount, mapping and loop device, best effort (the boot is failing anyway)."""
-    if mountpoint is not None and os.path.ismount(mountpoint):
-        with contextlib.suppress(OSError):
-            mount_api.umount2(str(mountpoint))
-    if os.path.exists(DM_PATH):
-        with contextlib.suppress(luks.LuksError):
-            luks.close()
-    if loop:
-        with contextlib.suppress(OSError):
-            loopdev.loop_detach(loop)
 
 
 def _free_slot(header: luks2.Luks2Header) -> int:
@@ -205,13 +82,7 @@ def reseal(
     two tokens/keyslot pairs still works or the recovery key does.
     """
     with Secret.random(32) as secret:
-        sealed = tpm2.seal(
-            secret.value,
-            pcrs=cfg.pcrs,
-            bank=str(cfg.pcr_bank),
-            pcr15_zero=cfg.measure_pcr15,
-            tcti=tcti,
-        )
+        sealed = binding.seal(cfg, secret.value, tcti)
         header = luks.read_header(device)
         slot = _free_slot(header)
         luks.add_keyslot(
@@ -273,7 +144,7 @@ def unlock(
     ask: Ask,
     tcti: str | None = None,
     read_only: bool = False,
-) -> Opened:
+) -> stack.Opened:
     """Open, check and mount image at mountpoint; the TPM first, then the recovery key."""
     log = report.log
     with report.step("luks-header") as s:
@@ -285,8 +156,8 @@ def unlock(
     reason = ""
     with report.step("unseal") as s:
         try:
-            token = tpm_token(header)
-            wait_for_tpm(tcti)
+            token = usable_token(luks2.token_dicts(header.metadata))
+            tpm2.wait_for_tpm(tcti)
             secret = tpm2.unseal(token[1], tcti=tcti)
             s.detail = f"token {token[0]} ({token[1].pcr_spec}) -> keyslot {token[2]}"
         except (tpm2.Tpm2Error, TokenError) as exc:
@@ -297,7 +168,7 @@ def unlock(
     opened_with: tuple[bytearray, int] | None = None
     try:
         with report.step("loop-attach") as s:
-            loop = attach(image, read_only=read_only)
+            loop = stack.attach(image, read_only=read_only)
             s.detail = f"{loop.path}{' direct-io' if loop.direct_io else ' (buffered)'}"
         if secret is not None and token is not None:
             with report.step("luks-open") as s:
@@ -316,7 +187,7 @@ def unlock(
                 s.detail = f"recovery key, keyslot {luks.RECOVERY_KEYSLOT}"
             how = "recovery"
         with report.step("inner-fsck") as s:
-            fstype, verdict = check_inner(read_only)
+            fstype, verdict = stack.check_inner(read_only)
             s.detail = f"{fstype}: {verdict}"
         if fstype == "ext4" and not read_only:
             # A shrink the resize service asked for (docs/resize.md), before the mount.
@@ -324,13 +195,13 @@ def unlock(
 
             offline_shrink.apply_pending_shrink(cfg, image.parent, loop.path, report)
         with report.step("mount-encrypted") as s:
-            mount_inner(mountpoint, fstype, read_only=read_only)
+            stack.mount_inner(mountpoint, fstype, read_only=read_only)
             s.detail = f"{DM_PATH} on {mountpoint}"
     except BaseException:
         for buf in (secret, opened_with[0] if opened_with else None):
             if buf is not None:
                 buf[:] = bytes(len(buf))
-        teardown(loop.path if loop else None, None)
+        stack.teardown(loop.path if loop else None, None)
         raise
 
     key, slot = opened_with
@@ -344,7 +215,7 @@ def unlock(
                         log.debug(f"{exc}; dumping the volume key with cryptsetup")
                         volume_key = luks.volume_key(loop.path, key=key, key_slot=slot)
                     with Secret(volume_key) as vk:
-                        extend_pcr15(vk.value, header.uuid, str(cfg.pcr_bank), tcti)
+                        binding.extend_pcr15(vk.value, header.uuid, str(cfg.pcr_bank), tcti)
                     s.detail = f"PCR 15 ({cfg.pcr_bank}) extended"
                 except tpm2.Tpm2Error as exc:
                     # No TPM (recovery boot): nothing to protect in it either.
@@ -353,7 +224,8 @@ def unlock(
         if how == "recovery" and cfg.reseal_on_recovery and not read_only:
             with report.step("reseal") as s:
                 try:
-                    old_id = token[0] if token else _pystate_token_id(header)
+                    found = pystate_tokens(luks2.token_dicts(header.metadata))
+                    old_id = token[0] if token else (found[0].token_id if found else None)
                     s.detail = reseal(cfg, loop.path, key, token, old_id, tcti)
                 except (tpm2.Tpm2Error, luks.LuksError, UnlockError) as exc:
                     s.detail = f"not resealed: {exc}"
@@ -362,12 +234,6 @@ def unlock(
         key[:] = bytes(len(key))
         if secret is not None:
             secret[:] = bytes(len(secret))
-    return Opened(image=image, loop=loop.path, mountpoint=mountpoint, uuid=header.uuid, how=how)
-
-
-def _pystate_token_id(header: luks2.Luks2Header) -> int | None:
-    """The id of a (possibly damaged) pystate-tpm2 token, to be replaced by the re-seal."""
-    for token_id, token in luks2.token_dicts(header.metadata).items():
-        if token.get("type") == TOKEN_TYPE:
-            return token_id
-    return None
+    return stack.Opened(
+        image=image, loop=loop.path, mountpoint=mountpoint, uuid=header.uuid, how=how
+    )

@@ -340,3 +340,19 @@ def unseal(key: tpm2_policy.SealedKey, *, tcti: str | None) -> bytearray:
     finally:
         _flush(tcti)
         _remove(work)
+
+
+def wait_for_tpm(tcti: str | None, seconds: float = 5.0) -> None:
+    """Give a TPM the firmware announces a moment for its driver to register it."""
+    name, _, conf = (tcti or DEFAULT_TCTI).partition(":")
+    if name != "device" or os.path.exists(conf):
+        return
+    if not os.path.exists("/sys/firmware/acpi/tables/TPM2") and not any(
+        Path("/sys/class/tpm").glob("tpm*")
+    ):
+        return  # no TPM on this machine: NoTpm right away, not after a wait
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(conf) and time.monotonic() < deadline:
+        time.sleep(0.05)
