@@ -39,7 +39,7 @@ from pystate_initrd.formats.resize_policy import (
     params_from_config,
 )
 from pystate_initrd.log import Log
-from pystate_initrd.volume import request_file, resize
+from pystate_initrd.volume import power_cut, request_file, resize
 
 STATE_DIRS = (Path("/state"), Path("/run/pystate/state"))  # SPEC §2: and the /run fallback
 STATUS_FILE = Path("/run/pystate/resize.json")
@@ -133,7 +133,7 @@ class Service:
     params: PolicyParams
     log: Log
     status_file: Path | None = STATUS_FILE
-    hook: resize.Hook = resize._no_hook
+    hook: power_cut.Hook = power_cut.no_hook
     state: ServiceState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -274,7 +274,7 @@ def make_service(
         sparse=str(cfg.allocation) == "sparse",
         crypt_name=None if plain else names.DM_NAME,
     )
-    hook = resize.power_cut_hook(debug_stop, log.error)
+    hook = power_cut.power_cut_hook(debug_stop, log.error)
     return Service(vol, params, log, status_file=status_file, hook=hook)
 
 

@@ -21,41 +21,19 @@ import contextlib
 import os
 import shutil
 import stat
-import time
 from pathlib import Path
 
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import names, tpm2_policy
-from pystate_initrd.formats.cmdline import parse_cmdline
 from pystate_initrd.initrd import provision, unlock
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import askpass, luks, tpm2
+from pystate_initrd.volume import power_cut
 
 
 class EncryptedError(PystateError):
     """The encrypted area's files on /state are not what pystate made."""
-
-
-def _debug_words(cmdline: str) -> dict[str, str]:
-    return {
-        key: value or ""
-        for key, value in parse_cmdline(cmdline)
-        if key in ("pystate.debug-stop", "pystate.debug-extend-pcr")
-    }
-
-
-def _power_cut_hook(report: BootReport, stop_at: str | None) -> provision.Hook:
-    def hook(step: str) -> None:
-        if step != stop_at:
-            return
-        report.log.error(f"debug-stop after {step}: cutting the power now (pystate.debug-stop)")
-        time.sleep(0.5)  # let the console show the line
-        with open("/proc/sysrq-trigger", "w") as f:
-            f.write("o")
-        time.sleep(60)
-
-    return hook
 
 
 def factory_reset(state_dir: Path) -> list[str]:
@@ -108,7 +86,7 @@ def setup(
     log = report.log
     image = state_dir / names.IMAGE
     mountpoint = state_dir / names.MOUNT_DIR
-    debug = _debug_words(cmdline)
+    extend_pcr = power_cut.debug_word(cmdline, "pystate.debug-extend-pcr")
 
     if read_only:
         if not _check_image(image):
@@ -127,8 +105,8 @@ def setup(
             provision.remove_leftover(state_dir)
             s.detail = f"deleted {names.NEW_IMAGE} of an interrupted first boot"
 
-    if "pystate.debug-extend-pcr" in debug:
-        index = int(debug["pystate.debug-extend-pcr"])
+    if extend_pcr is not None:
+        index = int(extend_pcr)
         tpm2.pcr_extend(
             index, str(cfg.pcr_bank), bytes(tpm2_policy.bank_digest_size(str(cfg.pcr_bank))), tcti
         )
@@ -149,7 +127,9 @@ def setup(
             sysroot,
             report,
             tcti=tcti,
-            hook=_power_cut_hook(report, debug.get("pystate.debug-stop")),
+            hook=power_cut.power_cut_hook(
+                power_cut.debug_word(cmdline, "pystate.debug-stop"), log.error
+            ),
         )
         report.facts["encrypted"] = {**made.opened.to_json(), "size": made.size}
         return made.opened.mountpoint

@@ -30,7 +30,6 @@ from pathlib import Path
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import superblock
-from pystate_initrd.formats.cmdline import parse_cmdline
 from pystate_initrd.formats.names import DM_NAME, IMAGE
 from pystate_initrd.formats.resize_policy import human_size, params_from_config
 from pystate_initrd.formats.shrink_request import (
@@ -43,8 +42,9 @@ from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import block, fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume.power_cut import Hook, debug_word, power_cut_hook
 from pystate_initrd.volume.request_file import read_request, remove_request
-from pystate_initrd.volume.resize import Hook, crypt_resize_argv, power_cut_hook
+from pystate_initrd.volume.resize import crypt_resize_argv
 
 DEBUG_WORD = "pystate.debug-resize-stop"
 OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")
@@ -105,8 +105,7 @@ def apply_pending_shrink(
             cmdline = Path("/proc/cmdline").read_text(errors="replace")
         except OSError:
             cmdline = ""
-    stop_at = dict(parse_cmdline(cmdline)).get(DEBUG_WORD)
-    hook = power_cut_hook(stop_at, log.error)
+    hook = power_cut_hook(debug_word(cmdline, DEBUG_WORD), log.error)
     with report.step("offline-shrink") as s:
         try:
             s.detail = _apply(cfg, state_dir, loop, device, crypt_name, data, report, hook)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +46,10 @@ from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
 from pystate_initrd.system import block, luks
 from pystate_initrd.system.run import CommandError, run
-from pystate_initrd.volume import binding, stack
+from pystate_initrd.volume import binding, power_cut, stack
 
 HEADER_SIZE = 16 * 1024 * 1024  # cryptsetup 2.6's default LUKS2 header (both copies + slots)
 FS_LABEL = "pystate"
-
-# Debug hook for the power-cut tests: pystate.debug-stop=STEP cuts power after STEP.
-Hook = Callable[[str], None]
 
 
 class ProvisionError(PystateError):
@@ -217,7 +213,7 @@ def provision(
     report: BootReport,
     *,
     tcti: str | None = None,
-    hook: Hook = lambda step: None,
+    hook: power_cut.Hook = power_cut.no_hook,
 ) -> Provisioned:
     """Make, fill and commit encrypted.img; it is left open and mounted at state_dir/encrypted."""
     new, final = state_dir / NEW_IMAGE, state_dir / IMAGE

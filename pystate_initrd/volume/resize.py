@@ -30,7 +30,7 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from pystate_initrd.formats.names import DM_NAME, IMAGE, MOUNT_DIR
 from pystate_initrd.formats.resize_policy import FS_BLOCK, MIB, Space, human_size
 from pystate_initrd.system import block, loopdev
 from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume.power_cut import Hook, no_hook
 
 SECTOR = 512  # cryptsetup resize --size counts 512-byte sectors whatever the LUKS sector size
 # resize2fs leaves out a last block group too small to hold its own metadata: a file system
@@ -48,27 +49,6 @@ FINISH_SLACK = 16 * MIB
 
 GROW_STEPS = ("allocate", "loop-capacity", "crypt-resize", "fs-grow")
 SHRINK_STEPS = ("fs-shrink", "sync", "crypt-resize", "truncate", "loop-capacity")
-
-Hook = Callable[[str], None]
-
-
-def _no_hook(step: str) -> None:
-    pass
-
-
-def power_cut_hook(stop_at: str | None, say: Callable[[str], None]) -> Hook:
-    """For the crash tests: cut the power (sysrq o: no sync, no unmount) after step stop_at."""
-
-    def hook(step: str) -> None:
-        if step != stop_at:
-            return
-        say(f"debug-stop after {step}: cutting the power now")
-        time.sleep(0.5)  # let the console show the line
-        with open("/proc/sysrq-trigger", "w") as f:
-            f.write("o")
-        time.sleep(60)
-
-    return hook if stop_at else _no_hook
 
 
 class ResizeError(PystateError):
@@ -332,7 +312,7 @@ def fs_shrink_argv(vol: Volume, fs_size: int) -> list[str]:
     return ["btrfs", "filesystem", "resize", str(fs_size), str(vol.mountpoint)]
 
 
-def grow(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
+def grow(vol: Volume, target: int, *, hook: Hook = no_hook) -> Change:
     """Grow encrypted.img and everything on it to target bytes, online."""
     _check_target(vol, target)
     begin = time.monotonic()
@@ -367,7 +347,7 @@ def grow(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
     return change
 
 
-def finish_grow(vol: Volume, change: Change, hook: Hook = _no_hook) -> None:
+def finish_grow(vol: Volume, change: Change, hook: Hook = no_hook) -> None:
     """Steps 2-4 of a grow: each layer takes the size of the one below it."""
     with _step(change, "loop-capacity", hook):
         loopdev.loop_set_capacity(vol.loop)
@@ -383,7 +363,7 @@ def finish_grow(vol: Volume, change: Change, hook: Hook = _no_hook) -> None:
             ) from None
 
 
-def shrink_online(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
+def shrink_online(vol: Volume, target: int, *, hook: Hook = no_hook) -> Change:
     """Shrink a btrfs image to target bytes, online; ResizeError leaves it consistent."""
     _check_target(vol, target)
     begin = time.monotonic()
@@ -422,7 +402,7 @@ def shrink_online(vol: Volume, target: int, *, hook: Hook = _no_hook) -> Change:
     return change
 
 
-def reconcile(vol: Volume, *, hook: Hook = _no_hook) -> Change | None:
+def reconcile(vol: Volume, *, hook: Hook = no_hook) -> Change | None:
     """After a crash: finish an interrupted grow or undo an interrupted shrink.
 
     Whatever step was cut off, the invariant holds and every layer is at most the size of
