@@ -33,9 +33,10 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pystate_initrd import config as config_mod
     from pystate_initrd.formats import plan
+    from pystate_initrd.initrd import state_tree
 
     cfg = config_mod.load_config(Path(args.config) if args.config else None, "")
-    mount_plan = plan.build_plan(
+    mount_plan = state_tree.build_plan(
         Path(args.state),
         Path(args.encrypted) if args.encrypted else None,
         plain_allowlist=cfg.plain_allowlist,

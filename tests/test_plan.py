@@ -24,11 +24,10 @@ from pystate_initrd.formats.plan import (
     MountPlan,
     PlanError,
     Rejection,
-    build_plan,
     is_reserved,
     plan_entries,
-    scan_area,
 )
+from pystate_initrd.initrd.state_tree import build_plan, scan_area
 
 P, E = Area.PLAIN, Area.ENCRYPTED
 DIR, LINK, FILE, OTHER = EntryKind.DIR, EntryKind.SYMLINK, EntryKind.FILE, EntryKind.OTHER

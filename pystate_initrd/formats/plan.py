@@ -1,8 +1,8 @@
 """The mount plan (SPEC §4): which state entries go where, in which order, and which not.
 
-A pure core, plan_entries(), turns the entries of the two areas into an ordered list
-of mounts and a list of rejections with reasons; scan_area() and build_plan() are the
-thin I/O around it (one os.scandir per area; no symlink is ever followed).
+Pure: plan_entries() turns the entries of the two areas into an ordered list of mounts
+and a list of rejections with reasons; initrd/state_tree.py lists the directories (one
+os.scandir per area; no symlink is ever followed) and calls it.
 
 Nothing is silently dropped: an entry is mounted, reserved (SPEC §3: never mapped and
 not worth a report), or rejected with a reason. The plain area is writable by anyone
@@ -12,12 +12,10 @@ found, and a plain entry can only ever reach a target on the trusted allowlist.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
 
 from pystate_initrd.errors import PystateError
@@ -133,7 +131,7 @@ RESERVED_TARGETS = frozenset("/" + name for name in names.RESERVED_PLAIN)
 # Mount options by target (SPEC §4); any other target keeps what the image has.
 _OPTIONS: Mapping[str, tuple[str, ...]] = MappingProxyType({"/home": ("nosuid", "nodev")})
 
-_NO_MODES: Mapping[str, MountMode] = MappingProxyType({})
+NO_MODES: Mapping[str, MountMode] = MappingProxyType({})
 
 _KIND_REASONS = {
     EntryKind.SYMLINK: "is a symbolic link",
@@ -267,45 +265,3 @@ def plan_entries(
     mounts.sort(key=lambda m: (m.target.count("/"), m.name, m.area.value))
     rejected.sort(key=lambda r: (r.area.value, r.name, r.reason))
     return MountPlan(tuple(mounts), tuple(rejected))
-
-
-def scan_area(directory: Path, area: Area) -> list[Entry]:
-    """The entries of one area's directory, sorted by name; symlinks are never followed."""
-    base = os.path.abspath(directory)
-    entries: list[Entry] = []
-    try:
-        with os.scandir(base) as it:
-            for item in it:
-                # DirEntry answers from d_type where it can and lstat()s otherwise.
-                if item.is_symlink():
-                    kind = EntryKind.SYMLINK
-                elif item.is_dir(follow_symlinks=False):
-                    kind = EntryKind.DIR
-                elif item.is_file(follow_symlinks=False):
-                    kind = EntryKind.FILE
-                else:
-                    kind = EntryKind.OTHER
-                entries.append(Entry(area, item.name, kind, os.path.join(base, item.name)))
-    except OSError as exc:
-        raise PlanError(
-            f"cannot read the {area} state directory {base}: {exc.strerror or exc}",
-            hint="is the state file system mounted?",
-        ) from exc
-    entries.sort(key=lambda e: e.name)
-    return entries
-
-
-def build_plan(
-    plain_dir: Path | None,
-    encrypted_dir: Path | None,
-    *,
-    plain_allowlist: frozenset[str] = frozenset({"/home"}),
-    modes: Mapping[str, MountMode] = _NO_MODES,
-) -> MountPlan:
-    """Scan the areas that are there and plan their mounts (SPEC §4)."""
-    entries: list[Entry] = []
-    if plain_dir is not None:
-        entries += scan_area(plain_dir, Area.PLAIN)
-    if encrypted_dir is not None:
-        entries += scan_area(encrypted_dir, Area.ENCRYPTED)
-    return plan_entries(entries, plain_allowlist=plain_allowlist, modes=modes)

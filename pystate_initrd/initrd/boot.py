@@ -74,7 +74,7 @@ def publish_config(paths: BootPaths, log: Log) -> None:
 def run_boot(paths: BootPaths) -> int:
     from pystate_initrd import config as config_mod
     from pystate_initrd.formats import plan
-    from pystate_initrd.initrd import discover, mounts
+    from pystate_initrd.initrd import discover, mounts, state_tree
     from pystate_initrd.system import block, fsck, mount_api
 
     cmdline = paths.cmdline.read_text(errors="replace")
@@ -150,7 +150,7 @@ def run_boot(paths: BootPaths) -> int:
         )
 
         with report.step("plan") as s:
-            mount_plan = plan.build_plan(
+            mount_plan = state_tree.build_plan(
                 target,
                 encrypted_dir,
                 plain_allowlist=cfg.plain_allowlist,
