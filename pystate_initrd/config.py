@@ -618,10 +618,6 @@ class Config:
         """The PCRs of the seal policy: ``pcrs`` plus 15 when it is measured."""
         return tuple(sorted({*self.pcrs, 15})) if self.measure_pcr15 else self.pcrs
 
-    def reserve_bytes(self, fs_size: int) -> int:
-        """The outer file system's reserve (SPEC §7) for a file system of fs_size bytes."""
-        return max(self.reserve_min_bytes, int(fs_size * self.reserve_percent / 100))
-
 
 # --------------------------------------------------------------------------------------------
 # Loading

@@ -317,12 +317,6 @@ def test_defaults() -> None:
     assert config.mount_mode("/srv") == MountMode.BIND
 
 
-def test_reserve_bytes() -> None:
-    config = Config()
-    assert config.reserve_bytes(10 << 30) == 256 * M  # 1 % of 10 GiB is below the floor
-    assert config.reserve_bytes(1 << 40) == (1 << 40) // 100
-
-
 # --------------------------------------------------------------------------------------------
 # load_config: one helper, one line per case. `expected` is a dict of Config attributes, or
 # the error as a substring of its message.

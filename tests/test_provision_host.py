@@ -23,7 +23,7 @@ from conftest import needs_root
 
 from pystate_initrd.config import Config, load_config
 from pystate_initrd.formats import dm_table, luks2, recovery
-from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyParams
+from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyError, PolicyParams, initial_size
 from pystate_initrd.formats.token import TokenError, decode_token, usable_token
 from pystate_initrd.initrd import encrypted, provision, seed, unlock
 from pystate_initrd.log import Log
@@ -49,6 +49,9 @@ def report() -> BootReport:
 # --- initial size (pure) -------------------------------------------------------------------
 
 
+HEADER = provision.HEADER_SIZE  # cryptsetup's default LUKS2 header, as provisioning uses
+
+
 @pytest.mark.parametrize(
     ("outer_size", "outer_free", "expected"),
     [
@@ -63,18 +66,18 @@ def report() -> BootReport:
     ],
 )
 def test_initial_size(outer_size: int, outer_free: int, expected: int) -> None:
-    assert provision.initial_size(outer_size, outer_free, PolicyParams()) == expected
+    assert initial_size(outer_size, outer_free, HEADER, PolicyParams()) == expected
 
 
 @pytest.mark.parametrize("outer_free", [0, 300 * MIB, 511 * MIB])
 def test_initial_size_refuses_without_room(outer_free: int) -> None:
-    with pytest.raises(provision.ProvisionError, match="needs 256 MiB above the reserve"):
-        provision.initial_size(GIB, outer_free, PolicyParams())
+    with pytest.raises(PolicyError, match="needs 256 MiB above the reserve"):
+        initial_size(GIB, outer_free, HEADER, PolicyParams())
 
 
 def test_initial_size_follows_weights() -> None:
     params = PolicyParams(weights=(3, 1))  # plain gets three quarters
-    assert provision.initial_size(4 * GIB, 4 * GIB, params) == 976 * MIB
+    assert initial_size(4 * GIB, 4 * GIB, HEADER, params) == 976 * MIB
 
 
 # --- files ------------------------------------------------------------------------------

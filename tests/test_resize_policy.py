@@ -24,9 +24,10 @@ from pystate_initrd.formats.resize_policy import (
     decide,
     human_size,
     minimum_image_size,
-    params_from_config,
+    reserve,
     space_from_statvfs,
 )
+from pystate_initrd.volume.policy import params_from_config
 
 G, M = GIB, MIB
 H = 16 * M  # the LUKS2 header (data offset) luksFormat writes by default
@@ -284,8 +285,15 @@ def test_params_from_config() -> None:
     assert params == PolicyParams(weights=(1, 3), reserve_ppm=5000, reserve_min=G, min_image_size=G)
     for outer in (G, 100 * G, 3 * 10**12, 2**50 + 12345):
         d = decide(S(outer=outer, ofree=0, image=G, used=0, free=0), params)
-        # Rounded up, never below what the configuration computes with floats.
-        assert 0 <= d.reserve - cfg.reserve_bytes(outer) <= 1 + outer // 10**12
+        # One reserve for decide(), provisioning and everyone: exactly, 0.5 % rounded up.
+        assert d.reserve == reserve(outer, params) == max(G, -(-outer * 5 // 1000))
+
+
+def test_reserve() -> None:
+    params = params_from_config(Config())
+    assert reserve(10 << 30, params) == 256 * MIB  # 1 % of 10 GiB is below the floor
+    assert reserve(100 << 30, params) == 1 << 30  # 1 % exactly
+    assert reserve(1 << 40, params) == (1 << 40) // 100 + 1  # 1 % rounded up, never down
 
 
 def test_space_from_statvfs() -> None:

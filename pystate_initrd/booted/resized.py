@@ -36,10 +36,10 @@ from pystate_initrd.formats.resize_policy import (
     PolicyParams,
     decide,
     human_size,
-    params_from_config,
 )
 from pystate_initrd.log import Log
 from pystate_initrd.volume import power_cut, request_file, resize
+from pystate_initrd.volume.policy import params_from_config
 
 STATE_DIRS = (Path("/state"), Path("/run/pystate/state"))  # SPEC §2: and the /run fallback
 STATUS_FILE = Path("/run/pystate/resize.json")

@@ -40,8 +40,6 @@ from pystate_initrd.errors import PystateError
 if TYPE_CHECKING:
     import os
 
-    from pystate_initrd.config import Config
-
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
@@ -121,7 +119,7 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class PolicyParams:
-    """The knobs of SPEC §7. Defaults are the SPEC's; params_from_config() maps pystate.conf."""
+    """The knobs of SPEC §7. Defaults are the SPEC's; volume/policy.py maps pystate.conf."""
 
     weights: tuple[int, int] = (50, 50)  # plain : encrypted
     reserve_ppm: int = 10_000  # of the outer size, in parts per million (1 %)
@@ -160,16 +158,6 @@ class PolicyParams:
 
 
 DEFAULT_PARAMS = PolicyParams()
-
-
-def params_from_config(cfg: Config) -> PolicyParams:
-    """The policy's parameters from the trusted configuration (SPEC §9, [resize] and [image])."""
-    return PolicyParams(
-        weights=cfg.weights,
-        reserve_ppm=round(cfg.reserve_percent * (PPM // 100)),
-        reserve_min=cfg.reserve_min_bytes,
-        min_image_size=cfg.min_image_size,
-    )
 
 
 @dataclass(frozen=True)
@@ -294,10 +282,85 @@ def minimum_image_size(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> i
     return params.min_image_size
 
 
-def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
-    """The resize decision for these sizes (SPEC §7). Deterministic; never raises."""
-    p = params
-    # The numbers, from inputs clamped at 0 so that even for nonsense none of them is negative.
+def reserve(outer_size: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
+    """The outer file system's reserve: max(reserve_min, reserve_ppm of its size, rounded up)."""
+    return max(params.reserve_min, -(-max(0, outer_size) * params.reserve_ppm // PPM))
+
+
+def encrypted_share(pool: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
+    """The encrypted area's weighted share of the pool.
+
+    Rounded up: with equal weights twice the share is then never less than the pool, so the
+    share alone never asks a 50:50 image to shrink over one odd byte.
+    """
+    w_plain, w_encrypted = params.weights
+    return -(-pool * w_encrypted // (w_plain + w_encrypted))
+
+
+def wanted_buffer(used: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
+    """The free space the image should keep before the share caps it: max(buffer_min, %)."""
+    return max(params.buffer_min, used * params.buffer_percent // 100)
+
+
+def margin(used: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
+    """Free space no shrink takes from the inner file system: max(margin_min, % of used)."""
+    return max(params.margin_min, used * params.margin_percent // 100)
+
+
+def initial_size(
+    outer_size: int, outer_free: int, header_size: int, params: PolicyParams = DEFAULT_PARAMS
+) -> int:
+    """The first size of encrypted.img (SPEC §6, §11.5): header + the buffer of an empty image.
+
+    With nothing used yet the buffer is min(buffer_min, encrypted share of the pool), the
+    pool being the outer free space above the reserve; at least min_image_size, at most the
+    room above the reserve. PolicyError when the room is below the minimum.
+    """
+    kept = reserve(outer_size, params)
+    room = max(0, outer_free - kept)
+    buffer = min(wanted_buffer(0, params), encrypted_share(room, params))
+    size = _up(max(params.min_image_size, header_size + buffer))
+    cap = _down(room)
+    if cap < params.min_image_size:
+        raise PolicyError(
+            f"the state partition has {human_size(outer_free)} free; the encrypted image needs "
+            f"{human_size(params.min_image_size)} above the reserve of {human_size(kept)}",
+            hint="make the state partition larger or free space on it",
+        )
+    return min(size, cap)
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """The numbers every rule of decide() works with, from inputs clamped at 0."""
+
+    image: int
+    header: int
+    used: int
+    free: int
+    outer_free: int
+    reserve: int
+    room: int  # outer free space above the reserve: the most a grow can take
+    pool: int
+    encrypted_share: int
+    wanted: int  # the buffer before the share caps it
+    buffer: int
+    margin: int
+    floor: int  # header + overhead + used + margin
+    min_size: int  # minimum_image_size()
+
+    @property
+    def lift(self) -> int:
+        """The hard minimums, as an aligned size."""
+        return max(_up(self.floor), _up(self.min_size))
+
+    @property
+    def floor_wins(self) -> bool:
+        """Whether used + margin, not the minimum image size, is the binding minimum."""
+        return _up(self.floor) >= _up(self.min_size)
+
+
+def _figures(space: Space, p: PolicyParams) -> _Figures:
     outer_size, outer_free, image, header, inner_size, used, free = (
         max(0, v)
         for v in (
@@ -310,129 +373,151 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
             space.inner_free,
         )
     )
-    reserve = max(p.reserve_min, -(-outer_size * p.reserve_ppm // PPM))
-    room = max(0, outer_free - reserve)
+    kept = reserve(outer_size, p)
+    room = max(0, outer_free - kept)
     pool = room + free
-    w_plain, w_encrypted = p.weights
-    # Rounded up: with equal weights twice the share is then never less than the pool, so the
-    # share alone never asks a 50:50 image to shrink over one odd byte.
-    encrypted_share = -(-pool * w_encrypted // (w_plain + w_encrypted))
-    wanted = max(p.buffer_min, used * p.buffer_percent // 100)
-    buffer = min(wanted, encrypted_share)
-    margin = max(p.margin_min, used * p.margin_percent // 100)
+    share = encrypted_share(pool, p)
+    wanted = wanted_buffer(used, p)
+    kept_margin = margin(used, p)
     overhead = max(0, image - header - inner_size)  # journal, inode tables: not in f_blocks
-    floor = header + overhead + used + margin
+    return _Figures(
+        image=image,
+        header=header,
+        used=used,
+        free=free,
+        outer_free=outer_free,
+        reserve=kept,
+        room=room,
+        pool=pool,
+        encrypted_share=share,
+        wanted=wanted,
+        buffer=min(wanted, share),
+        margin=kept_margin,
+        floor=header + overhead + used + kept_margin,
+        min_size=minimum_image_size(space, p),
+    )
+
+
+def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
+    """The resize decision for these sizes (SPEC §7). Deterministic; never raises."""
+    f = _figures(space, params)
     reasons: list[str] = []
-    size = human_size
-
-    def result(action: Action, target: int) -> Decision:
-        return Decision(
-            action=action,
-            current=image,
-            target=target,
-            fs_size=max(0, target - header),
-            offline=action is Action.SHRINK and space.inner_fs != "btrfs",
-            reasons=tuple(reasons),
-            reserve=reserve,
-            room=room,
-            pool=pool,
-            plain_share=pool - encrypted_share,
-            encrypted_share=encrypted_share,
-            buffer=buffer,
-            margin=margin,
-            floor=floor,
-        )
-
     problems = _inconsistencies(space)
     if problems:
         reasons.append(f"inconsistent sizes, not resizing: {'; '.join(problems)}")
-        return result(Action.NONE, image)
-
-    if buffer < wanted:
-        reasons.append(
-            f"buffer {size(wanted)} capped by the encrypted share {size(encrypted_share)} "
-            f"of the pool {size(pool)}"
-        )
-    min_size = minimum_image_size(space, p)
-    lift = max(_up(floor), _up(min_size))  # the hard minimums, as aligned sizes
-
-    def skipped_by_step(target: int, exempt: str | None) -> bool:
-        change = abs(target - image)
-        if change * 100 >= image * p.step_percent:
-            return False
-        if exempt:
+        action, target = Action.NONE, f.image
+    else:
+        if f.buffer < f.wanted:
             reasons.append(
-                f"change of {_percent(change, image)} % under the {p.step_percent} % step, "
-                f"made anyway: {exempt}"
+                f"buffer {human_size(f.wanted)} capped by the encrypted share "
+                f"{human_size(f.encrypted_share)} of the pool {human_size(f.pool)}"
             )
-            return False
-        reasons.append(
-            f"change of {_percent(change, image)} % under the {p.step_percent} % step: skipped"
-        )
-        return True
-
-    if 2 * free < buffer or image < p.min_image_size:
-        if 2 * free < buffer:
-            reasons.append(f"free {size(free)} below half the buffer {size(buffer)}")
-        if image < p.min_image_size:
-            reasons.append(f"image {size(image)} below the minimum {size(p.min_image_size)}")
-        by_buffer = _down(image + buffer - free)
-        target = max(by_buffer, lift)
-        if target > by_buffer:
+        if 2 * f.free < f.buffer or f.image < params.min_image_size:
+            action, target = _grow(f, params, reasons)
+        elif f.free > 2 * f.buffer:
+            action, target = _shrink(f, params, space.inner_fs, reasons)
+        else:
             reasons.append(
-                f"raised to used + margin {size(_up(floor))}"
-                if _up(floor) >= _up(min_size)
-                else f"raised to the minimum image size {size(_up(min_size))}"
+                f"free {human_size(f.free)} between half and twice the buffer "
+                f"{human_size(f.buffer)}: nothing to do"
             )
-        cap = _down(image + room)
-        if target > cap:
-            target = cap
-            if cap <= image:
-                reasons.append(
-                    f"outer free {size(outer_free)} leaves nothing above the reserve "
-                    f"{size(reserve)}: cannot grow"
-                )
-                return result(Action.NONE, image)
-            reasons.append(f"outer reserve {size(reserve)} leaves room for {size(room)}")
-        if target <= image:
-            reasons.append("the change rounds to less than 1 MiB: nothing to do")
-            return result(Action.NONE, image)
-        exempt = None
-        if free < margin:
-            exempt = f"free {size(free)} is below the margin {size(margin)}"
-        elif image < p.min_image_size:
-            exempt = "the image is below the minimum size"
-        if skipped_by_step(target, exempt):
-            return result(Action.NONE, image)
-        return result(Action.GROW, target)
-
-    if free > 2 * buffer:
-        reasons.append(f"free {size(free)} above twice the buffer {size(buffer)}")
-        by_buffer = _up(image - free + buffer)
-        target = max(by_buffer, lift)
-        if target >= image:
-            reasons.append(
-                f"image already at or below used + margin {size(_up(floor))}: not shrinking"
-                if _up(floor) >= _up(min_size)
-                else f"image already at the minimum size {size(min_size)}: not shrinking"
-            )
-            return result(Action.NONE, image)
-        if target > by_buffer:
-            reasons.append(
-                f"held at used + margin {size(_up(floor))}"
-                if _up(floor) >= _up(min_size)
-                else f"held at the minimum image size {size(_up(min_size))}"
-            )
-        if skipped_by_step(target, None):
-            return result(Action.NONE, image)
-        reasons.append(
-            "btrfs shrinks online"
-            if space.inner_fs == "btrfs"
-            else f"{space.inner_fs} shrinks offline: the initrd does it at the next boot"
-        )
-        return result(Action.SHRINK, target)
-
-    reasons.append(
-        f"free {size(free)} between half and twice the buffer {size(buffer)}: nothing to do"
+            action, target = Action.NONE, f.image
+    return Decision(
+        action=action,
+        current=f.image,
+        target=target,
+        fs_size=max(0, target - f.header),
+        offline=action is Action.SHRINK and space.inner_fs != "btrfs",
+        reasons=tuple(reasons),
+        reserve=f.reserve,
+        room=f.room,
+        pool=f.pool,
+        plain_share=f.pool - f.encrypted_share,
+        encrypted_share=f.encrypted_share,
+        buffer=f.buffer,
+        margin=f.margin,
+        floor=f.floor,
     )
-    return result(Action.NONE, image)
+
+
+def _skipped_by_step(
+    f: _Figures, p: PolicyParams, target: int, exempt: str | None, reasons: list[str]
+) -> bool:
+    """Whether a change under step_percent of the image is skipped (unless exempt)."""
+    change = abs(target - f.image)
+    if change * 100 >= f.image * p.step_percent:
+        return False
+    under = f"change of {_percent(change, f.image)} % under the {p.step_percent} % step"
+    if exempt:
+        reasons.append(f"{under}, made anyway: {exempt}")
+        return False
+    reasons.append(f"{under}: skipped")
+    return True
+
+
+def _grow(f: _Figures, p: PolicyParams, reasons: list[str]) -> tuple[Action, int]:
+    """Free space below half the buffer (or an image below the minimum): grow to the buffer,
+    at least to the hard minimums, at most to what the outer reserve leaves."""
+    size = human_size
+    if 2 * f.free < f.buffer:
+        reasons.append(f"free {size(f.free)} below half the buffer {size(f.buffer)}")
+    if f.image < p.min_image_size:
+        reasons.append(f"image {size(f.image)} below the minimum {size(p.min_image_size)}")
+    by_buffer = _down(f.image + f.buffer - f.free)
+    target = max(by_buffer, f.lift)
+    if target > by_buffer:
+        reasons.append(
+            f"raised to used + margin {size(_up(f.floor))}"
+            if f.floor_wins
+            else f"raised to the minimum image size {size(_up(f.min_size))}"
+        )
+    cap = _down(f.image + f.room)
+    if target > cap:
+        target = cap
+        if cap <= f.image:
+            reasons.append(
+                f"outer free {size(f.outer_free)} leaves nothing above the reserve "
+                f"{size(f.reserve)}: cannot grow"
+            )
+            return Action.NONE, f.image
+        reasons.append(f"outer reserve {size(f.reserve)} leaves room for {size(f.room)}")
+    if target <= f.image:
+        reasons.append("the change rounds to less than 1 MiB: nothing to do")
+        return Action.NONE, f.image
+    exempt = None
+    if f.free < f.margin:
+        exempt = f"free {size(f.free)} is below the margin {size(f.margin)}"
+    elif f.image < p.min_image_size:
+        exempt = "the image is below the minimum size"
+    if _skipped_by_step(f, p, target, exempt, reasons):
+        return Action.NONE, f.image
+    return Action.GROW, target
+
+
+def _shrink(f: _Figures, p: PolicyParams, inner_fs: str, reasons: list[str]) -> tuple[Action, int]:
+    """Free space above twice the buffer: shrink to the buffer, never below the minimums."""
+    size = human_size
+    reasons.append(f"free {size(f.free)} above twice the buffer {size(f.buffer)}")
+    by_buffer = _up(f.image - f.free + f.buffer)
+    target = max(by_buffer, f.lift)
+    if target >= f.image:
+        reasons.append(
+            f"image already at or below used + margin {size(_up(f.floor))}: not shrinking"
+            if f.floor_wins
+            else f"image already at the minimum size {size(f.min_size)}: not shrinking"
+        )
+        return Action.NONE, f.image
+    if target > by_buffer:
+        reasons.append(
+            f"held at used + margin {size(_up(f.floor))}"
+            if f.floor_wins
+            else f"held at the minimum image size {size(_up(f.min_size))}"
+        )
+    if _skipped_by_step(f, p, target, None, reasons):
+        return Action.NONE, f.image
+    reasons.append(
+        "btrfs shrinks online"
+        if inner_fs == "btrfs"
+        else f"{inner_fs} shrinks offline: the initrd does it at the next boot"
+    )
+    return Action.SHRINK, target

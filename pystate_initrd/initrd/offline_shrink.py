@@ -29,9 +29,9 @@ from pathlib import Path
 
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import superblock
+from pystate_initrd.formats import resize_policy, superblock
 from pystate_initrd.formats.names import DM_NAME, IMAGE
-from pystate_initrd.formats.resize_policy import human_size, params_from_config
+from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.formats.shrink_request import (
     RequestError,
     ShrinkRequest,
@@ -42,6 +42,7 @@ from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import block, fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume.policy import params_from_config
 from pystate_initrd.volume.power_cut import Hook, debug_word, power_cut_hook
 from pystate_initrd.volume.request_file import read_request, remove_request
 from pystate_initrd.volume.resize import crypt_resize_argv
@@ -69,11 +70,6 @@ def check_fs_bounds(req: ShrinkRequest, usage: superblock.Ext4Usage, margin_of: 
             f"margin {human_size(margin_of)}"
         )
     return None
-
-
-def _margin(margin_min: int, margin_percent: int, used: int) -> int:
-    """The policy's margin (resize_policy.decide): max(64 MiB, 2 % of used) by default."""
-    return max(margin_min, used * margin_percent // 100)
 
 
 def apply_pending_shrink(
@@ -187,7 +183,7 @@ def _apply(
         )
     timed("e2fsck", t0)
     usage = read_ext4_usage(device)
-    margin = _margin(params.margin_min, params.margin_percent, usage.used)
+    margin = resize_policy.margin(usage.used, params)
     why = check_fs_bounds(req, usage, margin)
     if why:
         return _drop(state_dir, log, why)

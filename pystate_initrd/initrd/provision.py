@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pystate_initrd.config import Allocation, Area, Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import recovery, tpm2_policy
+from pystate_initrd.formats import recovery, resize_policy, tpm2_policy
 from pystate_initrd.formats.escape import escape_path
 from pystate_initrd.formats.names import (
     DM_PATH,
@@ -33,13 +33,7 @@ from pystate_initrd.formats.names import (
     NEW_IMAGE,
     RECOVERY_FILE,
 )
-from pystate_initrd.formats.resize_policy import (
-    ALIGN,
-    PPM,
-    PolicyParams,
-    human_size,
-    params_from_config,
-)
+from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.formats.token import encode_token_json
 from pystate_initrd.initrd import seed
 from pystate_initrd.report import BootReport
@@ -47,6 +41,7 @@ from pystate_initrd.secret import Secret
 from pystate_initrd.system import block, luks
 from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume import binding, power_cut, stack
+from pystate_initrd.volume.policy import params_from_config
 
 HEADER_SIZE = 16 * 1024 * 1024  # cryptsetup 2.6's default LUKS2 header (both copies + slots)
 FS_LABEL = "pystate"
@@ -57,32 +52,6 @@ class ProvisionError(PystateError):
 
 
 # --- pure ---------------------------------------------------------------------------------
-
-
-def initial_size(outer_size: int, outer_free: int, params: PolicyParams) -> int:
-    """The first size of encrypted.img: the resize policy's buffer for an empty image.
-
-    SPEC §6: the policy's share of the free space (§7), at least the minimum size.
-    With nothing used yet the buffer is min(buffer_min, encrypted share of the pool),
-    the pool being the outer free space above the reserve; the image is the LUKS
-    header plus that buffer, at least min_image_size, at most the room above the
-    reserve. ProvisionError when the room is below the minimum.
-    """
-    reserve = max(params.reserve_min, -(-outer_size * params.reserve_ppm // PPM))
-    room = max(0, outer_free - reserve)
-    w_plain, w_encrypted = params.weights
-    share = -(-room * w_encrypted // (w_plain + w_encrypted))
-    buffer = min(params.buffer_min, share)
-    size = max(params.min_image_size, HEADER_SIZE + buffer)
-    size = -(-size // ALIGN) * ALIGN
-    cap = room - room % ALIGN
-    if cap < params.min_image_size:
-        raise ProvisionError(
-            f"the state partition has {human_size(outer_free)} free; the encrypted image needs "
-            f"{human_size(params.min_image_size)} above the reserve of {human_size(reserve)}",
-            hint="make the state partition larger or free space on it",
-        )
-    return min(size, cap)
 
 
 # --- files --------------------------------------------------------------------------------
@@ -228,8 +197,11 @@ def provision(
             s.detail = f"to {sealed.pcr_spec}"
         with report.step("allocate") as s:
             st = os.statvfs(state_dir)
-            size = initial_size(
-                st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, params_from_config(cfg)
+            size = resize_policy.initial_size(
+                st.f_blocks * st.f_frsize,
+                st.f_bavail * st.f_frsize,
+                HEADER_SIZE,
+                params_from_config(cfg),
             )
             allocate(new, size, cfg.allocation)
             s.detail = f"{new} {human_size(size)} ({cfg.allocation})"
