@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
+from pystate_initrd.formats import recovery
+
 
 def wipe(buf: bytearray) -> None:
     """Zero buf in place, then empty it."""
@@ -58,3 +60,8 @@ class Secret:
         tb: TracebackType | None,
     ) -> None:
         self.wipe()
+
+
+def new_recovery_key() -> str:
+    """A new recovery key: 32 bytes from the kernel's CSPRNG, in its 71-character form."""
+    return recovery.format_recovery_key(os.urandom(recovery.RECOVERY_KEY_BYTES))

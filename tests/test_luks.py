@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import luks2
-from pystate_initrd.formats.recovery import generate_recovery_key, recovery_passphrase
+from pystate_initrd.formats.recovery import recovery_passphrase
 from pystate_initrd.log import Log
-from pystate_initrd.secret import Secret, wipe
+from pystate_initrd.secret import Secret, new_recovery_key, wipe
 from pystate_initrd.system import luks
 
 CRYPTSETUP = shutil.which("cryptsetup") or shutil.which("/usr/sbin/cryptsetup")
@@ -135,7 +135,7 @@ def test_format_refuses_bad_keys(tmp_path: Path, key: bytes, words: str) -> None
 
 
 def test_recovery_keyslot(image: Path) -> None:
-    typed = generate_recovery_key()
+    typed = new_recovery_key()
     passphrase = recovery_passphrase(typed)
     luks.add_keyslot(image, existing_key=KEY, new_key=passphrase, slot=1, existing_slot=0)
 

@@ -28,7 +28,7 @@ from pystate_initrd.formats.token import TokenError, decode_token, usable_token
 from pystate_initrd.initrd import encrypted, provision, seed, unlock
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.secret import Secret
+from pystate_initrd.secret import Secret, new_recovery_key
 from pystate_initrd.system import askpass, luks, tpm2
 from pystate_initrd.system.run import run
 from pystate_initrd.volume import binding
@@ -115,7 +115,7 @@ def test_leftover_symlink_is_removed_not_followed(tmp_path: Path) -> None:
 
 
 def test_recovery_key_file(tmp_path: Path) -> None:
-    key = recovery.generate_recovery_key()
+    key = new_recovery_key()
     path = provision.write_recovery_key(tmp_path, key)
     assert path == tmp_path / ".pystate/recovery-key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o400
@@ -227,7 +227,7 @@ def formatted(tmp_path: Path, tpm: swtpm_helper.Swtpm) -> tuple[Path, bytes, str
     image = tmp_path / "encrypted.img.new"
     provision.allocate(image, 32 * MIB, Config().allocation)
     secret, vk = Secret.random(32), Secret.random(64)
-    key_text = recovery.generate_recovery_key()
+    key_text = new_recovery_key()
     recovery_pass = Secret(recovery.recovery_passphrase(key_text))
     sealed = tpm2.seal(secret.value, pcrs=(7,), bank="sha256", pcr15_zero=True, tcti=tpm.tcti)
     provision.format_image(

@@ -16,11 +16,11 @@ from pystate_initrd.formats.recovery import (
     decode_modhex,
     encode_modhex,
     format_recovery_key,
-    generate_recovery_key,
     normalize_recovery_key,
     parse_recovery_key,
     recovery_passphrase,
 )
+from pystate_initrd.secret import new_recovery_key
 
 # The shape systemd-cryptenroll prints (src/shared/recovery-key.c): 8 groups of 8 modhex.
 SYSTEMD_SHAPE = re.compile(r"^([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}$")
@@ -44,7 +44,7 @@ def test_known_key() -> None:
 
 
 def test_generate_has_systemds_shape() -> None:
-    keys = {generate_recovery_key() for _ in range(20)}
+    keys = {new_recovery_key() for _ in range(20)}
     assert len(keys) == 20
     for key in keys:
         assert len(key) == RECOVERY_KEY_LENGTH == 71

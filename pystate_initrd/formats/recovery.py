@@ -19,8 +19,6 @@ characters, nothing else.
 
 from __future__ import annotations
 
-import os
-
 from pystate_initrd.errors import PystateError
 
 MODHEX_ALPHABET = "cbdefghijklnrtuv"
@@ -63,11 +61,6 @@ def format_recovery_key(raw: bytes | bytearray) -> str:
         raise RecoveryKeyError(f"a recovery key has {RECOVERY_KEY_BYTES} bytes, not {len(raw)}")
     text = encode_modhex(raw)
     return "-".join(text[i : i + GROUP] for i in range(0, len(text), GROUP))
-
-
-def generate_recovery_key() -> str:
-    """A new recovery key: 32 bytes from the kernel's CSPRNG, formatted."""
-    return format_recovery_key(os.urandom(RECOVERY_KEY_BYTES))
 
 
 def parse_recovery_key(text: str) -> bytes:

@@ -37,7 +37,7 @@ from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.formats.token import encode_token_json
 from pystate_initrd.initrd import seed
 from pystate_initrd.report import BootReport
-from pystate_initrd.secret import Secret
+from pystate_initrd.secret import Secret, new_recovery_key
 from pystate_initrd.system import block, luks
 from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume import binding, power_cut, stack
@@ -189,7 +189,7 @@ def provision(
     with contextlib.ExitStack() as held:
         secret = held.enter_context(Secret.random(32))
         volume_key = held.enter_context(Secret.random(luks.KEY_BITS // 8))
-        recovery_text = recovery.generate_recovery_key()
+        recovery_text = new_recovery_key()
         recovery_pass = held.enter_context(Secret(recovery.recovery_passphrase(recovery_text)))
 
         with report.step("seal") as s:
