@@ -289,7 +289,7 @@ def format_targets(targets: Iterable[str]) -> str:
 # The settings table
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Setting:
     """One setting: where it is read from, how it is parsed, its default and its documentation."""
 
@@ -314,108 +314,109 @@ _BOOL = "yes | no (also 1/0, true/false, on/off)"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "enabled",
-        True,
-        parse_bool,
-        format_bool,
-        _BOOL,
-        "Whether pystate runs at all. `pystate=0` wins over everything else: the file and the "
+        field="enabled",
+        default=True,
+        parse=parse_bool,
+        show=format_bool,
+        accepted=_BOOL,
+        doc="Whether pystate runs at all. `pystate=0` wins over everything else: the file and the "
         "other options are then not read, so it also gets a broken configuration out of the way.",
         cmdline="pystate",
         bare="1",
     ),
     Setting(
-        "state_device",
-        None,
-        parse_state_device,
-        str,
-        "PARTUUID=<uuid> | UUID=<uuid> | /dev/<path>",
-        "The state partition, overriding the discovery rules of SPEC §2.",
+        field="state_device",
+        default=None,
+        parse=parse_state_device,
+        show=str,
+        accepted="PARTUUID=<uuid> | UUID=<uuid> | /dev/<path>",
+        doc="The state partition, overriding the discovery rules of SPEC §2.",
         cmdline="pystate.state",
         default_doc="found by the rules of SPEC §2",
     ),
     Setting(
-        "factory_reset",
-        False,
-        parse_bool,
-        format_bool,
-        "1 (or yes/true/on; 0 to cancel)",
-        "Crypto-erase the image and delete the plain entries, then provision afresh (SPEC §6). "
+        field="factory_reset",
+        default=False,
+        parse=parse_bool,
+        show=format_bool,
+        accepted="1 (or yes/true/on; 0 to cancel)",
+        doc="Crypto-erase the image and delete the plain entries, then provision afresh (SPEC §6). "
         "Needs an explicit value: a bare word is refused.",
         cmdline="pystate.factory-reset",
     ),
     Setting(
-        "debug",
-        False,
-        parse_bool,
-        format_bool,
-        "a bare word, or " + _BOOL,
-        "Log every command and decision.",
+        field="debug",
+        default=False,
+        parse=parse_bool,
+        show=format_bool,
+        accepted="a bare word, or " + _BOOL,
+        doc="Log every command and decision.",
         cmdline="pystate.debug",
         bare="1",
     ),
     Setting(
-        "plain_allowlist",
-        frozenset({"/home"}),
-        parse_targets,
-        format_targets,
-        "absolute targets separated by spaces or newlines; may be empty",
-        "The only targets a plain (unencrypted, offline-writable) entry on /state is mounted on "
-        "(exact paths, not subtrees). Every `area = plain` layout target must be listed.",
+        field="plain_allowlist",
+        default=frozenset({"/home"}),
+        parse=parse_targets,
+        show=format_targets,
+        accepted="absolute targets separated by spaces or newlines; may be empty",
+        doc="The only targets a plain (unencrypted, offline-writable) entry on /state is "
+        "mounted on (exact paths, not subtrees). Every `area = plain` layout target must be "
+        "listed.",
         section="state",
         key="plain-allowlist",
     ),
     Setting(
-        "check_outer_fs",
-        True,
-        parse_bool,
-        format_bool,
-        _BOOL,
-        "Check the outer file system with `fsck -p` semantics before mounting it (SPEC §2). "
+        field="check_outer_fs",
+        default=True,
+        parse=parse_bool,
+        show=format_bool,
+        accepted=_BOOL,
+        doc="Check the outer file system with `fsck -p` semantics before mounting it (SPEC §2). "
         "Only turn off if the initrd cannot carry the fsck tool.",
         section="state",
         key="check-fs",
     ),
     Setting(
-        "inner_fs",
-        InnerFs.EXT4,
-        _choice(InnerFs),
-        str,
-        _choices(InnerFs),
-        "File system inside encrypted.img, made at provisioning. btrfs shrinks online; "
+        field="inner_fs",
+        default=InnerFs.EXT4,
+        parse=_choice(InnerFs),
+        show=str,
+        accepted=_choices(InnerFs),
+        doc="File system inside encrypted.img, made at provisioning. btrfs shrinks online; "
         "ext4 shrinks offline at the next boot.",
         section="image",
         key="inner-fs",
     ),
     Setting(
-        "allocation",
-        Allocation.FULL,
-        _choice(Allocation),
-        str,
-        _choices(Allocation),
-        "`full` allocates every byte of encrypted.img with fallocate, so the inner file system "
+        field="allocation",
+        default=Allocation.FULL,
+        parse=_choice(Allocation),
+        show=str,
+        accepted=_choices(Allocation),
+        doc="`full` allocates every byte of encrypted.img with fallocate, so the inner file system "
         "never meets an I/O error because the outer one ran full. `sparse` leaves holes: faster "
         "to grow, but writes inside the image can then fail when /state is full.",
         section="image",
         key="allocation",
     ),
     Setting(
-        "min_image_size",
-        MIN_IMAGE_SIZE,
-        _min_image_size,
-        format_size,
-        "a size of at least 256M (bytes, or with K, M, G, T)",
-        "The image is never made or shrunk below this.",
+        field="min_image_size",
+        default=MIN_IMAGE_SIZE,
+        parse=_min_image_size,
+        show=format_size,
+        accepted="a size of at least 256M (bytes, or with K, M, G, T)",
+        doc="The image is never made or shrunk below this.",
         section="image",
         key="min-size",
     ),
     Setting(
-        "pcrs",
-        (7,),
-        parse_pcrs,
-        format_pcrs,
-        "PCR indexes 0-23 joined by + or , (e.g. 7, 7+11, 0,7); empty: no PCR",
-        "PCRs the key is sealed to, besides PCR 15 when `measure-pcr15` is on. "
+        field="pcrs",
+        default=(7,),
+        parse=parse_pcrs,
+        show=format_pcrs,
+        accepted="PCR indexes 0-23 joined by + or , (e.g. 7, 7+11, 0,7); empty: no PCR",
+        doc="PCRs the key is sealed to, besides PCR 15 when `measure-pcr15` is on. "
         "Read when sealing (provisioning, re-seal after recovery); an existing seal keeps "
         "its PCRs.",
         section="tpm2",
@@ -423,74 +424,75 @@ SETTINGS: tuple[Setting, ...] = (
         cmdline="pystate.tpm2-pcrs",
     ),
     Setting(
-        "pcr_bank",
-        PcrBank.SHA256,
-        _choice(PcrBank),
-        str,
-        _choices(PcrBank),
-        "PCR bank of the seal policy. sha1 only for TPMs without a sha256 bank.",
+        field="pcr_bank",
+        default=PcrBank.SHA256,
+        parse=_choice(PcrBank),
+        show=str,
+        accepted=_choices(PcrBank),
+        doc="PCR bank of the seal policy. sha1 only for TPMs without a sha256 bank.",
         section="tpm2",
         key="pcr-bank",
     ),
     Setting(
-        "measure_pcr15",
-        True,
-        parse_bool,
-        format_bool,
-        _BOOL,
-        "Extend a measurement identifying the volume into PCR 15 after unlocking, and seal to "
+        field="measure_pcr15",
+        default=True,
+        parse=parse_bool,
+        show=format_bool,
+        accepted=_BOOL,
+        doc="Extend a measurement identifying the volume into PCR 15 after unlocking, and seal to "
         "PCR 15's initial value, so a swapped-in volume cannot reach the real key (SPEC §5).",
         section="tpm2",
         key="measure-pcr15",
     ),
     Setting(
-        "recovery_tries",
-        3,
-        _int_range(0, 10),
-        str,
-        "0-10",
-        "How many times the recovery key is asked for when the TPM does not unlock; "
+        field="recovery_tries",
+        default=3,
+        parse=_int_range(0, 10),
+        show=str,
+        accepted="0-10",
+        doc="How many times the recovery key is asked for when the TPM does not unlock; "
         "0 never asks (the boot then fails).",
         section="recovery",
         key="tries",
     ),
     Setting(
-        "reseal_on_recovery",
-        True,
-        parse_bool,
-        format_bool,
-        _BOOL,
-        "After a recovery-key unlock, seal the key again to the current PCR values.",
+        field="reseal_on_recovery",
+        default=True,
+        parse=parse_bool,
+        show=format_bool,
+        accepted=_BOOL,
+        doc="After a recovery-key unlock, seal the key again to the current PCR values.",
         section="recovery",
         key="reseal",
     ),
     Setting(
-        "weights",
-        (50, 50),
-        parse_weights,
-        format_weights,
-        "plain:encrypted, each a whole number 1-1000",
-        "How a nearly full disk is split between the plain entries and encrypted.img (SPEC §7).",
+        field="weights",
+        default=(50, 50),
+        parse=parse_weights,
+        show=format_weights,
+        accepted="plain:encrypted, each a whole number 1-1000",
+        doc="How a nearly full disk is split between the plain entries and encrypted.img "
+        "(SPEC §7).",
         section="resize",
         key="weights",
     ),
     Setting(
-        "reserve_percent",
-        1.0,
-        parse_percent,
-        format_percent,
-        "a percentage 0-50, e.g. 1% or 0.5%",
-        "Free space of the outer file system that resizing never takes.",
+        field="reserve_percent",
+        default=1.0,
+        parse=parse_percent,
+        show=format_percent,
+        accepted="a percentage 0-50, e.g. 1% or 0.5%",
+        doc="Free space of the outer file system that resizing never takes.",
         section="resize",
         key="reserve",
     ),
     Setting(
-        "reserve_min_bytes",
-        256 * MIB,
-        parse_size,
-        format_size,
-        "a size (bytes, or with K, M, G, T)",
-        "Lower bound of the reserve: the reserve is the larger of `reserve` and this.",
+        field="reserve_min_bytes",
+        default=256 * MIB,
+        parse=parse_size,
+        show=format_size,
+        accepted="a size (bytes, or with K, M, G, T)",
+        doc="Lower bound of the reserve: the reserve is the larger of `reserve` and this.",
         section="resize",
         key="reserve-min",
     ),
@@ -524,7 +526,7 @@ class LayoutEntry:
         return self.area is Area.ENCRYPTED
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayoutKey:
     key: str
     parse: Callable[[str], Any]
@@ -535,27 +537,27 @@ class LayoutKey:
 
 LAYOUT_KEYS: tuple[LayoutKey, ...] = (
     LayoutKey(
-        "area",
-        _choice(Area),
-        _choices(Area),
-        "encrypted",
-        "`encrypted`: a directory inside encrypted.img; `plain`: a directory on /state itself, "
+        key="area",
+        parse=_choice(Area),
+        accepted=_choices(Area),
+        default_doc="encrypted",
+        doc="`encrypted`: a directory inside encrypted.img; `plain`: a directory on /state itself, "
         "readable and writable offline, so the target must be on `plain-allowlist`.",
     ),
     LayoutKey(
-        "mode",
-        _choice(MountMode),
-        _choices(MountMode),
-        "bind",
-        "`bind` mounts the entry on the target; `overlay` mounts an overlay whose lower layer is "
-        "the image's own directory and whose upper layer is the entry.",
+        key="mode",
+        parse=_choice(MountMode),
+        accepted=_choices(MountMode),
+        default_doc="bind",
+        doc="`bind` mounts the entry on the target; `overlay` mounts an overlay whose lower "
+        "layer is the image's own directory and whose upper layer is the entry.",
     ),
     LayoutKey(
-        "seed",
-        parse_bool,
-        _BOOL,
-        "yes for bind, no for overlay",
-        "Copy what the image has at the target into the new entry at provisioning "
+        key="seed",
+        parse=parse_bool,
+        accepted=_BOOL,
+        default_doc="yes for bind, no for overlay",
+        doc="Copy what the image has at the target into the new entry at provisioning "
         "(owners, modes, timestamps, xattrs, ACLs). Not with overlay, which shows it already.",
     ),
 )
