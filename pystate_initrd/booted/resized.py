@@ -442,23 +442,12 @@ def overrides_from(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
-def cmd_resized(args: argparse.Namespace) -> int:
+def _service_from(args: argparse.Namespace) -> Service:
+    """The service the command-line options describe, logging to --log (--debug: more)."""
     log = Log(
         kmsg_path=getattr(args, "log", "/dev/kmsg"), debug=getattr(args, "debug", False)
     ).install()
-    service = make_service(
-        _path(getattr(args, "state", None)),
-        _path(getattr(args, "config", None)),
-        overrides_from(args),
-        log=log,
-        plain=getattr(args, "plain", False),
-    )
-    return serve(service, lo=args.interval_min, hi=args.interval_max)
-
-
-def cmd_resize(args: argparse.Namespace) -> int:
-    log = Log(kmsg_path=getattr(args, "log", "/dev/kmsg"))
-    service = make_service(
+    return make_service(
         _path(getattr(args, "state", None)),
         _path(getattr(args, "config", None)),
         overrides_from(args),
@@ -466,8 +455,15 @@ def cmd_resize(args: argparse.Namespace) -> int:
         plain=getattr(args, "plain", False),
         debug_stop=getattr(args, "debug_stop", None),
     )
+
+
+def cmd_resized(args: argparse.Namespace) -> int:
+    return serve(_service_from(args), lo=args.interval_min, hi=args.interval_max)
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
     to = getattr(args, "to", None)
-    return resize_to(service, parse_size(to) if to else None)
+    return resize_to(_service_from(args), parse_size(to) if to else None)
 
 
 def _path(value: object) -> Path | None:
