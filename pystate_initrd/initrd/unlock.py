@@ -35,7 +35,7 @@ Ask = Callable[[str, int], bytearray | None]
 
 
 class UnlockError(PystateError):
-    """encrypted.img could not be opened, checked or mounted."""
+    """encrypted.img could not be opened: a damaged header, no key that opens it."""
 
 
 # --- pieces -------------------------------------------------------------------------------
