@@ -22,14 +22,17 @@ import json
 import shutil
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import OUT, REPO
+from . import OUT
+from . import qemu_harness as harness
+
+if TYPE_CHECKING:
+    from .qemu_machine import Machine
 
 GUEST_TOOLS = ("cryptsetup", "resize2fs", "e2fsck", "btrfs")
 RT_PREFIX = "RT-"
-FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
 BENCH_STATE_SIZE = 2 * 1024**3
 MEMORY = 1024
 GIB = 1024**3
@@ -98,45 +101,19 @@ def rt_result(console: str, tag: str) -> dict[str, object] | None:
     return values[-1] if values else None
 
 
-@dataclass
-class GuestMachine:
-    """One disk and one swtpm state, booted again and again (as test_encrypted_qemu)."""
-
-    layout: object  # DiskLayout
-    initrd: Path
-    tpm: Path
-    work: Path
-    boots: int = 0
-
-    def boot(self, commands: str, *words: str, timeout: float = 420) -> object:
-        sys.path.insert(0, str(REPO / "qemu"))
-        import harness
-
-        root = self.layout.root  # type: ignore[attr-defined]
-        self.boots += 1
-        append = (
-            f"root=PARTUUID={root.uuid} rootfstype=erofs ro quiet {FAIL_FAST} rt.run={commands}"
-        )
-        return harness.boot(
-            self.layout.path,  # type: ignore[attr-defined]
-            initrd=self.initrd,
-            append=" ".join([append, *words]),
-            tpm_state=self.tpm,
-            memory=MEMORY,
-            expect=["RT-DONE"],
-            timeout=timeout,
-            log=self.work / f"console-{self.boots}.log",
-        )
-
-
 def make_machine(
-    work: Path, initrd: Path, root: Path, *, state_size: int = BENCH_STATE_SIZE
-) -> GuestMachine:
+    work: Path, initrd: Path, root: Path, *, state_size: int = BENCH_STATE_SIZE, name: str = ""
+) -> Machine:
+    """A machine of the guest root (build_guest_root) booted with Machine.run, its disk,
+    TPM state and console logs in work."""
     from .disk import build_disk
+    from .qemu_machine import Machine
 
     (work / "state/home").mkdir(parents=True, exist_ok=True)
     layout = build_disk(work / "disk.img", root, work / "state", state_size=state_size)
-    return GuestMachine(layout, initrd, work / "tpm", work)
+    return Machine(
+        name or work.name, layout, initrd, work, expect=("RT-DONE",), timeout=420, memory=MEMORY
+    )
 
 
 def build_initrd_for(work: Path, out: Path, *, inner_fs: str = "ext4") -> Path:
@@ -159,8 +136,8 @@ def build_initrd_for(work: Path, out: Path, *, inner_fs: str = "ext4") -> Path:
         initrd.OUT = saved
 
 
-def first_result(result: object, tag: str) -> dict[str, object]:
-    value = rt_result(result.console, tag)  # type: ignore[attr-defined]
+def first_result(result: harness.BootResult, tag: str) -> dict[str, object]:
+    value = rt_result(result.console, tag)
     if value is None:
         raise RuntimeError(f"the guest printed no RT-{tag}")
     return value
@@ -185,9 +162,6 @@ def _median(values: list[float]) -> float:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(REPO / "qemu"))
-    import harness
-
     work = OUT / "bench-resize"
     if work.exists():
         shutil.rmtree(work)
@@ -202,10 +176,10 @@ def _cmd(args: argparse.Namespace) -> int:
         m = make_machine(work / f"m{run}", initrd, root)
         # The shrink request needs a small buffer: with 50:50 weights an image that took the
         # whole pool never shrinks (docs/resize.md, known limits).
-        first = m.boot(f"bench-grow,{args.grows};fill,32,0;delete-and-shrink,--buffer-min,64M")
-        grow = rt_result(first.console, "BENCH-GROW")  # type: ignore[attr-defined]
+        first = m.run(f"bench-grow,{args.grows};fill,32,0;delete-and-shrink,--buffer-min,64M")
+        grow = rt_result(first.console, "BENCH-GROW")
         if grow is None or not grow["latencies"]:
-            print(harness.describe(first), file=sys.stderr)  # type: ignore[arg-type]
+            print(harness.describe(first), file=sys.stderr)
             return 1
         latencies += [float(x) for x in grow["latencies"]]  # type: ignore[attr-defined]
         throughputs += [float(x) for x in grow["throughputs"]]  # type: ignore[attr-defined]
@@ -213,11 +187,11 @@ def _cmd(args: argparse.Namespace) -> int:
             for name, ms in change["steps"].items():
                 step_ms.setdefault(name, []).append(float(ms))
         image_before = int(first_result(first, "SHRINK")["after"]["image"])  # type: ignore[index]
-        second = m.boot("offline-shrink")
-        shrink = rt_result(second.console, "OFFLINE")  # type: ignore[attr-defined]
-        seconds = offline_seconds(second.console, shrink)  # type: ignore[attr-defined]
+        second = m.run("offline-shrink")
+        shrink = rt_result(second.console, "OFFLINE")
+        seconds = offline_seconds(second.console, shrink)
         if shrink is None or seconds is None:
-            print(harness.describe(second), file=sys.stderr)  # type: ignore[arg-type]
+            print(harness.describe(second), file=sys.stderr)
             return 1
         removed = (image_before - int(shrink["after"]["file"])) / GIB  # type: ignore[index]
         offline.append(seconds / removed)

@@ -20,7 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import OUT, REPO
+from . import OUT
+from . import qemu_harness as harness
+from .qemu_machine import FAIL_FAST
 
 UNLOCK_STEPS = (
     "luks-header",
@@ -35,7 +37,6 @@ UNLOCK_STEPS = (
 )
 STATE_SIZE = 1024 * 1024 * 1024  # room for the 256 MiB minimum image above the reserve
 # Fail fast: no emergency shell waiting for a password when a boot stops.
-FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
 
 
 def build_initrd_in(
@@ -72,9 +73,6 @@ def medians(reports: list[dict[str, object]]) -> dict[str, float]:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(REPO / "qemu"))
-    import harness
-
     from .disk import build_disk
     from .roots import boot_json, build_testroot
 

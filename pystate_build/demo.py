@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 
-from . import OUT, REPO
+from . import OUT
+from . import qemu_harness as harness
 from .booted import Grow
 
 
@@ -86,9 +86,6 @@ def describe_grow(grow: Grow | None) -> str:
 
 
 def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
-    sys.path.insert(0, str(REPO / "qemu"))
-    import harness
-
     from .booted import FILL_WORD, install_fill_demo, install_pystate, parse_grow
     from .disk import build_disk
     from .initrd import build_initrd, build_payload

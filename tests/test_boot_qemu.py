@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import REPO, needs_root
+from conftest import needs_root
 
-sys.path.insert(0, str(REPO / "qemu"))
-
-import harness
-
+from pystate_build import qemu_harness as harness
 from pystate_build.disk import DiskLayout, build_disk
 from pystate_build.initrd import build_initrd
+from pystate_build.qemu_machine import FAIL_FAST
 from pystate_build.roots import TESTROOT_MARKER, build_testroot, parse_report
 
 pytestmark = [pytest.mark.qemu, needs_root]
-
-FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
 
 
 @pytest.fixture(scope="session")

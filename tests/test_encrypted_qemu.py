@@ -23,24 +23,20 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, needs_root
+from conftest import needs_root
 
-sys.path.insert(0, str(REPO / "qemu"))
-
-import harness
-
+from pystate_build import qemu_harness as harness
 from pystate_build.bench_unlock import STATE_SIZE, build_initrd_in
 from pystate_build.disk import DiskLayout, build_disk
+from pystate_build.qemu_machine import Machine
 from pystate_build.roots import TESTROOT_MARKER, boot_json, build_testroot, parse_report
-from pystate_initrd.formats import recovery
-from pystate_initrd.system import luks, tpm2
+from pystate_initrd.formats import recovery, tpm2_policy
+from pystate_initrd.system import luks
 
 pytestmark = [
     pytest.mark.qemu,
@@ -48,50 +44,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
 ]
 
-FAIL_FAST = "rd.shell=0 rd.emergency=poweroff"
 KEY_FILE = "/state/encrypted/.pystate/recovery-key"
 PCR7 = "/sys/class/tpm/tpm0/pcr-sha256/7"
 PCR15 = "/sys/class/tpm/tpm0/pcr-sha256/15"
-
-
-@dataclass
-class Machine:
-    name: str
-    layout: DiskLayout
-    initrd: Path
-    tpm: Path
-    work: Path
-    recovery_key: str = ""
-    done: set[str] = field(default_factory=set)
-    boots: int = 0
-
-    def boot(
-        self,
-        *words: str,
-        tpm: bool = True,
-        answers: Sequence[str] = (),
-        expect: Sequence[str] = (TESTROOT_MARKER,),
-        disk: Path | None = None,
-    ) -> harness.BootResult:
-        assert self.layout.root is not None
-        self.boots += 1
-        append = f"root=PARTUUID={self.layout.root.uuid} rootfstype=erofs ro quiet {FAIL_FAST}"
-        return harness.boot(
-            disk or self.layout.path,
-            initrd=self.initrd,
-            append=" ".join([append, *words]),
-            tpm=tpm,
-            tpm_state=self.tpm,
-            answers=answers,
-            expect=expect,
-            timeout=240,
-            log=self.work / f"console-{self.boots}.log",
-        )
-
-    def need(self, *steps: str) -> None:
-        missing = [s for s in steps if s not in self.done]
-        if missing:
-            pytest.skip(f"machine {self.name}: {', '.join(missing)} did not pass")
 
 
 @contextlib.contextmanager
@@ -157,7 +112,7 @@ def _machine(name: str, initrd: Path, tmp: Path) -> Machine:
     (root / "var/lib/app/state").write_text("seeded from the image\n")
     (tmp / "state/home/alice").mkdir(parents=True)
     layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
-    return Machine(name, layout, initrd, tmp / "tpm", tmp)
+    return Machine(name, layout, initrd, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -360,15 +315,15 @@ def test_swapped_image_boots_by_its_key_but_cannot_reach_the_real_seal(
     pcr7, pcr15 = bytes.fromhex(files[PCR7]), bytes.fromhex(files[PCR15])
     assert pcr15 != bytes(32)
     sealed_policy = bytes.fromhex(real_token["tpm2-policy-hash"])
-    assert tpm2.policy_pcr_digest("sha256", {7: pcr7, 15: pcr15}) != sealed_policy
+    assert tpm2_policy.policy_pcr_digest("sha256", {7: pcr7, 15: pcr15}) != sealed_policy
     # ...and PCR 15 is the only obstacle: with it at zero the policy would be met.
-    assert tpm2.policy_pcr_digest("sha256", {7: pcr7, 15: bytes(32)}) == sealed_policy
+    assert tpm2_policy.policy_pcr_digest("sha256", {7: pcr7, 15: bytes(32)}) == sealed_policy
     # PCR 15 is exactly zero extended by HMAC(volume key, "pystate:<uuid>") of B's image
     # (the volume key from B's header with B's recovery key: luksDump needs no dm).
     with state_fs(a.layout, disk) as mnt:
         image = mnt / "encrypted.img"
         vk = luks.volume_key(image, key=recovery.recovery_passphrase(b.recovery_key), key_slot=1)
-        measurement = tpm2.measure_volume(vk, luks.uuid(image))
+        measurement = tpm2_policy.measure_volume(vk, luks.uuid(image))
     assert pcr15 == hashlib.sha256(bytes(32) + measurement).digest()
     disk.unlink()
 
@@ -385,7 +340,7 @@ def test_debian_first_boot_has_etc_and_var_from_the_image(
     root = build_debian_root(tmp / "root", lists=["/state/encrypted/.pystate"])
     (tmp / "state/home/alice").mkdir(parents=True)
     layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
-    m = Machine("debian", layout, initrd, tmp / "tpm", tmp)
+    m = Machine("debian", layout, initrd, tmp)
     result = m.boot(expect=(DEBIAN_MARKER,))
     assert result.ok, harness.describe(result)
     assert "PYSTATE-DEBIAN-TARGET multi-user.target active" in result.console
@@ -413,7 +368,7 @@ def test_debian_resize_service_grows_the_image_under_systemd(
     install_fill_demo(root)
     (tmp / "state").mkdir()
     layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
-    m = Machine("debian-resized", layout, initrd, tmp / "tpm", tmp)
+    m = Machine("debian-resized", layout, initrd, tmp)
     result = m.boot(FILL_WORD, expect=(DEBIAN_MARKER,))
     assert result.ok, harness.describe(result)
     grow = parse_grow(result.console)

@@ -1,4 +1,4 @@
-"""The QEMU + swtpm harness itself (qemu/boot, qemu/harness.py), without pystate in the initrd.
+"""The QEMU + swtpm harness (qemu/boot, pystate_build/qemu_harness.py), no pystate in the initrd.
 
 Most cases boot a tiny initramfs (busybox as /init) straight from the kernel, a few seconds
 each: power-off, a missing marker, answers to console prompts, the TPM shared through
@@ -20,10 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, needs_root
 
-sys.path.insert(0, str(REPO / "qemu"))
-
-import harness
-
+from pystate_build import qemu_harness as harness
 from pystate_build.disk import build_disk
 from pystate_build.initrd_plain import build_plain_initrd
 from pystate_build.kernel import ensure_kernel

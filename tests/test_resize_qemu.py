@@ -20,25 +20,15 @@ About 13 boots of 30-100 s plus two initrd builds.
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, needs_root
+from conftest import needs_root
 
-sys.path.insert(0, str(REPO / "qemu"))
-
-import harness
-
-from pystate_build.bench_resize import (
-    GuestMachine,
-    build_guest_root,
-    build_initrd_for,
-    make_machine,
-    rt_result,
-)
+from pystate_build import qemu_harness as harness
+from pystate_build.bench_resize import build_guest_root, build_initrd_for, make_machine
+from pystate_build.qemu_machine import Machine
 
 pytestmark = [
     pytest.mark.qemu,
@@ -54,27 +44,6 @@ RESERVE = 256 * MIB  # max(256 MiB, 1 % of the outer size)
 SMALL_BUFFER = "--buffer-min,64M"
 
 
-@dataclass
-class Machine:
-    guest: GuestMachine
-    done: set[str] = field(default_factory=set)
-    results: dict[str, dict[str, object]] = field(default_factory=dict)
-
-    def boot(self, commands: str, *tags: str, words: tuple[str, ...] = ()) -> harness.BootResult:
-        result = self.guest.boot(commands, *words)
-        assert isinstance(result, harness.BootResult)
-        for tag in tags:
-            value = rt_result(result.console, tag)
-            assert value is not None, f"no RT-{tag}\n{harness.describe(result)}"
-            self.results[tag] = value
-        return result
-
-    def need(self, *steps: str) -> None:
-        missing = [s for s in steps if s not in self.done]
-        if missing:
-            pytest.skip(f"{', '.join(missing)} did not pass")
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("resize")
@@ -87,17 +56,18 @@ def root(work: Path) -> Path:
 
 def _machine(work: Path, root: Path, name: str, inner_fs: str) -> Machine:
     initrd = build_initrd_for(work, work / f"initrd-{inner_fs}.img", inner_fs=inner_fs)
-    return Machine(make_machine(work / name, initrd, root, state_size=STATE_SIZE))
+    machine = work / f"machine-{name.lower()}"
+    return make_machine(machine, initrd, root, state_size=STATE_SIZE, name=name)
 
 
 @pytest.fixture(scope="module")
 def machine_e(work: Path, root: Path) -> Iterator[Machine]:
-    yield _machine(work, root, "machine-e", "ext4")
+    yield _machine(work, root, "E", "ext4")
 
 
 @pytest.fixture(scope="module")
 def machine_b(work: Path, root: Path) -> Iterator[Machine]:
-    yield _machine(work, root, "machine-b", "btrfs")
+    yield _machine(work, root, "B", "btrfs")
 
 
 def sizes(value: object) -> dict[str, int]:
@@ -114,7 +84,7 @@ def assert_no_kernel_errors(result: dict[str, object]) -> None:
 
 def test_ext4_grows_ahead_of_a_writer_until_the_pool_is_full(machine_e: Machine) -> None:
     m = machine_e
-    result = m.boot(f"fill,32,0;delete-and-shrink,{SMALL_BUFFER}", "FILL", "SHRINK")
+    result = m.run(f"fill,32,0;delete-and-shrink,{SMALL_BUFFER}", "FILL", "SHRINK")
     assert result.ok, harness.describe(result)
     fill = m.results["FILL"]
     start, enospc = sizes(fill["start"]), sizes(fill["enospc"])
@@ -144,7 +114,7 @@ def test_ext4_grows_ahead_of_a_writer_until_the_pool_is_full(machine_e: Machine)
 def test_ext4_shrinks_offline_and_home_fills_safely(machine_e: Machine) -> None:
     m = machine_e
     m.need("request")
-    result = m.boot("offline-shrink;home", "OFFLINE", "HOME")
+    result = m.run("offline-shrink;home", "OFFLINE", "HOME")
     assert result.ok, harness.describe(result)
     offline = m.results["OFFLINE"]
     request = m.results["SHRINK"]["request"]
@@ -183,7 +153,7 @@ def power_cut(
     index = [*cuts, "none"].index(step)
     if index:
         m.need(f"cut-{cuts[index - 1]}")
-    result = m.boot(f"crash,{index + 1},{step}", "CRASH-CHECK")
+    result = m.run(f"crash,{index + 1},{step}", "CRASH-CHECK")
     check = m.results["CRASH-CHECK"]
     assert check["bad"] == [], check  # every file fsync'd in an earlier boot is intact
     assert check["problems"] == [], check  # the layers at boot: fs fits its device
@@ -215,7 +185,7 @@ def test_ext4_power_cut_during_grow(machine_e: Machine, step: str) -> None:
 
 def test_btrfs_grows_then_shrinks_online(machine_b: Machine) -> None:
     m = machine_b
-    result = m.boot(f"fill,32,0,320;delete-and-shrink,{SMALL_BUFFER}", "FILL", "SHRINK")
+    result = m.run(f"fill,32,0,320;delete-and-shrink,{SMALL_BUFFER}", "FILL", "SHRINK")
     assert result.ok, harness.describe(result)
     fill, shrink = m.results["FILL"], m.results["SHRINK"]
     assert fill["enospc"] is None  # 320 MiB fit: the image grew ahead of the writer

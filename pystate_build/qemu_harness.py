@@ -7,7 +7,9 @@ console is streamed (to stdout when ``echo``) and scanned: a kernel panic, a reb
 an emergency shell ends the boot early; ``answers`` send a line to the console when a text
 appears (prompts such as the recovery key). swtpm and QEMU are killed on every exit path.
 
-``qemu/boot`` is the command-line front end; ``docs/testing.md`` has examples.
+``qemu/boot`` is the command-line front end; from Python (tests, demo, benchmarks)
+``from pystate_build import qemu_harness as harness``. ``docs/testing.md`` has examples.
+No ``register``: build.py imports it and adds no subcommand.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
-
-REPO = Path(__file__).resolve().parent.parent
 
 # Exit statuses of qemu/boot (and BootResult.returncode).
 OK = 0
@@ -100,8 +100,7 @@ class HarnessError(Exception):
 
 def default_kernel() -> Path:
     """The harness kernel of ``build.py kernel`` (downloaded on first use)."""
-    sys.path.insert(0, str(REPO))
-    from pystate_build.kernel import ensure_kernel
+    from .kernel import ensure_kernel
 
     return ensure_kernel().vmlinuz
 
