@@ -42,7 +42,9 @@ def unescape(field: str) -> str:
 
 def parse_line(line: str) -> MountInfo | None:
     """One mountinfo line, or None when it is not one (proc(5): optional fields end at '-')."""
-    fields = line.split()
+    # Single spaces only: str.split() would also split at \x1c-\x1f, \x85 or \u2028, which
+    # the kernel leaves unescaped in a path.
+    fields = line.rstrip("\n").split(" ")
     if len(fields) < 10 or "-" not in fields[6:]:
         return None
     sep = fields.index("-", 6)
@@ -66,7 +68,8 @@ def parse_line(line: str) -> MountInfo | None:
 
 
 def parse(text: str) -> list[MountInfo]:
-    return [m for m in map(parse_line, text.splitlines()) if m is not None]
+    # Lines end at "\n" only: str.splitlines() would also break at \x1c-\x1e, \x85, \u2028.
+    return [m for m in map(parse_line, text.split("\n")) if m is not None]
 
 
 def visible_at(mounts: list[MountInfo], mountpoint: str) -> MountInfo | None:
