@@ -141,12 +141,11 @@ def decode_token(text: str | bytes | bytearray | Mapping[str, Any]) -> tuple[Sea
     if isinstance(text, Mapping):
         return _decode_object(text)
     if isinstance(text, str):
+        # Text is checked as the UTF-8 bytes it stands for; a str longer than the limit in
+        # characters is over it in bytes too, and is refused before it is encoded.
         if len(text) > MAX_TOKEN_BYTES:
-            raise TokenError(f"token of {len(text)} characters exceeds {MAX_TOKEN_BYTES} bytes")
-        try:
-            raw = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise TokenError("token is not valid UTF-8") from None
+            raise TokenError(f"token of {len(text)}+ bytes exceeds {MAX_TOKEN_BYTES} bytes")
+        raw = text.encode("utf-8", errors="surrogatepass")
     elif isinstance(text, bytes | bytearray):
         raw = bytes(text)
     else:
@@ -154,7 +153,7 @@ def decode_token(text: str | bytes | bytearray | Mapping[str, Any]) -> tuple[Sea
     if len(raw) > MAX_TOKEN_BYTES:
         raise TokenError(f"token of {len(raw)} bytes exceeds {MAX_TOKEN_BYTES} bytes")
     try:
-        decoded = raw.decode("utf-8")
+        decoded = raw.decode("utf-8")  # a lone surrogate in a str fails here, as in bytes
     except UnicodeDecodeError:
         raise TokenError("token is not valid UTF-8") from None
     try:
