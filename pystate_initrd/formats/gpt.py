@@ -1,8 +1,8 @@
 """Reading a GUID partition table directly, without udev or blkid (SPEC §2).
 
 `parse_gpt` is pure: it sees the disk only through a `read_at(offset, length)`
-callable, so tests can feed it bytes and hostile layouts. `read_gpt` is the thin
-I/O layer for an image file or a block device.
+callable, so tests can feed it bytes and hostile layouts. `system/block.read_gpt`
+reads an image file or a block device with it.
 
 What is checked, and why:
 - protective MBR with an 0xEE entry (hybrid MBRs are fine): the kernel and

@@ -1,7 +1,8 @@
 """TPM2 sealing of the volume secret with tpm2-tools (SPEC §5, §10).
 
-Pure parts (no I/O): `policy_pcr_digest`, `measure_volume`, `tss2_pem`, error
-classification. I/O parts run tpm2-tools through `run.run` with the TCTI in
+The pure parts (PCR policy digest, volume measurement, TSS2 PEM, the error types) are
+in formats/tpm2_policy.py; error classification of tpm2-tools' output is here. It runs
+tpm2-tools through `run.run` with the TCTI in
 `TPM2TOOLS_TCTI`; secrets go to `tpm2_create` on stdin and come back from
 `tpm2_unseal` on stdout, never through argv or a file.
 
