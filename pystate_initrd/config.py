@@ -350,7 +350,9 @@ SETTINGS: tuple[Setting, ...] = (
         parse=parse_bool,
         show=format_bool,
         accepted="a bare word, or " + _BOOL,
-        doc="Log every command and decision.",
+        doc="Log every external command at debug priority (argv, exit status, duration; "
+        "never a key), and the traceback of an internal error. `pystate.debug=0` is off. The "
+        "booted service's switch is `pystate resized --debug`.",
         cmdline="pystate.debug",
         bare="1",
     ),
