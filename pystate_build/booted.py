@@ -1,10 +1,13 @@
 """pystate in the booted OS: what an image build installs for ``pystate-resized.service``.
 
-``install_pystate(root)`` does to an OS tree what README's adoption steps 1 and 6 ask of a
-distribution: the payload in ``/usr/lib/pystate`` (the zipapp, its frozen stdlib and
-extension modules: the same bytes the initrd runs), ``/usr/bin/pystate`` a symlink to it,
-and the resize unit installed and enabled. The frozen program finds its stdlib beside the
-real file, so a root whose python3 is python3-minimal (no json, no cffi) runs it.
+``install_pystate(root)`` installs pystate's Debian package (``build.py deb``) into an OS
+tree with the root's own dpkg, as an image build does: the payload in ``/usr/lib/pystate``
+(the zipapp, its frozen stdlib and extension modules: the same bytes the initrd runs),
+``/usr/bin/pystate`` a symlink to it, and the resize unit, enabled by the package's postinst
+(deb-systemd-helper). The frozen program finds its stdlib beside the real file, so a root
+whose python3 is python3-minimal (no json, no cffi) runs it: there the package's dependency
+on the full python3.11 (lintian forbids one on python3.11-minimal) is ignored, and only that
+one (docs/packaging.md).
 
 ``install_fill_demo(root)`` adds the demo's last act: a oneshot unit that, on a boot whose
 command line carries ``pystate-demo.fill``, writes into /var (inside encrypted.img) until
@@ -20,7 +23,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import REPO
+from pystate_initrd.errors import PystateError
+from pystate_initrd.system.run import CommandError, run
 
 UNIT = "pystate-resized.service"
 FILL_UNIT = "pystate-demo-fill.service"
@@ -30,19 +34,39 @@ LOG_PREFIX = "PYSTATE-DEMO-LOG "
 STATUS_PREFIX = "PYSTATE-DEMO-STATUS "
 
 
-def install_pystate(root: Path, payload: Path) -> None:
-    """Install the payload (built by ``build.py payload``) and the enabled resize unit."""
-    dest = root / "usr/lib/pystate"
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(payload, dest, symlinks=False)
-    link = root / "usr/bin/pystate"
-    link.unlink(missing_ok=True)
-    link.symlink_to("../lib/pystate/pystate")
-    units = root / "usr/lib/systemd/system"
-    units.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(REPO / "dracut-module" / UNIT, units / UNIT)
-    _enable(root, UNIT, f"/usr/lib/systemd/system/{UNIT}")
+class BootedError(PystateError):
+    """pystate could not be installed in an OS tree."""
+
+
+def install_pystate(root: Path, package: Path | None = None) -> Path:
+    """Install pystate's .deb into root with ``dpkg -i`` run in it (chroot); returns the .deb.
+
+    ``package``: the .deb; a payload directory (``build.py payload``) to package; None: the
+    package is built from this checkout."""
+    from .deb import build_deb
+
+    if package is None or package.is_dir():
+        package = build_deb(root.parent / f"{root.name}.deb.d", payload=package)
+    argv = ["dpkg", "--force-unsafe-io"]
+    if not _installed(root, "python3.11") and _installed(root, "python3.11-minimal"):
+        argv.append("--ignore-depends=python3.11")
+    inside = Path("/tmp") / package.name
+    shutil.copyfile(package, root / inside.relative_to("/"))
+    try:
+        run(["chroot", str(root), *argv, "--install", str(inside)])
+    except CommandError as exc:
+        raise BootedError(f"dpkg could not install {package.name} in {root}: {exc}") from None
+    finally:
+        (root / inside.relative_to("/")).unlink()
+    return package
+
+
+def _installed(root: Path, package: str) -> bool:
+    proc = run(
+        ["chroot", str(root), "dpkg-query", "-W", "-f=${db:Status-Abbrev}", package],
+        check=False,
+    )
+    return proc.returncode == 0 and proc.stdout.decode().startswith("ii")
 
 
 def _enable(root: Path, unit: str, path: str) -> None:
