@@ -182,9 +182,9 @@ def maintainer() -> str:
         raise DebError("no maintainer: set DEBFULLNAME and DEBEMAIL.") from None
 
 
-def _output(argv: list[str], cwd: Path | None = None) -> str:
+def _output(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise DebError(f"{argv[0]} not found.") from None
     if proc.returncode != 0:
@@ -193,11 +193,11 @@ def _output(argv: list[str], cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def build_payload(dest: Path, work: Path) -> Path:
+def build_payload(dest: Path, work: Path, epoch: int | None = None) -> Path:
     """The payload in dest, frozen in ``work`` (not the shared out/freeze of initrd.py)."""
     from .freeze import freeze
 
-    report = freeze(work)
+    report = freeze(work, epoch=epoch)
     (dest / "lib-dynload").mkdir(parents=True)
     shutil.copyfile(report.zipapp, dest / "pystate")
     (dest / "pystate").chmod(0o755)
@@ -346,7 +346,7 @@ def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None =
         shutil.rmtree(work)
     tree = work / "debian" / NAME
     if payload is None:
-        payload = build_payload(work / "payload", work / "freeze")
+        payload = build_payload(work / "payload", work / "freeze", epoch)
     elif not (payload / "pystate").is_file():
         raise DebError(f"{payload} is not a payload directory (no pystate in it).")
     stage(tree, payload, epoch)
@@ -363,9 +363,9 @@ def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None =
         path.chmod(0o644)
     _set_times(tree, epoch)
     deb = out_dir / f"{NAME}_{version()}_{arch}.deb"
-    _output(
-        ["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(tree), str(deb)],
-    )
+    # SOURCE_DATE_EPOCH: dpkg-deb's time stamps of the ar members (the tar ones are the files')
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
+    _output(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(tree), str(deb)], env=env)
     shutil.rmtree(work)
     return deb
 
