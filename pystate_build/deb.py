@@ -12,6 +12,7 @@
   postinst through deb-systemd-helper as dh_installsystemd does;
 - ``/usr/lib/mkosi-initrd/mkosi.conf.d/50-pystate/``: the mkosi-initrd drop-in, whatever
   ``mkosi-initrd/`` holds at build time (left out while that directory does not exist);
+- ``/usr/share/man/man1/pystate.1.gz``: made from the program's ``--help`` texts;
 - ``/usr/share/doc/pystate/``: copyright (DEP-5), changelog.gz, README.md and docs/*.md
   (the units' ``Documentation=`` point there).
 
@@ -31,6 +32,7 @@ import argparse
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -261,9 +263,53 @@ def stage(tree: Path, payload: Path, epoch: int) -> None:
     doc.mkdir(parents=True)
     (doc / "copyright").write_text(COPYRIGHT.format(year=year))
     (doc / "changelog.gz").write_bytes(gzip.compress(_changelog(epoch).encode(), 9, mtime=0))
+    man = tree / "usr/share/man/man1/pystate.1.gz"
+    man.parent.mkdir(parents=True)
+    page = manual_page(tree / LIB / "pystate", epoch)
+    man.write_bytes(gzip.compress(page.encode(), 9, mtime=0))
     _copy(REPO / "README.md", doc / "README.md", 0o644)
     for md in sorted((REPO / "docs").glob("*.md")):
         _copy(md, doc / md.name, 0o644)
+
+
+def _roff(text: str) -> str:
+    """Text for a no-fill block of a man page: backslashes and leading dots escaped."""
+    lines = []
+    for line in text.replace("\\", "\\e").replace("-", "\\-").splitlines():
+        lines.append(f"\\&{line}" if line.startswith((".", "'")) else line)
+    return "\n".join(lines)
+
+
+def manual_page(program: Path, epoch: int) -> str:
+    """pystate(1) from the program's own --help and each command's (it has no other)."""
+    # argparse wraps at $COLUMNS: fixed, so the page is the same on every terminal
+    env = {"COLUMNS": "80", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
+    main = _output([str(program), "--help"], env=env)
+    commands = re.findall(r"^ {4}([a-z][a-z0-9-]*) ", main, re.MULTILINE)
+    date = time.strftime("%Y-%m-%d", time.gmtime(epoch))
+    parts = [
+        f'.TH PYSTATE 1 "{date}" "pystate {version()}" "pystate"',
+        ".SH NAME",
+        f"pystate \\- {SYNOPSIS}",
+        ".SH SYNOPSIS",
+        ".nf",
+        _roff(main),
+        ".fi",
+        ".SH COMMANDS",
+    ]
+    for command in commands:
+        parts += [
+            f".SS {command}",
+            ".nf",
+            _roff(_output([str(program), command, "--help"], env=env)),
+        ]
+        parts.append(".fi")
+    parts += [
+        ".SH SEE ALSO",
+        "README.md and the documents beside it in /usr/share/doc/pystate/;",
+        ".BR dracut (8).",
+    ]
+    return "\n".join(parts) + "\n"
 
 
 def _changelog(epoch: int) -> str:

@@ -36,6 +36,7 @@ EXPECTED = {
     "./usr/lib/dracut/modules.d/90pystate/pystate-hook.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90pystate/pystate.service": "-rw-r--r--",
     "./usr/lib/systemd/system/pystate-resized.service": "-rw-r--r--",
+    "./usr/share/man/man1/pystate.1.gz": "-rw-r--r--",
     "./usr/share/doc/pystate/copyright": "-rw-r--r--",
     "./usr/share/doc/pystate/changelog.gz": "-rw-r--r--",
     "./usr/share/doc/pystate/README.md": "-rw-r--r--",
