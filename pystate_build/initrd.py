@@ -1,5 +1,7 @@
 """``build.py payload`` and ``build.py initrd``: the dracut module's input and a test initrd.
 
+(``build.py initrd --builder mkosi`` hands over to mkosi.py.)
+
 The payload is what a distribution package installs in /usr/lib/pystate for
 the dracut module: the zipapp (``pystate``), the frozen stdlib
 (``python311.zip``) and the extension modules it needs (``lib-dynload/``).
@@ -118,12 +120,20 @@ def _cmd_payload(args: argparse.Namespace) -> int:
 
 
 def _cmd_initrd(args: argparse.Namespace) -> int:
-    out = build_initrd(
-        Path(args.out),
-        systemd=not args.no_systemd,
-        with_pystate=not args.no_pystate,
-        conf=Path(args.conf) if args.conf else None,
-    )
+    conf = Path(args.conf) if args.conf else None
+    if args.builder == "mkosi":
+        if args.no_systemd or args.no_pystate:
+            raise InitrdError("--builder mkosi makes a systemd initrd with pystate only")
+        from .mkosi import build_mkosi_initrd
+
+        out = build_mkosi_initrd(Path(args.out), conf=conf)
+    else:
+        out = build_initrd(
+            Path(args.out),
+            systemd=not args.no_systemd,
+            with_pystate=not args.no_pystate,
+            conf=conf,
+        )
     print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -132,8 +142,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("payload", help="the dracut module's payload (zipapp, stdlib, .so)")
     p.add_argument("dir", help="destination, e.g. /usr/lib/pystate")
     p.set_defaults(func=_cmd_payload)
-    p = subparsers.add_parser("initrd", help="a dracut initrd with the pystate module")
+    p = subparsers.add_parser("initrd", help="a test initrd with pystate (dracut or mkosi)")
     p.add_argument("out", help="the initrd file to write")
+    p.add_argument(
+        "--builder",
+        choices=("dracut", "mkosi"),
+        default="dracut",
+        help="dracut with dracut-module/ (default), or mkosi-initrd with mkosi-initrd/",
+    )
     p.add_argument("--no-systemd", action="store_true", help="dracut's shell init, no systemd")
     p.add_argument("--no-pystate", action="store_true", help="leave the pystate module out")
     p.add_argument("--conf", help="pystate.conf to put in the initrd's /etc/pystate/")

@@ -12,3 +12,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for mounts and loop devices")
+
+# The initrd builders the systemd-initrd QEMU tests run with (dracut's shell initrd has no
+# mkosi twin). The mkosi initrd is built once per session, on first use.
+BUILDERS = ("dracut", "mkosi")
+
+
+@pytest.fixture(scope="session")
+def mkosi_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pystate_build.mkosi import build_mkosi_initrd
+
+    work = tmp_path_factory.mktemp("mkosi-initrd")
+    return build_mkosi_initrd(work / "initrd.img", work=work / "work")

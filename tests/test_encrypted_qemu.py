@@ -1,5 +1,9 @@
 """Encrypted state in real boots (issue 4): QEMU TCG, swtpm, a systemd dracut initrd.
 
+Provisioning, the TPM unlock, the recovery prompt and the Debian first boot also run with the
+initrd made by mkosi-initrd and the drop-in ``mkosi-initrd/`` (parameter ``mkosi``, machine M:
+the same steps as machine A's first three).
+
 Two machines, each one disk and one swtpm state kept across its boots, booted in order
 (the tests of a machine build on each other; a later one skips when an earlier failed):
 
@@ -28,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import BUILDERS, needs_root
 
 from pystate_build import qemu_harness as harness
 from pystate_build.bench_unlock import STATE_SIZE, build_initrd_in
@@ -121,6 +125,25 @@ def machine_a(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine
 
 
 @pytest.fixture(scope="module")
+def machine_m(mkosi_initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
+    return _machine("M", mkosi_initrd, tmp_path_factory.mktemp("machine-m"))
+
+
+@pytest.fixture(scope="module", params=BUILDERS)
+def machine(request: pytest.FixtureRequest) -> Machine:
+    """Machine A (dracut) or M (mkosi): the tests that take it run with both initrds."""
+    m: Machine = request.getfixturevalue("machine_a" if request.param == "dracut" else "machine_m")
+    return m
+
+
+@pytest.fixture(scope="module", params=BUILDERS)
+def systemd_initrd(request: pytest.FixtureRequest) -> Path:
+    """The dracut or the mkosi systemd initrd, built only when a test asks for it."""
+    path: Path = request.getfixturevalue("initrd" if request.param == "dracut" else "mkosi_initrd")
+    return path
+
+
+@pytest.fixture(scope="module")
 def machine_b(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
     return _machine("B", initrd, tmp_path_factory.mktemp("machine-b"))
 
@@ -128,8 +151,8 @@ def machine_b(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine
 # --- machine A ----------------------------------------------------------------------------
 
 
-def test_first_boot_provisions_and_seeds(machine_a: Machine) -> None:
-    m = machine_a
+def test_first_boot_provisions_and_seeds(machine: Machine) -> None:
+    m = machine
     result = m.boot("testroot.list=/etc,/var,/home,/state/encrypted/.pystate")
     assert result.ok, harness.describe(result)
     mounts, listed, files = parse_report(result.console)
@@ -150,8 +173,8 @@ def test_first_boot_provisions_and_seeds(machine_a: Machine) -> None:
     m.done.add("provision")
 
 
-def test_second_boot_unlocks_by_tpm_and_writes(machine_a: Machine) -> None:
-    m = machine_a
+def test_second_boot_unlocks_by_tpm_and_writes(machine: Machine) -> None:
+    m = machine
     m.need("provision")
     result = m.boot("testroot.write=/var/lib/app/boot2:written-in-boot-2")
     assert result.ok, harness.describe(result)
@@ -164,8 +187,8 @@ def test_second_boot_unlocks_by_tpm_and_writes(machine_a: Machine) -> None:
     m.done.add("unlock")
 
 
-def test_changed_pcr_asks_for_the_recovery_key_then_reseals(machine_a: Machine) -> None:
-    m = machine_a
+def test_changed_pcr_asks_for_the_recovery_key_then_reseals(machine: Machine) -> None:
+    m = machine
     m.need("unlock")
     result = m.boot(
         "pystate.debug-extend-pcr=7",
@@ -332,7 +355,7 @@ def test_swapped_image_boots_by_its_key_but_cannot_reach_the_real_seal(
 
 
 def test_debian_first_boot_has_etc_and_var_from_the_image(
-    initrd: Path, tmp_path_factory: pytest.TempPathFactory
+    systemd_initrd: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     from pystate_build.roots import DEBIAN_MARKER, build_debian_root
 
@@ -340,7 +363,7 @@ def test_debian_first_boot_has_etc_and_var_from_the_image(
     root = build_debian_root(tmp / "root", lists=["/state/encrypted/.pystate"])
     (tmp / "state/home/alice").mkdir(parents=True)
     layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE)
-    m = Machine("debian", layout, initrd, tmp)
+    m = Machine("debian", layout, systemd_initrd, tmp)
     result = m.boot(expect=(DEBIAN_MARKER,))
     assert result.ok, harness.describe(result)
     assert "PYSTATE-DEBIAN-TARGET multi-user.target active" in result.console
