@@ -115,3 +115,11 @@ def test_no_bookworm_source_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "sources.list.d").mkdir()
     with pytest.raises(MkosiError, match="no bookworm source in"):
         backports_sources(tmp_path)
+
+
+def test_builder_mkosi_refuses_a_shell_initrd(capsys: pytest.CaptureFixture[str]) -> None:
+    from build import main
+
+    assert main(["initrd", "--builder", "mkosi", "--no-systemd", "out.img"]) == 1
+    err = capsys.readouterr().err
+    assert err == "build.py: --builder mkosi makes a systemd initrd with pystate only\n"
