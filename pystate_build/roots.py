@@ -134,7 +134,7 @@ def parse_report(
     inside = False
     for raw in console.splitlines():
         line = re.sub(r"^\[\s*\d+\.\d+\]\s*", "", raw)  # kernel messages may interleave
-        if line == MOUNTS_BEGIN:
+        if line.endswith(MOUNTS_BEGIN):  # a getty's "login: " prompt may come first
             inside = True
         elif line == MOUNTS_END:
             inside = False
