@@ -42,11 +42,12 @@ class InitrdError(PystateError):
     """The payload or the initrd could not be built."""
 
 
-def build_payload(dest: Path) -> Path:
-    """Lay out the dracut module's payload in dest (replaced if present)."""
+def build_payload(dest: Path, *, freeze_dir: Path | None = None) -> Path:
+    """Lay out the dracut module's payload in dest (replaced if present); ``freeze_dir``
+    keeps the freeze's work apart from other builds running in the same checkout."""
     from .freeze import freeze
 
-    report = freeze(OUT / "freeze")
+    report = freeze(freeze_dir or OUT / "freeze")
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "lib-dynload").mkdir(parents=True)

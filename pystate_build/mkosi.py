@@ -215,7 +215,9 @@ def build_mkosi_initrd(
         raise MkosiError("mkosi needs bwrap: apt-get install bubblewrap (bash .ci/setup does)")
     work = work or OUT / "mkosi-work"
     work.mkdir(parents=True, exist_ok=True)
-    include = stage_drop_in(work / "include", build_payload(work / "payload"), conf=conf)
+    include = stage_drop_in(
+        work / "include", build_payload(work / "payload", freeze_dir=work / "freeze"), conf=conf
+    )
     tree = package_manager_tree(work / "pkgmngr")
     output = work / "output"
     for d in (output, work / "workspace"):
