@@ -44,6 +44,7 @@ from pathlib import Path
 from pystate_initrd.errors import PystateError
 
 from . import OUT, REPO
+from .initrd import build_payload
 
 NAME = "pystate"
 LIB = Path("usr/lib/pystate")
@@ -193,20 +194,6 @@ def _output(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None
         last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
         raise DebError(f"{' '.join(argv[:2])} exited {proc.returncode}: {last}")
     return proc.stdout
-
-
-def build_payload(dest: Path, work: Path, epoch: int | None = None) -> Path:
-    """The payload in dest, frozen in ``work`` (not the shared out/freeze of initrd.py)."""
-    from .freeze import freeze
-
-    report = freeze(work, epoch=epoch)
-    (dest / "lib-dynload").mkdir(parents=True)
-    shutil.copyfile(report.zipapp, dest / "pystate")
-    (dest / "pystate").chmod(0o755)
-    shutil.copyfile(report.stdlib_zip, dest / "python311.zip")
-    for so in sorted(report.extensions.values()):
-        shutil.copyfile(so, dest / "lib-dynload" / so.name)
-    return dest
 
 
 def _copy(src: Path, dest: Path, mode: int) -> None:
@@ -392,7 +379,7 @@ def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None =
         shutil.rmtree(work)
     tree = work / "debian" / NAME
     if payload is None:
-        payload = build_payload(work / "payload", work / "freeze", epoch)
+        payload = build_payload(work / "payload", freeze_dir=work / "freeze", epoch=epoch)
     elif not (payload / "pystate").is_file():
         raise DebError(f"{payload} is not a payload directory (no pystate in it).")
     stage(tree, payload, epoch)

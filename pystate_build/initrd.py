@@ -42,24 +42,27 @@ class InitrdError(PystateError):
     """The payload or the initrd could not be built."""
 
 
-def build_payload(dest: Path, *, freeze_dir: Path | None = None) -> Path:
-    """Lay out the dracut module's payload in dest (replaced if present); ``freeze_dir``
-    keeps the freeze's work apart from other builds running in the same checkout."""
+def build_payload(dest: Path, *, freeze_dir: Path | None = None, epoch: int | None = None) -> Path:
+    """Lay out the payload in dest (replaced if present): the zipapp, the frozen stdlib and
+    the extension modules. ``freeze_dir`` keeps the freeze's work apart from other builds
+    running in the same checkout; ``epoch`` is SOURCE_DATE_EPOCH for the freeze."""
     from .freeze import freeze
 
-    report = freeze(freeze_dir or OUT / "freeze")
+    report = freeze(freeze_dir or OUT / "freeze", epoch=epoch)
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "lib-dynload").mkdir(parents=True)
-    shutil.copy2(report.zipapp, dest / "pystate")
-    shutil.copy2(report.stdlib_zip, dest / "python311.zip")
+    # copyfile, not copy2: modes and times are the package's, not the build machine's.
+    shutil.copyfile(report.zipapp, dest / "pystate")
+    (dest / "pystate").chmod(0o755)
+    shutil.copyfile(report.stdlib_zip, dest / "python311.zip")
     for so in sorted(report.extensions.values()):
-        shutil.copy2(so, dest / "lib-dynload" / so.name, follow_symlinks=True)
+        shutil.copyfile(so, dest / "lib-dynload" / so.name)
     return dest
 
 
-def dracut_basedir(dest: Path) -> Path:
-    """A dracut base directory: the system's files plus this checkout's module."""
+def dracut_basedir(dest: Path, pystate_module: Path = REPO / "dracut-module") -> Path:
+    """A dracut base directory: the system's files plus pystate's module (``pystate_module``)."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "modules.d").mkdir(parents=True)
@@ -68,7 +71,7 @@ def dracut_basedir(dest: Path) -> Path:
             (dest / entry.name).symlink_to(entry)
     for module in (SYSTEM_DRACUT / "modules.d").iterdir():
         (dest / "modules.d" / module.name).symlink_to(module)
-    (dest / "modules.d" / MODULE_NAME).symlink_to(REPO / "dracut-module")
+    (dest / "modules.d" / MODULE_NAME).symlink_to(pystate_module)
     return dest
 
 
@@ -89,13 +92,20 @@ def build_initrd(
     kernel = kernel or ensure_kernel()
     work = OUT / "initrd-work"
     work.mkdir(parents=True, exist_ok=True)
-    env = {"dracutbasedir": str(dracut_basedir(work / "dracut-base"))}
     modules = list(SYSTEMD_MODULES if systemd else SHELL_MODULES) + list(extra_modules)
+    env = {}
+    module = REPO / "dracut-module"
     if with_pystate:
-        env["PYSTATE_PAYLOAD"] = str(build_payload(work / "payload"))
+        # What a distributor installs: the Debian package's dracut module and payload.
+        from .deb import unpacked_package
+
+        package = unpacked_package(work / "package")
+        module = package / "usr/lib/dracut/modules.d" / MODULE_NAME
+        env["PYSTATE_PAYLOAD"] = str(package / "usr/lib/pystate")
         modules.append("pystate")
         if conf is not None:
             env["PYSTATE_CONF"] = str(conf.resolve())
+    env["dracutbasedir"] = str(dracut_basedir(work / "dracut-base", module))
     argv = [
         "dracut", "--force", "--quiet", "--no-hostonly", "--no-hostonly-cmdline",
         "--no-early-microcode", "--reproducible",

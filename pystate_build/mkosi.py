@@ -159,19 +159,24 @@ def ensure_mkosi(version: str = VERSION) -> Path:
 # --- the initrd -------------------------------------------------------------------------
 
 
-def stage_drop_in(dest: Path, payload: Path, *, conf: Path | None = None) -> Path:
-    """An include directory as mkosi-initrd reads /usr/lib/mkosi-initrd: the checkout's
-    drop-in as ``mkosi.conf.d/50-pystate/``, its links to installed files pointed at the
-    payload and at the dracut module's unit; ``conf`` as /etc/pystate/pystate.conf through
-    a second drop-in (as a distributor's /etc/mkosi-initrd/ would add it)."""
+def stage_drop_in(
+    dest: Path,
+    payload: Path,
+    *,
+    conf: Path | None = None,
+    drop_in_source: Path = DROP_IN,
+    unit: Path = REPO / "dracut-module" / "pystate.service",
+) -> Path:
+    """An include directory as mkosi-initrd reads /usr/lib/mkosi-initrd: the drop-in
+    (``drop_in_source``: the checkout's, or the package's) as ``mkosi.conf.d/50-pystate/``,
+    its links to installed files pointed at the payload and at the dracut module's unit;
+    ``conf`` as /etc/pystate/pystate.conf through a second drop-in (as a distributor's
+    /etc/mkosi-initrd/ would add it)."""
     if dest.exists():
         shutil.rmtree(dest)
     drop_in = dest / "mkosi.conf.d" / DROP_IN_NAME
-    shutil.copytree(DROP_IN, drop_in, symlinks=True)
-    for name, target in (
-        ("payload", payload.resolve()),
-        ("pystate.service", REPO / "dracut-module" / "pystate.service"),
-    ):
+    shutil.copytree(drop_in_source, drop_in, symlinks=True)
+    for name, target in (("payload", payload.resolve()), ("pystate.service", unit.resolve())):
         (drop_in / name).unlink()
         (drop_in / name).symlink_to(target)
     if conf is not None:
@@ -207,7 +212,7 @@ def build_mkosi_initrd(
     log: Path | None = None,
 ) -> Path:
     """The harness initrd made by mkosi-initrd with the pystate drop-in; returns out."""
-    from .initrd import build_payload
+    from .deb import unpacked_package
 
     kernel = kernel or ensure_kernel()
     mkosi = ensure_mkosi()
@@ -215,8 +220,14 @@ def build_mkosi_initrd(
         raise MkosiError("mkosi needs bwrap: apt-get install bubblewrap (bash .ci/setup does)")
     work = work or OUT / "mkosi-work"
     work.mkdir(parents=True, exist_ok=True)
+    # What a distributor installs: the Debian package's drop-in, payload and unit.
+    package = unpacked_package(work / "package")
     include = stage_drop_in(
-        work / "include", build_payload(work / "payload", freeze_dir=work / "freeze"), conf=conf
+        work / "include",
+        package / "usr/lib/pystate",
+        conf=conf,
+        drop_in_source=package / "usr/lib/mkosi-initrd/mkosi.conf.d" / DROP_IN_NAME,
+        unit=package / "usr/lib/dracut/modules.d/90pystate/pystate.service",
     )
     tree = package_manager_tree(work / "pkgmngr")
     output = work / "output"
