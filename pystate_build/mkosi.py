@@ -33,6 +33,7 @@ from pystate_initrd.system.run import CommandError, run
 
 from . import CACHE, OUT, REPO
 from .kernel import Kernel, ensure_kernel
+from .roots import deb822_fields
 
 VERSION = "24.3-1~bpo12+1"
 SUITE = "bookworm-backports"
@@ -68,7 +69,7 @@ def backports_sources(etc_apt: Path = APT_SOURCES) -> str:
     stanzas: list[str] = []
     for path in sorted((etc_apt / "sources.list.d").glob("*.sources")):
         for stanza in re.split(r"\n\s*\n", path.read_text()):
-            fields = _deb822(stanza)
+            fields = deb822_fields(stanza)
             if (
                 "bookworm" in fields.get("suites", "").split()
                 and fields.get("enabled", "yes") != "no"
@@ -90,21 +91,6 @@ def backports_sources(etc_apt: Path = APT_SOURCES) -> str:
             f"no bookworm source in {etc_apt}/sources.list(.d): cannot derive {SUITE} from it"
         )
     return "\n".join(dict.fromkeys(stanzas))
-
-
-def _deb822(stanza: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    key = ""
-    for line in stanza.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        if line[0].isspace() and key:
-            fields[key] += " " + line.strip()
-        elif ":" in line:
-            key, value = line.split(":", 1)
-            key = key.strip().lower()
-            fields[key] = value.strip()
-    return fields
 
 
 def _stanza(uris: str, components: str, signed_by: str | None) -> str:

@@ -167,6 +167,22 @@ def boot_json(console: str) -> dict[str, object] | None:
 # --- the Debian root ---------
 
 
+def deb822_fields(stanza: str) -> dict[str, str]:
+    """The fields of one deb822 stanza (an apt .sources entry), keys lowercased."""
+    fields: dict[str, str] = {}
+    key = ""
+    for line in stanza.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if line[0].isspace() and key:
+            fields[key] += " " + line.strip()
+        elif ":" in line:
+            key, value = line.split(":", 1)
+            key = key.strip().lower()
+            fields[key] = value.strip()
+    return fields
+
+
 def debian_sources(suite: str = DEBIAN_SUITE) -> list[str]:
     """sources.list lines for ``suite`` (and its -updates, -security) from this machine's apt
     configuration (one-line and deb822 formats); no host name is built in."""
@@ -181,17 +197,7 @@ def debian_sources(suite: str = DEBIAN_SUITE) -> list[str]:
         text = f.read_text(errors="replace")
         if f.suffix == ".sources":
             for stanza in re.split(r"\n\s*\n", text):
-                fields: dict[str, str] = {}
-                key = ""
-                for line in stanza.splitlines():
-                    if line.startswith("#") or not line.strip():
-                        continue
-                    if line[0].isspace() and key:
-                        fields[key] += " " + line.strip()
-                        continue
-                    key, _, value = line.partition(":")
-                    key = key.strip().lower()
-                    fields[key] = value.strip()
+                fields = deb822_fields(stanza)
                 if fields.get("enabled", "yes").lower() == "no":
                     continue
                 if "deb" not in fields.get("types", "").split():
