@@ -29,12 +29,12 @@ initrds take the dracut module and the payload from.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import os
 import re
 import shutil
-import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
@@ -42,6 +42,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
+from pystate_initrd.system.run import CommandError, run
 
 from . import OUT, REPO
 from .initrd import build_payload
@@ -171,7 +172,7 @@ def version() -> str:
 
 def architecture() -> str:
     """dpkg's architecture of this machine (the payload's .so files are built for it)."""
-    return _output(["dpkg", "--print-architecture"]).strip()
+    return _text(["dpkg", "--print-architecture"]).strip()
 
 
 def maintainer() -> str:
@@ -180,20 +181,14 @@ def maintainer() -> str:
     if name and email:
         return f"{name} <{email}>"
     try:
-        return _output(["git", "-C", str(REPO), "log", "-1", "--format=%an <%ae>"]).strip()
-    except DebError:
+        return _text(["git", "-C", str(REPO), "log", "-1", "--format=%an <%ae>"]).strip()
+    except CommandError:
         raise DebError("no maintainer: set DEBFULLNAME and DEBEMAIL.") from None
 
 
-def _output(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
-    try:
-        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise DebError(f"{argv[0]} not found.") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise DebError(f"{' '.join(argv[:2])} exited {proc.returncode}: {last}")
-    return proc.stdout
+def _text(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """The command's standard output as text (system/run.py's runner: CommandError names it)."""
+    return run(argv, env=env).stdout.decode()
 
 
 def _copy(src: Path, dest: Path, mode: int) -> None:
@@ -271,7 +266,7 @@ def manual_page(program: Path, epoch: int) -> str:
     """pystate(1) from the program's own --help and each command's (it has no other)."""
     # argparse wraps at $COLUMNS: fixed, so the page is the same on every terminal
     env = {"COLUMNS": "80", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
-    main = _output([str(program), "--help"], env=env)
+    main = _text([str(program), "--help"], env=env)
     commands = re.findall(r"^ {4}([a-z][a-z0-9-]*) ", main, re.MULTILINE)
     date = time.strftime("%Y-%m-%d", time.gmtime(epoch))
     parts = [
@@ -288,7 +283,7 @@ def manual_page(program: Path, epoch: int) -> str:
         parts += [
             f".SS {command}",
             ".nf",
-            _roff(_output([str(program), command, "--help"], env=env)),
+            _roff(_text([str(program), command, "--help"], env=env)),
         ]
         parts.append(".fi")
     parts += [
@@ -327,7 +322,8 @@ def shlib_depends(work: Path, tree: Path) -> list[str]:
     elves = [p for p in _files(tree) if p.is_file() and p.read_bytes()[:4] == b"\x7fELF"]
     if not elves:
         return []
-    out = _output(["dpkg-shlibdeps", "-O", *(str(p.relative_to(work)) for p in elves)], work)
+    with contextlib.chdir(work):  # dpkg-shlibdeps reads debian/control from there
+        out = _text(["dpkg-shlibdeps", "-O", *(str(p.relative_to(work)) for p in elves)])
     for line in out.splitlines():
         if line.startswith("shlibs:Depends="):
             return [d.strip() for d in line.split("=", 1)[1].split(",") if d.strip()]
@@ -397,8 +393,8 @@ def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None =
     _set_times(tree, epoch)
     deb = out_dir / f"{NAME}_{version()}_{arch}.deb"
     # SOURCE_DATE_EPOCH: dpkg-deb's time stamps of the ar members (the tar ones are the files')
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
-    _output(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(tree), str(deb)], env=env)
+    env = {"SOURCE_DATE_EPOCH": str(epoch)}
+    _text(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(tree), str(deb)], env=env)
     shutil.rmtree(work)
     return deb
 
@@ -411,7 +407,7 @@ def unpacked_package(dest: Path, *, payload: Path | None = None) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     deb = build_deb(dest.with_name(dest.name + ".deb.d"), payload=payload)
-    _output(["dpkg-deb", "-x", str(deb), str(dest)])
+    _text(["dpkg-deb", "-x", str(deb), str(dest)])
     return dest
 
 
