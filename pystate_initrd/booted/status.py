@@ -73,12 +73,12 @@ def _header(image: Path) -> dict[str, Any]:
         "tpm2": None,
     }
     found = pystate_tokens(luks2.token_dicts(header.metadata))
-    usable = [t for t in found if t.sealed is not None]
-    if usable and usable[0].sealed is not None:
-        sealed = usable[0].sealed
+    usable = next((t for t in found if t.sealed is not None), None)
+    if usable is not None and usable.sealed is not None:
+        sealed = usable.sealed
         info["tpm2"] = {
-            "token": usable[0].token_id,
-            "keyslot": usable[0].keyslot,
+            "token": usable.token_id,
+            "keyslot": usable.keyslot,
             "bank": sealed.bank,
             "pcrs": list(sealed.pcrs),
             "pcr15_zero": sealed.pcr15_zero,
