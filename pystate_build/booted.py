@@ -29,6 +29,7 @@ from pystate_initrd.system.run import CommandError, run
 UNIT = "pystate-resized.service"
 FILL_UNIT = "pystate-demo-fill.service"
 FILL_WORD = "pystate-demo.fill"
+FILL_ON_UNLOCK = f"{FILL_WORD}=unlocked"  # fill only on a boot that unlocked, not provisioned
 GROW_PREFIX = "PYSTATE-DEMO-GROW "
 LOG_PREFIX = "PYSTATE-DEMO-LOG "
 STATUS_PREFIX = "PYSTATE-DEMO-STATUS "
@@ -97,6 +98,13 @@ TimeoutStartSec=600
 FILL_SCRIPT = r"""#!/bin/sh
 # Writes 16 MiB files (fsync'd) into /var/lib/pystate-demo until encrypted.img has grown
 # and the file system in it is larger, then prints one line for build.py demo.
+# With pystate-demo.fill=unlocked (the UEFI demo's UKI has it on every boot) a boot that
+# provisioned the image skips: the grow is shown on the boot that unlocks it.
+if grep -qw 'pystate-demo.fill=unlocked' /proc/cmdline \
+	&& grep -q '"unlocked_by": "provisioned"' /run/pystate/boot.json 2>/dev/null; then
+	echo "PYSTATE-DEMO-SKIP this boot provisioned the image"
+	exit 0
+fi
 img=/state/encrypted.img
 [ -e "$img" ] || img=/run/pystate/state/encrypted.img
 dir=/var/lib/pystate-demo

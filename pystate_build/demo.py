@@ -1,10 +1,14 @@
 """``build.py demo``: the README's first command.
 
 Builds everything (kernel, frozen program, systemd dracut initrd with the pystate
-module, a Debian root image, a GPT disk with a state partition), then boots the
-same machine twice in QEMU with one software TPM — the first boot provisions,
-the second unlocks — and prints, for each boot, what pystate mounted where and
-how long each of its steps took (from /run/pystate/boot.json in the guest).
+module, a Debian root image, a signed UKI and systemd-boot on an EFI system partition,
+a GPT disk with a state partition, an OVMF variable store with test Secure Boot keys),
+then boots the same machine twice in QEMU under UEFI with Secure Boot on and one
+software TPM — the first boot provisions and seals to PCR 7, the second unlocks — and
+prints, for each boot, the Secure Boot state, the PCR binding, what pystate mounted
+where and how long each of its steps took (from /run/pystate/boot.json in the guest).
+The root is found as on a real machine: no root=, systemd-gpt-auto-generator follows
+the boot loader's LoaderDevicePartUUID.
 
 The Debian root carries pystate as an image build installs it (booted.install_pystate:
 the payload and an enabled ``pystate-resized.service``). On the last boot a oneshot unit
@@ -35,11 +39,13 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
 
     mounts, _, _ = parse_report(console)
     report = boot_json(console)
-    lines = [f"── boot {n}: {seconds:.0f} s in QEMU (TCG) ──"]
+    lines = [f"── boot {n}: {seconds:.0f} s in QEMU (TCG, OVMF) ──"]
+    lines.append(f"  secure boot: {secure_boot_state(console)}")
     if report is None:
         lines.append("  (no /run/pystate/boot.json in the guest)")
         return "\n".join(lines)
     lines.append(f"  outcome: {report.get('outcome')}   pystate total: {report.get('total_ms')} ms")
+    lines.append(f"  TPM2 binding: {tpm_binding(report)}")
     state = report.get("state") or {}
     assert isinstance(state, dict)
     state_dev = str(state.get("device", ""))
@@ -58,6 +64,26 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
         detail = f"  {step['detail']}" if step.get("detail") else ""
         lines.append(f"    {step['name']:<16} {step['ms']:>8.1f} ms{detail}")
     return "\n".join(lines)
+
+
+def secure_boot_state(console: str) -> str:
+    """What the kernel said of the firmware's Secure Boot state."""
+    for line in console.splitlines():
+        if "secureboot: Secure boot" in line:
+            return line.split("secureboot: ", 1)[1].strip()
+    return "not reported (no UEFI?)"
+
+
+def tpm_binding(report: dict[str, object]) -> str:
+    """The seal (first boot) or the unseal (later boots) as boot.json records it."""
+    steps = report.get("steps") or []
+    assert isinstance(steps, list)
+    by_name = {s.get("name"): s for s in steps if isinstance(s, dict)}
+    for name, verb in (("seal", "sealed"), ("unseal", "unsealed"), ("reseal", "re-sealed")):
+        step = by_name.get(name)
+        if step is not None:
+            return f"{verb} {step.get('detail', '')}".strip()
+    return "none"
 
 
 def describe_grow(grow: Grow | None) -> str:
@@ -86,11 +112,12 @@ def describe_grow(grow: Grow | None) -> str:
 
 
 def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
-    from .booted import FILL_WORD, install_fill_demo, install_pystate, parse_grow
+    from .booted import FILL_ON_UNLOCK, install_fill_demo, install_pystate, parse_grow
     from .disk import build_disk
     from .initrd import build_initrd, build_payload
     from .kernel import ensure_kernel
     from .roots import build_debian_root
+    from .uefi import build_uefi_boot
 
     started = time.monotonic()
     if work.exists() and not keep:
@@ -107,20 +134,33 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
     state = work / "state"
     (state / "home/demo").mkdir(parents=True, exist_ok=True)
     (state / "home/demo/hello.txt").write_text("This file lives on the state partition.\n")
-    layout = build_disk(work / "disk.img", root, state, state_size=1 << 30)
-    assert layout.root is not None
-    print(f"demo: disk {layout.path} ({layout.size / 2**30:.2f} GiB, GPT: erofs root + state)")
+    # No root=: the root partition is found through the boot loader (gpt-auto).
+    chain = build_uefi_boot(
+        work / "uefi",
+        initrd=initrd,
+        os_release=root / "usr/lib/os-release",
+        cmdline=f"ro {FILL_ON_UNLOCK}",
+        kernel=kernel.vmlinuz,
+    )
+    assert chain.keys is not None
+    print(
+        f"demo: UKI {chain.uki.name} ({chain.uki.stat().st_size / 2**20:.1f} MiB) and "
+        f"systemd-boot signed with the test db key; OVMF store with test PK, KEK, db "
+        f"({chain.keys.directory}), Secure Boot on"
+    )
+    layout = build_disk(work / "disk.img", root, state, state_size=1 << 30, esp=chain.esp)
+    print(
+        f"demo: disk {layout.path} ({layout.size / 2**30:.2f} GiB, GPT: ESP + erofs root + state)"
+    )
     print(f"demo: built in {time.monotonic() - started:.0f} s; {boots} boots follow (TCG: slow)\n")
     tpm_state = work / "tpm"
     tpm_state.mkdir(exist_ok=True)
-    append = f"root=PARTUUID={layout.root.uuid} rootfstype=erofs ro"
     for n in range(1, boots + 1):
         last = n == boots
         result = harness.boot(
             layout.path,
-            kernel=kernel.vmlinuz,
-            initrd=initrd,
-            append=f"{append} {FILL_WORD}" if last else append,
+            uefi=chain.firmware,
+            efi_vars=work / "efivars.fd",
             tpm_state=tpm_state,
             expect=["PYSTATE-DEBIAN-OK"],
             timeout=600,
@@ -149,7 +189,9 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("demo", help="build everything and boot the demo machine twice")
+    p = subparsers.add_parser(
+        "demo", help="build everything and boot the demo machine twice (UEFI, Secure Boot)"
+    )
     p.add_argument("--work", default=str(OUT / "demo"), help="work directory (default out/demo)")
     p.add_argument("--boots", type=int, default=2, help="how many boots (default 2)")
     p.set_defaults(func=_cmd)

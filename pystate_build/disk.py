@@ -4,7 +4,8 @@ Each file system is made in a file of its own from a directory (no loop mounts, 
 privileges needed beyond reading the trees), then the GPT is written with ``sfdisk`` on the
 image file and the file systems are copied in at their offsets, holes kept (sparse files).
 
-Partition 1 is the root (Discoverable Partitions Specification type for x86-64, erofs or
+With ``esp`` (a FAT image from esp.py: systemd-boot and a UKI) partition 1 is the EFI system
+partition. Then the root (Discoverable Partitions Specification type for x86-64, erofs or
 squashfs); the state partitions follow (SPEC §2 type UUID, name ``state``; ext4, btrfs or xfs
 with owners and modes kept); free space is left at the end.
 """
@@ -59,7 +60,7 @@ class RootFs(StrEnum):
 @dataclass(frozen=True)
 class Partition:
     number: int
-    role: str  # "root" or "state"
+    role: str  # "esp", "root" or "state"
     type_uuid: str
     uuid: str  # the PARTUUID, lowercase
     name: str
@@ -76,6 +77,10 @@ class DiskLayout:
     sector_size: int
     disk_uuid: str
     partitions: tuple[Partition, ...] = field(default_factory=tuple)
+
+    @property
+    def esp(self) -> Partition | None:
+        return next((p for p in self.partitions if p.role == "esp"), None)
 
     @property
     def root(self) -> Partition | None:
@@ -324,8 +329,10 @@ def build_disk(
     state_attrs: Iterable[int] = (),
     free: int = DEFAULT_FREE,
     sector_size: int = 512,
+    esp: Path | str | None = None,
 ) -> DiskLayout:
-    """Build the disk image ``out``: root from ``root_dir`` (None: no root partition), a state
+    """Build the disk image ``out``: an EFI system partition from the FAT image ``esp`` (None:
+    none), root from ``root_dir`` (None: no root partition), a state
     partition from ``state_dir`` (None: none) and one more per ``extra_states`` entry, all of
     ``state_fs``; ``state_attrs`` are GPT attribute bits on the first state partition. With no
     ``size`` the disk ends ``free`` bytes after the last partition (plus the backup GPT)."""
@@ -339,6 +346,8 @@ def build_disk(
     for d in [Path(root_dir)] * (root_dir is not None) + sources:
         if not d.is_dir():
             raise DiskError(f"{d} is not a directory")
+    if esp is not None and not Path(esp).is_file():
+        raise DiskError(f"{esp}: no such EFI system partition image", hint="see build.py esp")
     out.parent.mkdir(parents=True, exist_ok=True)
     attrs = tuple(sorted(set(state_attrs)))
     if attrs:
@@ -348,6 +357,15 @@ def build_disk(
         work = Path(tmp)
         images: list[tuple[Path, Partition]] = []
         offset = GPT_RESERVED
+        if esp is not None:
+            from .esp import ESP_NAME, ESP_TYPE
+
+            esp_size = _align(Path(esp).stat().st_size)
+            part = Partition(
+                1, "esp", ESP_TYPE, str(uuid.uuid4()), ESP_NAME, offset, esp_size, "vfat"
+            )
+            images.append((Path(esp), part))
+            offset += esp_size
         if root_dir is not None:
             image = work / "root.img"
             root_size = make_root_fs(Path(root_dir), image, root_fs)
@@ -408,15 +426,32 @@ def read_layout(image: Path | str) -> dict:  # type: ignore[type-arg]
     return json.loads(data)["partitiontable"]  # type: ignore[no-any-return]
 
 
+def _esp_image(out: Path, uki: Path, key: str | None, cert: str | None) -> Path:
+    """The ESP image beside ``out``: systemd-boot (signed with key and cert) and ``uki``."""
+    from .esp import build_esp
+    from .uki import SigningKey
+
+    if bool(key) != bool(cert):
+        raise DiskError("--sign-key and --sign-cert go together")
+    signing = SigningKey(Path(key), Path(cert)) if key and cert else None
+    return build_esp(out.with_name(out.name + ".esp"), uki, signing=signing)
+
+
 def _cmd_disk(args: argparse.Namespace) -> int:
     if args.state is not None and args.no_state:
         raise DiskError("--state and --no-state exclude each other")
     if args.state is None and not args.no_state:
         raise DiskError("give --state DIR, or --no-state for a disk without a state partition")
+    esp = None
+    if args.esp is not None:
+        esp = _esp_image(args.out, args.esp, args.sign_key, args.sign_cert)
+    elif args.sign_key or args.sign_cert:
+        raise DiskError("--sign-key and --sign-cert sign the ESP's systemd-boot: give --esp")
     layout = build_disk(
         args.out,
         args.root,
         args.state,
+        esp=esp,
         state_fs=args.state_fs,
         root_fs=args.root_fs,
         size=parse_size(args.size) if args.size else None,
@@ -472,5 +507,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--free", default=f"{DEFAULT_FREE // MiB}M", metavar="SIZE", help="free space at the end"
     )
     parser.add_argument("--sector-size", type=int, choices=(512, 4096), default=512)
+    parser.add_argument(
+        "--esp",
+        type=Path,
+        metavar="UKI",
+        help="an EFI system partition first: systemd-boot and this UKI (see build.py uki)",
+    )
+    parser.add_argument("--sign-key", metavar="KEY", help="sign the ESP's systemd-boot (PEM)")
+    parser.add_argument("--sign-cert", metavar="CERT", help="certificate for --sign-key (PEM)")
     parser.add_argument("--json", action="store_true", help="print the layout as JSON")
     parser.set_defaults(func=_cmd_disk)

@@ -7,6 +7,13 @@ console is streamed (to stdout when ``echo``) and scanned: a kernel panic, a reb
 an emergency shell ends the boot early; ``answers`` send a line to the console when a text
 appears (prompts such as the recovery key). swtpm and QEMU are killed on every exit path.
 
+With ``uefi`` (a ``Uefi``) QEMU boots OVMF instead of the kernel: the firmware finds the
+boot loader on the disks' EFI system partition (``build.py disk --esp``), and the kernel, the
+initrd and the command line come from the UKI there. OVMF's code is read-only; its variable
+store is the machine's own file (``efi_vars``, by default ``efivars.fd`` beside the swtpm state
+directory), copied from the template on the first boot and kept, so EFI variables persist
+across the machine's boots as its TPM does.
+
 ``qemu/boot`` is the command-line front end; from Python (tests, demo, benchmarks)
 ``from pystate_build import qemu_harness as harness``. ``docs/testing.md`` has examples.
 No ``register``: build.py imports it and adds no subcommand.
@@ -92,6 +99,24 @@ class BootResult:
 
     def lines_with(self, marker: str) -> list[str]:
         return [line for line in self.console.splitlines() if marker in line]
+
+
+OVMF = Path("/usr/share/OVMF")
+
+
+@dataclass(frozen=True)
+class Uefi:
+    """OVMF firmware: ``code`` read-only, the variable store copied from ``vars_template``.
+    The Secure Boot build of the code needs SMM (``smm``), emulated and slower under TCG."""
+
+    code: Path = OVMF / "OVMF_CODE_4M.fd"
+    vars_template: Path = OVMF / "OVMF_VARS_4M.fd"
+    smm: bool = False
+
+    @classmethod
+    def secure_boot(cls, vars_template: Path) -> Uefi:
+        """The Secure Boot code with a store that has keys enrolled (secureboot.py)."""
+        return cls(OVMF / "OVMF_CODE_4M.secboot.fd", vars_template, smm=True)
 
 
 class HarnessError(Exception):
@@ -180,14 +205,18 @@ def qemu_argv(
     cpus: int = 1,
     sector_size: int = 512,
     accel: str | None = None,
+    uefi: Uefi | None = None,
+    efi_vars: Path | None = None,
+    boot_disk: int = 0,
 ) -> list[str]:
-    """The QEMU command line (pure; tests and --dry-run show it)."""
+    """The QEMU command line (pure; tests and --dry-run show it). With ``uefi`` the firmware
+    boots disk number ``boot_disk`` first, and kernel, initrd and append are not used."""
     argv = [
         "qemu-system-x86_64",
         "-nodefaults",
         "-no-user-config",
         "-machine",
-        "q35",
+        "q35,smm=on" if uefi is not None and uefi.smm else "q35",
         "-accel",
         accel or _accel(),
         "-m",
@@ -201,13 +230,20 @@ def qemu_argv(
         "-serial",
         "chardev:console",
         "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-append",
-        f"console=ttyS0 {append}".strip(),
     ]
-    if initrd is not None:
-        argv += ["-initrd", str(initrd)]
+    if uefi is not None:
+        if efi_vars is None:
+            raise HarnessError("a UEFI boot needs its variable store (efi_vars)")
+        if uefi.smm:  # only SMM code may write the store: what makes Secure Boot secure
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={uefi.code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={efi_vars}",
+        ]  # fmt: skip
+    else:
+        argv += ["-kernel", str(kernel), "-append", f"console=ttyS0 {append}".strip()]
+        if initrd is not None:
+            argv += ["-initrd", str(initrd)]
     blocks = "" if sector_size == 512 else f",logical_block_size={sector_size}"
     if blocks:
         blocks += f",physical_block_size={sector_size}"
@@ -216,7 +252,8 @@ def qemu_argv(
             "-drive",
             f"file={disk},format=raw,if=none,id=disk{i},cache=unsafe,discard=unmap",
             "-device",
-            f"virtio-blk-pci,drive=disk{i},serial=disk{i}{blocks}",
+            f"virtio-blk-pci,drive=disk{i},serial=disk{i}{blocks}"
+            + (",bootindex=1" if uefi is not None and i == boot_disk else ""),
         ]
     if tpm_socket is not None:
         argv += [
@@ -300,17 +337,29 @@ def boot(
     log: Path | str | None = None,
     interact: bool = False,
     accel: str | None = None,
+    uefi: Uefi | None = None,
+    efi_vars: Path | str | None = None,
+    boot_disk: int = 0,
 ) -> BootResult:
     """Boot ``disk`` (one image or a list; the first is vda) and watch the console.
+
+    With ``uefi``, OVMF boots disk ``boot_disk``'s ESP; ``efi_vars`` is the machine's
+    variable store (default: ``efivars.fd`` beside ``tpm_state``; a new one is copied from
+    ``uefi.vars_template``).
 
     Returns a BootResult whose returncode is OK only when the guest powered off by itself
     and every ``expect`` marker appeared. Never raises for a guest failure; raises
     HarnessError only for bad arguments (a missing file).
     """
     disks = [Path(disk)] if isinstance(disk, str | Path) else [Path(d) for d in disk]
-    kernel = Path(kernel) if kernel is not None else default_kernel()
-    initrd = Path(initrd) if initrd is not None else None
-    for path in [*disks, kernel, *([initrd] if initrd else [])]:
+    if uefi is None:
+        kernel = Path(kernel) if kernel is not None else default_kernel()
+        initrd = Path(initrd) if initrd is not None else None
+        needed = [*disks, kernel, *([initrd] if initrd else [])]
+    else:
+        kernel = initrd = None
+        needed = [*disks, uefi.code, uefi.vars_template]
+    for path in needed:
         if not path.is_file():
             raise HarnessError(f"{path}: no such file")
     parsed = [a if isinstance(a, Answer) else Answer.parse(a) for a in answers]
@@ -324,12 +373,16 @@ def boot(
         start = time.monotonic()
         argv: list[str] = []
         try:
+            state = Path(tpm_state) if tpm_state is not None else tmp / "tpm"
             if tpm:
-                state = Path(tpm_state) if tpm_state is not None else tmp / "tpm"
                 sock = stack.enter_context(_swtpm(state, tmp))
+            store = None
+            if uefi is not None:
+                store = Path(efi_vars) if efi_vars is not None else state.with_name("efivars.fd")
+                machine_vars(store, uefi)
             argv = qemu_argv(
                 disks,
-                kernel,
+                kernel or Path("/dev/null"),
                 initrd,
                 append,
                 memory,
@@ -337,6 +390,9 @@ def boot(
                 cpus=cpus,
                 sector_size=sector_size,
                 accel=accel,
+                uefi=uefi,
+                efi_vars=store,
+                boot_disk=boot_disk,
             )
             return _run_qemu(argv, console, timeout, expect, interact, start)
         except HarnessError as exc:
@@ -344,6 +400,14 @@ def boot(
                 QEMU_FAILED, console.text, time.monotonic() - start, str(exc), None, tuple(argv)
             )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def machine_vars(store: Path, uefi: Uefi) -> Path:
+    """The machine's variable store: kept when it exists, else a copy of the template."""
+    if not store.exists():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(uefi.vars_template, store)
+    return store
 
 
 def _run_qemu(

@@ -44,6 +44,14 @@ class Machine:
     done: set[str] = field(default_factory=set)  # steps passed, for need()
     recovery_key: str = ""  # the encrypted state's, once a boot has shown it
     results: dict[str, dict[str, object]] = field(default_factory=dict)  # run()'s, by tag
+    # UEFI: OVMF boots the disk's ESP (uefi.py); the command line is the UKI's, so boot()
+    # takes no words. The variable store is work/efivars.fd, beside the TPM state.
+    uefi: harness.Uefi | None = None
+    boot_disk: int = 0  # with uefi: which of the disks the firmware boots
+
+    @property
+    def efi_vars(self) -> Path:
+        return self.work / "efivars.fd"
 
     @property
     def tpm(self) -> Path:
@@ -63,14 +71,31 @@ class Machine:
         tpm: bool = True,
         answers: Sequence[str] = (),
         expect: Sequence[str] | None = None,
-        disk: Path | None = None,
+        disk: Path | Sequence[Path] | None = None,
     ) -> harness.BootResult:
         """Boot once, ``words`` added to the kernel command line; ``disk`` boots another
         image (a modified copy) with this machine's initrd and TPM; ``expect`` replaces the
         machine's markers (``()``: none, for a boot that must stop)."""
+        if self.uefi is not None and words:
+            raise ValueError(f"machine {self.name} boots a UKI: its command line is fixed")
         self.boots += 1
+        disks = disk or self.layout.path
+        if self.uefi is not None:
+            return harness.boot(
+                disks,
+                uefi=self.uefi,
+                efi_vars=self.efi_vars,
+                boot_disk=self.boot_disk,
+                tpm=tpm,
+                tpm_state=self.tpm,
+                answers=answers,
+                expect=self.expect if expect is None else expect,
+                timeout=self.timeout,
+                memory=self.memory,
+                log=self.work / f"console-{self.boots}.log",
+            )
         return harness.boot(
-            disk or self.layout.path,
+            disks,
             initrd=self.initrd,
             append=self.command_line(*words),
             tpm=tpm,

@@ -50,18 +50,21 @@ class RootError(PystateError):
 # --- the minimal busybox root ---------
 
 # PID 1 of the test root. Lines the tests parse:
+#   PYSTATE-CMDLINE <the kernel command line>
 #   PYSTATE-MOUNTS-BEGIN / <each line of /proc/mounts> / PYSTATE-MOUNTS-END
 #   PYSTATE-LIST <path> <octal mode> <uid>:<gid> <type>     (every entry below each listed path)
 #   PYSTATE-FILE <path>: <first line>                        (regular files below listed paths)
 #   PYSTATE-BOOT-JSON <boot.json on one line>               (when /run/pystate/boot.json exists)
 #   PYSTATE-TESTROOT-OK
 # testroot.write=PATH:TEXT on the kernel command line appends TEXT (no spaces) as a line to
-# PATH before the report (PYSTATE-WROTE PATH), so a later boot can look for it.
+# PATH before the report (PYSTATE-WROTE PATH), so a later boot can look for it; first it
+# prints how many lines PATH had (PYSTATE-LINES PATH N): what earlier boots kept.
 TESTROOT_INIT = r"""#!/bin/busybox sh
 # PID 1 of pystate's minimal test root (build.py testroot): report, then power off.
 export PATH=/bin:/sbin
 [ -e /proc/self ] || mount -t proc proc /proc
 [ -e /sys/kernel ] || mount -t sysfs sysfs /sys
+echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
 echo "PYSTATE-MOUNTS-BEGIN"
 cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
@@ -72,6 +75,8 @@ for word in $(cat /proc/cmdline); do
 	testroot.list=*) list="$list $(echo "${word#*=}" | tr , ' ')" ;;
 	testroot.write=*)
 		spec="${word#*=}"
+		# the lines earlier boots appended: what a reboot kept
+		echo "PYSTATE-LINES ${spec%%:*} $(cat "${spec%%:*}" 2>/dev/null | wc -l)"
 		echo "${spec#*:}" >>"${spec%%:*}" && sync && echo "PYSTATE-WROTE ${spec%%:*}"
 		;;
 	esac
@@ -121,6 +126,14 @@ def build_testroot(dest: Path | str, *, lists: Sequence[str] = ()) -> Path:
     (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (dest / "etc/group").write_text("root:x:0:\n")
     return dest
+
+
+def lines_kept(console: str, path: str) -> int | None:
+    """N of ``PYSTATE-LINES path N``: the lines earlier boots appended to path."""
+    for line in console.splitlines():
+        if line.startswith(f"PYSTATE-LINES {path} "):
+            return int(line.rsplit(" ", 1)[1])
+    return None
 
 
 def parse_report(
@@ -264,6 +277,7 @@ ExecStartPost=/usr/bin/systemctl --no-block poweroff
 REPORT_SCRIPT = """\
 #!/bin/sh
 # Prints what the tests look for, then the unit powers the machine off.
+echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
 echo "PYSTATE-MOUNTS-BEGIN"
 cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
