@@ -46,6 +46,11 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
         return "\n".join(lines)
     lines.append(f"  outcome: {report.get('outcome')}   pystate total: {report.get('total_ms')} ms")
     lines.append(f"  TPM2 binding: {tpm_binding(report)}")
+    from .roots import console_value
+
+    pcr7 = console_value(console, "PCR7")
+    if pcr7:
+        lines.append(f"  PCR 7 now:   {pcr7.lower()} (the firmware's Secure Boot measurements)")
     state = report.get("state") or {}
     assert isinstance(state, dict)
     state_dev = str(state.get("device", ""))
@@ -67,11 +72,14 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
 
 
 def secure_boot_state(console: str) -> str:
-    """What the kernel said of the firmware's Secure Boot state."""
-    for line in console.splitlines():
-        if "secureboot: Secure boot" in line:
-            return line.split("secureboot: ", 1)[1].strip()
-    return "not reported (no UEFI?)"
+    """The firmware's SecureBoot variable, as the booted system read it (and the kernel's word)."""
+    from .roots import console_value
+
+    value = console_value(console, "SECUREBOOT")
+    said = [x.split("secureboot: ", 1)[1] for x in console.splitlines() if "secureboot: " in x]
+    kernel = said[0].strip() if said else ""
+    word = {"1": "on", "0": "off", "none": "no UEFI variable"}.get(value or "", "not reported")
+    return f"{word}" + (f" (kernel: {kernel})" if kernel else "")
 
 
 def tpm_binding(report: dict[str, object]) -> str:

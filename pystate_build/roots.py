@@ -51,6 +51,8 @@ class RootError(PystateError):
 
 # PID 1 of the test root. Lines the tests parse:
 #   PYSTATE-CMDLINE <the kernel command line>
+#   PYSTATE-SECUREBOOT 1|0|none                              (the firmware's SecureBoot variable)
+#   PYSTATE-PCR7 <hex>                                       (the TPM's sha256 PCR 7, if any)
 #   PYSTATE-MOUNTS-BEGIN / <each line of /proc/mounts> / PYSTATE-MOUNTS-END
 #   PYSTATE-LIST <path> <octal mode> <uid>:<gid> <type>     (every entry below each listed path)
 #   PYSTATE-FILE <path>: <first line>                        (regular files below listed paths)
@@ -65,6 +67,14 @@ export PATH=/bin:/sbin
 [ -e /proc/self ] || mount -t proc proc /proc
 [ -e /sys/kernel ] || mount -t sysfs sysfs /sys
 echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
+sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+if [ -r "$sb" ]; then
+	echo "PYSTATE-SECUREBOOT $(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')"
+else
+	echo "PYSTATE-SECUREBOOT none"
+fi
+pcr7=/sys/class/tpm/tpm0/pcr-sha256/7
+[ -r "$pcr7" ] && echo "PYSTATE-PCR7 $(cat "$pcr7")"
 echo "PYSTATE-MOUNTS-BEGIN"
 cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
@@ -126,6 +136,15 @@ def build_testroot(dest: Path | str, *, lists: Sequence[str] = ()) -> Path:
     (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (dest / "etc/group").write_text("root:x:0:\n")
     return dest
+
+
+def console_value(console: str, key: str) -> str | None:
+    """The rest of the first ``PYSTATE-<key> …`` line of a test root's console."""
+    prefix = f"PYSTATE-{key} "
+    for line in console.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    return None
 
 
 def lines_kept(console: str, path: str) -> int | None:
@@ -278,6 +297,14 @@ REPORT_SCRIPT = """\
 #!/bin/sh
 # Prints what the tests look for, then the unit powers the machine off.
 echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
+sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+if [ -r "$sb" ]; then
+	echo "PYSTATE-SECUREBOOT $(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')"
+else
+	echo "PYSTATE-SECUREBOOT none"
+fi
+pcr7=/sys/class/tpm/tpm0/pcr-sha256/7
+[ -r "$pcr7" ] && echo "PYSTATE-PCR7 $(cat "$pcr7")"
 echo "PYSTATE-MOUNTS-BEGIN"
 cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
