@@ -144,8 +144,14 @@ def unlock(
     ask: Ask,
     tcti: str | None = None,
     read_only: bool = False,
+    event_log: str | None = None,
 ) -> stack.Opened:
-    """Open, check and mount image at mountpoint; the TPM first, then the recovery key."""
+    """Open, check and mount image at mountpoint; the TPM first, then the recovery key.
+
+    When the TPM refuses on a PCR mismatch, the reason given (console, boot.json's
+    ``tpm2_refusal``) says which PCRs changed since sealing and, from the firmware's
+    event log (`event_log`, default tpm2.EVENT_LOG), which events (binding.diagnose_mismatch).
+    """
     log = report.log
     with report.step("luks-header") as s:
         header = check_header(image)
@@ -162,6 +168,10 @@ def unlock(
             s.detail = f"token {token[0]} ({token[1].pcr_spec}) -> keyslot {token[2]}"
         except (tpm2.Tpm2Error, TokenError) as exc:
             reason = str(exc)
+            if isinstance(exc, tpm2.PcrMismatch) and token is not None:
+                log.debug(reason)  # the TCTI and TPM_RC; the diagnosis says more
+                reason, record = binding.diagnose_mismatch(token[1], tcti, event_log)
+                report.facts["tpm2_refusal"] = {"line": reason, **record}
             s.detail = f"failed: {reason}"
 
     loop: loopdev.LoopDevice | None = None
