@@ -214,9 +214,12 @@ def compare(
     if sealed is not None:
         for i in pcrs:
             if current[i] != sealed[i]:
-                events = "" if i == PCR_VOLUME and key.pcr15_zero else (
+                # No summary at all (no event log at sealing): nothing to say about events.
+                events = (
                     event_diff(key.bank, i, logs.get(i), log, current[i], log_error)
-                )  # fmt: skip
+                    if key.pcr_logs and not (i == PCR_VOLUME and key.pcr15_zero)
+                    else ""
+                )
                 changed.append(PcrChange(i, sealed[i], current[i], events))
     return PcrCheck(key.pcr_spec, sealed is not None, pcrs, tuple(changed), dict(current))
 
