@@ -374,3 +374,53 @@ def test_pystate_status_with_the_sealed_values(
     boot_json.write_text(json.dumps(boot))
     text = status.render(status.collect(boot_json, Path("/"), tcti=tpm.tcti, event_log=str(log)))
     assert "this boot: TPM2 refused the key sealed to sha256:7,15: PCR 7 changed" in text
+
+
+def test_largest_token_fits_the_luks2_json_area(tmp_path: Path) -> None:
+    """Real cryptsetup: three keyslots (a re-seal's worst moment) and the largest token
+    pystate writes leave room in the 12 KiB JSON area of the default LUKS2 header."""
+    from test_token import sealed_public, tpm2b
+
+    img = tmp_path / "x.img"
+    img.write_bytes(b"")
+    os.truncate(img, 20 * 1024 * 1024)
+    luks.format(img, key=b"k" * 32)
+    for slot, key in ((1, b"r" * 32), (2, b"s" * 32)):
+        luks.add_keyslot(img, existing_key=b"k" * 32, existing_slot=0, new_key=key, slot=slot)
+    events = [
+        Event(pcr, 0x80000003, ((0x000D, bytes([n]) * 64),), b"N" * n)
+        for pcr in (4, 7)
+        for n in range(20)
+    ]
+    log = tcg_eventlog.EventLog(((0x000D, 64),), tuple(events))
+    replayed = tcg_eventlog.replay(log, "sha512")
+    values = {4: replayed[4], 7: replayed[7]}
+    logs = tuple(
+        PcrLog(p.pcr, p.count, tuple(LoggedEvent(e.type, "N" * 64, e.digest) for e in p.events))
+        for p in pcr_diagnosis.summarize(log, "sha512", values)
+    )
+    policy = tpm2_policy.policy_pcr_digest("sha512", {**values, 15: bytes(64)})
+    sealed = SealedKey(
+        public=sealed_public(policy),
+        private=tpm2b(bytes(158)),
+        bank="sha512",
+        pcrs=(4, 7, 15),
+        policy_hash=policy,
+        pcr15_zero=True,
+        pcr_values=tuple(sorted(values.items())),
+    )
+    token = encode_token(sealed, 2)
+    token["pystate-pcr-events"] = {
+        str(p.pcr): {
+            "count": p.count,
+            "events": [
+                ["EV_EFI_BOOT_SERVICES_APPLICATION", e.name, e.digest.hex()] for e in p.events
+            ],
+        }
+        for p in logs
+    }  # fmt: skip (the longest names; not replayable, so not checked against the values)
+    luks.token_import(img, json.dumps(token, separators=(",", ":")), None, replace=False)
+    header = luks.read_header(img)
+    used = len(json.dumps(header.metadata, separators=(",", ":")))
+    assert used < 9 * 1024 < header.header_size - 4096
+    assert decode_token(header.metadata["tokens"]["0"])[0].pcr_logs
