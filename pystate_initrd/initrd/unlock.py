@@ -168,11 +168,13 @@ def unlock(
             s.detail = f"token {token[0]} ({token[1].pcr_spec}) -> keyslot {token[2]}"
         except (tpm2.Tpm2Error, TokenError) as exc:
             reason = str(exc)
+            s.detail = f"failed: {reason}"
             if isinstance(exc, tpm2.PcrMismatch) and token is not None:
-                log.debug(reason)  # the TCTI and TPM_RC; the diagnosis says more
+                # Which PCR, which firmware event: the line the console and the recovery
+                # prompt's warning show; the step keeps tpm2-tools' reason (TCTI, TPM_RC) too.
                 reason, record = binding.diagnose_mismatch(token[1], tcti, event_log)
                 report.facts["tpm2_refusal"] = {"line": reason, **record}
-            s.detail = f"failed: {reason}"
+                s.detail += f"; {reason}"
 
     loop: loopdev.LoopDevice | None = None
     opened_with: tuple[bytearray, int] | None = None
