@@ -82,7 +82,9 @@ def _cmd_gpt(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pystate_initrd.booted import status
 
-    info = status.collect(Path(args.boot_json), Path(args.root))
+    info = status.collect(
+        Path(args.boot_json), Path(args.root), tcti=args.tcti, event_log=args.event_log
+    )
     print(json.dumps(info, indent=2) if args.json else status.render(info))
     return 0 if info.get("outcome") == "ok" else 1
 
@@ -137,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--boot-json", default="/run/pystate/boot.json", help="the initrd's report")
     p.add_argument("--root", default="/", help="the booted system's root (default /)")
+    p.add_argument("--tcti", help="TPM2 TCTI for reading PCRs (default device:/dev/tpmrm0)")
+    p.add_argument("--event-log", help="firmware event log (default: the kernel's, securityfs)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("resized", help="the resize service: grow/shrink encrypted.img as needed")

@@ -198,6 +198,7 @@ def test_changed_pcr_asks_for_the_recovery_key_then_reseals(machine: Machine) ->
     assert result.ok, harness.describe(result)
     s = steps(result)
     assert "PCR policy check failed" in str(s["unseal"]["detail"])
+    assert "PCR 7 changed since sealing (sealed " in str(s["unseal"]["detail"])  # issue 10
     assert s["recovery"]["ok"] and s["reseal"]["ok"], s
     _, _, files = parse_report(result.console)
     assert files["/var/lib/app/boot2"] == "written-in-boot-2"  # boot 2's file, in boot 3

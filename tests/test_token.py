@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 from typing import Any
 
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import tpm2_policy
+from pystate_initrd.formats import pcr_diagnosis, tcg_eventlog, tpm2_policy
 from pystate_initrd.formats.token import (
     MAX_TOKEN_BYTES,
     TokenError,
@@ -20,7 +21,7 @@ from pystate_initrd.formats.token import (
     encode_token,
     encode_token_json,
 )
-from pystate_initrd.formats.tpm2_policy import SealedKey
+from pystate_initrd.formats.tpm2_policy import LoggedEvent, PcrLog, SealedKey
 
 
 def tpm2b(body: bytes) -> bytes:
@@ -274,6 +275,222 @@ def test_truncated_and_flipped_text_only_token_error(data: st.DataObject) -> Non
     raw = bytearray(encode_token_json(KEY, 1).encode())
     cut = data.draw(st.integers(0, len(raw)))
     only_token_error(bytes(raw[:cut]))
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    raw[pos] = data.draw(st.integers(0, 255))
+    only_token_error(bytes(raw))
+
+
+# ------------------------------------------- the sealed PCR values and event summary
+
+V7 = hashlib.sha256(b"pcr 7").digest()
+EVENTS7 = (
+    LoggedEvent(0x80000001, "SecureBoot", hashlib.sha256(b"sb").digest()),
+    LoggedEvent(0x80000001, "db", hashlib.sha256(b"db").digest()),
+    LoggedEvent(0x00000004, "", hashlib.sha256(b"sep").digest()),
+)
+
+
+def _replay(events: tuple[LoggedEvent, ...]) -> bytes:
+    value = bytes(32)
+    for e in events:
+        value = hashlib.sha256(value + e.digest).digest()
+    return value
+
+
+R7 = _replay(EVENTS7)
+POLICY_R7 = tpm2_policy.policy_pcr_digest("sha256", {7: R7, 15: bytes(32)})
+KEY_V = SealedKey(
+    public=sealed_public(POLICY_R7),
+    private=tpm2b(bytes(range(158))),
+    bank="sha256",
+    pcrs=(7, 15),
+    policy_hash=POLICY_R7,
+    pcr15_zero=True,
+    pcr_values=((7, R7),),
+    pcr_logs=(PcrLog(7, 3, EVENTS7),),
+)
+GOOD_V = encode_token(KEY_V, 1)
+
+
+def test_values_and_events_layout_and_round_trip() -> None:
+    assert GOOD_V["pystate-pcr-values"] == {"7": R7.hex()}
+    assert GOOD_V["pystate-pcr-events"] == {
+        "7": {
+            "count": 3,
+            "events": [
+                ["EV_EFI_VARIABLE_DRIVER_CONFIG", "SecureBoot", EVENTS7[0].digest.hex()],
+                ["EV_EFI_VARIABLE_DRIVER_CONFIG", "db", EVENTS7[1].digest.hex()],
+                ["EV_SEPARATOR", "", EVENTS7[2].digest.hex()],
+            ],
+        }
+    }
+    assert decode_token(json.dumps(GOOD_V)) == (KEY_V, 1)
+    assert KEY_V.policy_values() == {7: R7, 15: bytes(32)}
+
+
+def test_token_of_an_older_pystate_has_no_values() -> None:
+    """Tokens written before issue 10 lack both fields: still usable, values None."""
+    assert "pystate-pcr-values" not in GOOD
+    key, _ = decode_token(json.dumps(GOOD))
+    assert key.pcr_values is None and key.pcr_logs == ()
+    old = {k: v for k, v in GOOD_V.items() if not k.startswith("pystate-pcr-")} | {
+        "pystate-pcr15": True
+    }
+    assert decode_token(old)[0].pcr_values is None
+
+
+def with_v(**changes: Any) -> dict[str, Any]:
+    token = dict(GOOD_V)
+    for k, v in changes.items():
+        name = k.replace("_", "-")
+        if v is DROP:
+            del token[name]
+        else:
+            token[name] = v
+    return token
+
+
+def events_with(**changes: Any) -> dict[str, Any]:
+    return {"7": {**GOOD_V["pystate-pcr-events"]["7"], **changes}}
+
+
+FORGED = hashlib.sha256(b"forged").hexdigest()
+EV = GOOD_V["pystate-pcr-events"]["7"]["events"]
+
+
+@pytest.mark.parametrize(
+    ("token", "error"),
+    [
+        # A forged list must not mislead: the values reproduce the policy hash.
+        (with_v(pystate_pcr_values={"7": FORGED}), "do not give tpm2-policy-hash"),
+        (with_v(pystate_pcr_values={"7": R7.hex(), "15": "00" * 32}), "key '15' is not a measured"),
+        (with_v(pystate_pcr_values={"07": R7.hex()}), "key '07'"),
+        (with_v(pystate_pcr_values={"8": R7.hex()}), "key '8' is not a measured PCR of the policy"),
+        (with_v(pystate_pcr_values={}), "lacks PCR 7"),
+        (with_v(pystate_pcr_values={"7": R7.hex()[:40]}), "is not 64 lowercase hex digits"),
+        (with_v(pystate_pcr_values={"7": R7.hex().upper()}), "is not 64 lowercase hex digits"),
+        (with_v(pystate_pcr_values={"7": 7}), "is not 64 lowercase hex digits"),
+        (with_v(pystate_pcr_values=[R7.hex()]), "pystate-pcr-values ['"),
+        (with_v(pystate_pcr_values=DROP), "pystate-pcr-events without pystate-pcr-values"),
+        (with_v(pystate_pcr_events=[]), "pystate-pcr-events [] is not an object"),
+        (with_v(pystate_pcr_events={"8": EV}), "key '8'"),
+        (with_v(pystate_pcr_events={"7": {"count": 3}}), "not an object of count and events"),
+        (with_v(pystate_pcr_events=events_with(count=-1)), "count -1 is not 0-65536"),
+        (with_v(pystate_pcr_events=events_with(count=True)), "count True"),
+        (with_v(pystate_pcr_events=events_with(count=2)), "at most min(count, 16)"),
+        (with_v(pystate_pcr_events=events_with(events=EV * 6, count=100)), "at most min(count"),
+        (with_v(pystate_pcr_events=events_with(events=[EV[0][:2]])), "is not [type, name, digest]"),
+        (
+            with_v(pystate_pcr_events=events_with(events=[["EV_BOGUS", "", FORGED]])),
+            "event type 'EV_BOGUS' is not an event type",
+        ),
+        (
+            with_v(pystate_pcr_events=events_with(events=[["0x80000001", "", FORGED]])),
+            "event type '0x80000001'",  # a known type spelled as a number: not what we write
+        ),
+        (
+            with_v(pystate_pcr_events=events_with(events=[[EV[0][0], "x\n", FORGED]])),
+            "is not short printable ASCII",
+        ),
+        (
+            with_v(pystate_pcr_events=events_with(events=[[EV[0][0], "é", FORGED]])),
+            "is not short printable ASCII",
+        ),
+        (
+            with_v(pystate_pcr_events=events_with(events=[[EV[0][0], "", FORGED[:10]]])),
+            "digest '",
+        ),
+        # A complete list must replay to its sealed value: "db" cannot be swapped in.
+        (
+            with_v(pystate_pcr_events=events_with(events=[EV[0], [EV[1][0], "db", FORGED], EV[2]])),
+            "do not replay to its sealed value",
+        ),
+        (
+            with_v(pystate_pcr_events=events_with(events=[EV[0], EV[2], EV[1]])),
+            "do not replay to its sealed value",
+        ),
+    ],
+)
+def test_value_refusals(token: dict[str, Any], error: str) -> None:
+    for form in (token, json.dumps(token)):
+        with pytest.raises(TokenError) as info:
+            decode_token(form)
+        assert error in str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_truncated_event_list_is_not_replayed() -> None:
+    """A summary the cap cut short (count > events) cannot be replayed, so it is kept."""
+    token = with_v(pystate_pcr_events=events_with(count=40, events=EV[:2]))
+    key, _ = decode_token(json.dumps(token))
+    assert key.pcr_logs == (PcrLog(7, 40, EVENTS7[:2]),)
+    assert not key.pcr_logs[0].complete
+
+
+def test_only_pcr15_in_the_policy_records_no_values() -> None:
+    policy = tpm2_policy.policy_pcr_digest("sha256", {15: bytes(32)})
+    key = SealedKey(
+        public=sealed_public(policy),
+        private=tpm2b(b"x" * 40),
+        bank="sha256",
+        pcrs=(15,),
+        policy_hash=policy,
+        pcr15_zero=True,
+        pcr_values=(),
+    )
+    token = encode_token(key, 0)
+    assert token["pystate-pcr-values"] == {}
+    assert decode_token(token) == (key, 0)
+
+
+def test_biggest_summary_keeps_the_token_small() -> None:
+    """The cap: the largest summary pystate writes (sha512, 32 events of the longest
+    names) keeps the token JSON under 6 KiB; the LUKS2 JSON area is 12 KiB."""
+    digest = bytes(64)
+    name = "N" * tcg_eventlog.MAX_NAME
+    events = tuple(LoggedEvent(0x80000003, name, digest) for _ in range(16))
+    values = {7: bytes(64), 4: bytes(64)}
+    log = tcg_eventlog.EventLog(
+        ((0x000D, 64),),
+        tuple(
+            tcg_eventlog.Event(pcr, e.type, ((0x000D, e.digest),), b"\0" * 8)
+            for pcr in (4, 7)
+            for e in events
+        ),
+    )
+    replayed = tcg_eventlog.replay(log, "sha512")
+    values = {4: replayed[4], 7: replayed[7]}
+    logs = pcr_diagnosis.summarize(log, "sha512", values)
+    assert sum(len(p.events) for p in logs) <= pcr_diagnosis.MAX_EVENTS_RECORDED
+    policy = tpm2_policy.policy_pcr_digest("sha512", {**values, 15: bytes(64)})
+    key = SealedKey(
+        public=sealed_public(policy),
+        private=tpm2b(bytes(158)),
+        bank="sha512",
+        pcrs=(4, 7, 15),
+        policy_hash=policy,
+        pcr15_zero=True,
+        pcr_values=tuple(sorted(values.items())),
+        pcr_logs=logs,
+    )
+    text = encode_token_json(key, 0)
+    assert len(text) < 6 * 1024
+    assert decode_token(text) == (key, 0)
+    assert logs[0].count == 16 and not logs[-1].complete  # the budget cut the second PCR
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(sorted(GOOD_V)), field_values, max_size=10))
+def test_mutated_token_with_values_only_token_error(changes: dict[str, Any]) -> None:
+    token = {**GOOD_V, **changes}
+    only_token_error(json.dumps(token))
+    only_token_error(token)
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_truncated_and_flipped_values_only_token_error(data: st.DataObject) -> None:
+    raw = bytearray(encode_token_json(KEY_V, 1).encode())
     pos = data.draw(st.integers(0, len(raw) - 1))
     raw[pos] = data.draw(st.integers(0, 255))
     only_token_error(bytes(raw))

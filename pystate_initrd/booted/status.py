@@ -3,7 +3,9 @@
 Sources: /run/pystate/boot.json (written in the initrd; /run survives switch-root),
 then live facts — statvfs of /state and /state/encrypted, the size and allocation of
 encrypted.img, its LUKS2 header (keyslots, the ``pystate-tpm2`` token: PCRs, bank; read
-directly, no process) and /proc/self/mountinfo for the planned targets. Whatever cannot
+directly, no process), the TPM's PCRs against the token's sealed values (one
+``tpm2_pcrread``: will the next boot unseal?) and /proc/self/mountinfo for the planned
+targets. Whatever cannot
 be read (no boot.json, not root for the header) is reported as such, never guessed.
 ``collect()`` builds the JSON; ``render()`` is the text view.
 """
@@ -16,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pystate_initrd.booted import resized
-from pystate_initrd.formats import luks2, mountinfo, names
+from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import luks2, mountinfo, names, pcr_diagnosis
 from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.formats.token import pystate_tokens
+from pystate_initrd.formats.tpm2_policy import SealedKey
 from pystate_initrd.system import luks
+from pystate_initrd.volume import binding
 
 BOOT_JSON = Path("/run/pystate/boot.json")
 INITRD_SYSROOT = "/sysroot"
@@ -56,7 +61,25 @@ def _mounted(root: Path) -> dict[str, str]:
     }
 
 
-def _header(image: Path) -> dict[str, Any]:
+def next_boot(sealed: SealedKey, tcti: str | None, event_log: str | None) -> dict[str, Any]:
+    """Would the TPM unseal at the next boot if nothing else changed? `unseal` is
+    True/False, or None when it cannot be told (values not recorded, PCRs unreadable)."""
+    try:
+        check = binding.check_pcrs(sealed, pcr_diagnosis.Moment.NEXT_BOOT, tcti, event_log)
+    except PystateError as exc:
+        return {
+            "unseal": None,
+            "line": f"TPM2: sealed to {sealed.pcr_spec}; cannot read the PCRs now: {exc}",
+            "error": str(exc),
+        }
+    return {
+        "unseal": (not check.changed) if check.recorded else None,
+        "line": pcr_diagnosis.status_line(sealed, check),
+        **check.to_json(),
+    }
+
+
+def _header(image: Path, tcti: str | None = None, event_log: str | None = None) -> dict[str, Any]:
     try:
         header = luks.read_header(image)
     except luks.LuksError as exc:
@@ -83,6 +106,7 @@ def _header(image: Path) -> dict[str, Any]:
             "pcrs": list(sealed.pcrs),
             "pcr15_zero": sealed.pcr15_zero,
             "primary": sealed.primary_alg,
+            "next_boot": next_boot(sealed, tcti, event_log),
         }
     elif found:
         info["tpm2"] = {"token": found[-1].token_id, "error": found[-1].error}
@@ -95,7 +119,13 @@ def _header(image: Path) -> dict[str, Any]:
     return info
 
 
-def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, Any]:
+def collect(
+    boot_json: Path = BOOT_JSON,
+    root: Path = Path("/"),
+    *,
+    tcti: str | None = None,
+    event_log: str | None = None,
+) -> dict[str, Any]:
     """Everything `pystate status` shows, as one JSON-able dict."""
     status: dict[str, Any] = {"boot_json": str(boot_json)}
     try:
@@ -106,6 +136,7 @@ def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, An
     status["outcome"] = report.get("outcome")
     status["error"] = report.get("error")
     status["partition"] = report.get("partition")
+    status["tpm2_refusal"] = report.get("tpm2_refusal")
     status["total_ms"] = report.get("total_ms")
     status["steps"] = [
         {"name": s.get("name"), "ms": s.get("ms"), "ok": s.get("ok")}
@@ -126,7 +157,7 @@ def collect(boot_json: Path = BOOT_JSON, root: Path = Path("/")) -> dict[str, An
                 "size": st.st_size,
                 "allocated": st.st_blocks * 512,
             }
-            status["encrypted"]["luks"] = _header(image)
+            status["encrypted"]["luks"] = _header(image, tcti, event_log)
             status["encrypted"]["inner"] = _space(state_dir / names.MOUNT_DIR)
             status["resize"] = resized.status_view(state_dir)  # policy, last change, request
     live = _mounted(root)
@@ -156,6 +187,9 @@ def render(status: dict[str, Any]) -> str:
         f"boot: {status['outcome']} in {status['total_ms']} ms"
         + (f" — {status['error']}" if status.get("error") else "")
     )
+    refusal = status.get("tpm2_refusal")
+    if isinstance(refusal, dict) and refusal.get("line"):
+        out.append(f"this boot: {refusal['line']}")
     part = status.get("partition") or {}
     if part:
         out.append(f"partition: {part.get('device')} PARTUUID {part.get('part_uuid')} "
@@ -184,6 +218,8 @@ def render(status: dict[str, Any]) -> str:
                 pcrs = "+".join(str(p) for p in tpm["pcrs"])
                 out.append(f"TPM2: keyslot {tpm['keyslot']}, PCRs {tpm['bank']}:{pcrs}"
                            f"{' (15 = zero, measured)' if tpm['pcr15_zero'] else ''}")  # fmt: skip
+                if tpm.get("next_boot"):
+                    out.append(str(tpm["next_boot"]["line"]))
             elif tpm:
                 out.append(f"TPM2: token {tpm['token']}: {tpm.get('error')}")
             for n, slot in header["keyslots"].items():

@@ -18,13 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from pystate_initrd.errors import PystateError
+from pystate_initrd.formats import pcr_diagnosis, tcg_eventlog
 from pystate_initrd.formats.tpm2_policy import (
     BANKS,
     PCR_COUNT,
     PCR_VOLUME,
     POLICY_HASH_SIZE,
     PRIMARY_ALG,
+    LoggedEvent,
+    PcrLog,
     SealedKey,
+    Tpm2Error,
+    bank_digest_size,
+    policy_pcr_digest,
 )
 
 TOKEN_TYPE = "pystate-tpm2"
@@ -48,6 +54,10 @@ FIELDS = (
     "tpm2-policy-hash",
     "pystate-pcr15",
 )
+# Optional: absent in tokens of pystate before issue 10; strictly checked when present.
+PCR_VALUES = "pystate-pcr-values"
+PCR_EVENTS = "pystate-pcr-events"
+MAX_LOGGED_COUNT = tcg_eventlog.MAX_EVENTS
 
 
 class TokenError(PystateError):
@@ -70,6 +80,18 @@ def encode_token(key: SealedKey, keyslot: int) -> dict[str, Any]:
         "tpm2-policy-hash": key.policy_hash.hex(),
         "pystate-pcr15": key.pcr15_zero,
     }
+    if key.pcr_values is not None:
+        token[PCR_VALUES] = {str(i): v.hex() for i, v in key.pcr_values}
+    if key.pcr_logs:
+        token[PCR_EVENTS] = {
+            str(p.pcr): {
+                "count": p.count,
+                "events": [
+                    [tcg_eventlog.event_type_name(e.type), e.name, e.digest.hex()] for e in p.events
+                ],
+            }
+            for p in key.pcr_logs
+        }
     decoded, slot = _decode_object(token)  # never write what we would refuse to read
     if decoded != key or slot != keyslot:
         raise TokenError("sealed key does not survive encoding")
@@ -197,6 +219,15 @@ def _decode_object(obj: Mapping[str, Any]) -> tuple[SealedKey, int]:
     public = _blob(obj["tpm2-blob-public"], "tpm2-blob-public", MAX_PUBLIC)
     private = _blob(obj["tpm2-blob-private"], "tpm2-blob-private", MAX_PRIVATE)
     _check_public(public, policy_hash)
+    measured = tuple(i for i in pcrs if not (pcr15 and i == PCR_VOLUME))
+    values = None
+    if PCR_VALUES in obj:
+        values = _pcr_values(obj[PCR_VALUES], bank, measured, pcr15, policy_hash)
+    logs: tuple[PcrLog, ...] = ()
+    if PCR_EVENTS in obj:
+        if values is None:
+            raise TokenError(f"{PCR_EVENTS} without {PCR_VALUES}")
+        logs = _pcr_events(obj[PCR_EVENTS], bank, dict(values))
     key = SealedKey(
         public=public,
         private=private,
@@ -205,6 +236,8 @@ def _decode_object(obj: Mapping[str, Any]) -> tuple[SealedKey, int]:
         policy_hash=policy_hash,
         pcr15_zero=pcr15,
         primary_alg=PRIMARY_ALG,
+        pcr_values=values,
+        pcr_logs=logs,
     )
     return key, keyslot
 
@@ -242,6 +275,103 @@ def _pcrs(value: Any) -> tuple[int, ...]:
     if len(set(value)) != len(value):
         raise TokenError(f"tpm2-pcrs {_show(value)} lists a PCR twice")
     return tuple(sorted(value))
+
+
+def _pcr_index(text: Any, allowed: tuple[int, ...], name: str) -> int:
+    if (
+        not isinstance(text, str)
+        or not text.isascii()
+        or not text.isdigit()
+        or len(text) > 2
+        or (len(text) > 1 and text[0] == "0")
+        or int(text) not in allowed
+    ):
+        listed = ",".join(map(str, allowed)) or "none"
+        raise TokenError(f"{name} key {_show(text)} is not a measured PCR of the policy ({listed})")
+    return int(text)
+
+
+def _hex(value: Any, size: int, name: str) -> bytes:
+    if (
+        not isinstance(value, str)
+        or len(value) != 2 * size
+        or not all(c in "0123456789abcdef" for c in value)
+    ):
+        raise TokenError(f"{name} {_show(value)} is not {2 * size} lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _pcr_values(
+    value: Any, bank: str, measured: tuple[int, ...], pcr15: bool, policy_hash: bytes
+) -> tuple[tuple[int, bytes], ...]:
+    """The sealed values: exactly the measured PCRs, reproducing tpm2-policy-hash."""
+    if not isinstance(value, dict):
+        raise TokenError(f"{PCR_VALUES} {_show(value)} is not an object")
+    size = bank_digest_size(bank)
+    values: dict[int, bytes] = {}
+    for k, v in value.items():
+        values[_pcr_index(k, measured, PCR_VALUES)] = _hex(v, size, f"{PCR_VALUES} of PCR {k}")
+    missing = [i for i in measured if i not in values]
+    if missing:
+        raise TokenError(f"{PCR_VALUES} lacks PCR {','.join(map(str, missing))}")
+    policy = dict(values)
+    if pcr15:
+        policy[PCR_VOLUME] = bytes(size)
+    try:
+        digest = policy_pcr_digest(bank, policy)
+    except Tpm2Error as exc:  # unreachable after the checks above; still one TokenError
+        raise TokenError(f"{PCR_VALUES}: {exc}") from None
+    if digest != policy_hash:
+        raise TokenError(f"{PCR_VALUES} do not give tpm2-policy-hash: forged or damaged")
+    return tuple(sorted(values.items()))
+
+
+def _pcr_events(value: Any, bank: str, values: dict[int, bytes]) -> tuple[PcrLog, ...]:
+    """The recorded firmware events: capped, and a complete list replays to its sealed
+    value (a forged list must not name the wrong event)."""
+    if not isinstance(value, dict):
+        raise TokenError(f"{PCR_EVENTS} {_show(value)} is not an object")
+    size = bank_digest_size(bank)
+    logs = []
+    total = 0
+    for k, entry in value.items():
+        pcr = _pcr_index(k, tuple(sorted(values)), PCR_EVENTS)
+        where = f"{PCR_EVENTS} of PCR {pcr}"
+        if not isinstance(entry, dict) or set(entry) != {"count", "events"}:
+            raise TokenError(f"{where} is not an object of count and events")
+        count, events = entry["count"], entry["events"]
+        if type(count) is not int or not 0 <= count <= MAX_LOGGED_COUNT:
+            raise TokenError(f"{where}: count {_show(count)} is not 0-{MAX_LOGGED_COUNT}")
+        if not isinstance(events, list) or len(events) > min(
+            count, pcr_diagnosis.MAX_EVENTS_PER_PCR
+        ):
+            raise TokenError(
+                f"{where}: events is not a list of at most "
+                f"min(count, {pcr_diagnosis.MAX_EVENTS_PER_PCR}) events"
+            )
+        total += len(events)
+        if total > pcr_diagnosis.MAX_EVENTS_RECORDED:
+            raise TokenError(f"{PCR_EVENTS} holds more than {pcr_diagnosis.MAX_EVENTS_RECORDED}")
+        logged = []
+        for e in events:
+            if not isinstance(e, list) or len(e) != 3:
+                raise TokenError(f"{where}: event {_show(e)} is not [type, name, digest]")
+            kind = tcg_eventlog.event_type_from_name(e[0]) if isinstance(e[0], str) else None
+            if kind is None:
+                raise TokenError(f"{where}: event type {_show(e[0])} is not an event type")
+            name = e[1]
+            if (
+                not isinstance(name, str)
+                or len(name) > tcg_eventlog.MAX_NAME
+                or not all(c.isascii() and c.isprintable() for c in name)
+            ):
+                raise TokenError(f"{where}: event name {_show(name)} is not short printable ASCII")
+            logged.append(LoggedEvent(kind, name, _hex(e[2], size, f"{where}: digest")))
+        log = PcrLog(pcr, count, tuple(logged))
+        if log.complete and pcr_diagnosis.replay_summary(bank, log) != values[pcr]:
+            raise TokenError(f"{where} do not replay to its sealed value: forged or damaged")
+        logs.append(log)
+    return tuple(sorted(logs, key=lambda p: p.pcr))
 
 
 def _policy_hash(value: Any) -> bytes:

@@ -60,8 +60,36 @@ class BadBlob(Tpm2Error):
 
 
 @dataclass(frozen=True)
+class LoggedEvent:
+    """One firmware event-log entry as the token records it (formats/pcr_diagnosis.py)."""
+
+    type: int  # TCG event type, e.g. 0x80000001 EV_EFI_VARIABLE_DRIVER_CONFIG
+    name: str  # the UEFI variable's name, an action's text, or ""
+    digest: bytes  # the event's digest in the key's bank
+
+
+@dataclass(frozen=True)
+class PcrLog:
+    """The firmware events that made one sealed PCR value: `count` in all, the first
+    `len(events)` of them recorded (the token caps their number)."""
+
+    pcr: int
+    count: int
+    events: tuple[LoggedEvent, ...]
+
+    @property
+    def complete(self) -> bool:
+        return self.count == len(self.events)
+
+
+@dataclass(frozen=True)
 class SealedKey:
-    """A sealed secret as stored in the `pystate-tpm2` token."""
+    """A sealed secret as stored in the `pystate-tpm2` token.
+
+    `pcr_values` (PCR -> value at sealing, for the measured PCRs of the policy: without
+    PCR 15 when `pcr15_zero`) and `pcr_logs` are for diagnosing a refusal; None / () in
+    tokens written before pystate recorded them.
+    """
 
     public: bytes  # TPM2B_PUBLIC, with its 2-byte size
     private: bytes  # TPM2B_PRIVATE, with its 2-byte size
@@ -70,6 +98,22 @@ class SealedKey:
     policy_hash: bytes  # sha256 PolicyPCR digest, the object's authPolicy
     pcr15_zero: bool  # PCR 15 sealed as all zeros, the volume measured into it
     primary_alg: str = PRIMARY_ALG
+    pcr_values: tuple[tuple[int, bytes], ...] | None = None  # sorted by PCR
+    pcr_logs: tuple[PcrLog, ...] = ()  # sorted by PCR, a subset of pcr_values' PCRs
+
+    @property
+    def measured_pcrs(self) -> tuple[int, ...]:
+        """The policy's PCRs whose sealed value was read from the TPM (not PCR 15 = zero)."""
+        return tuple(i for i in self.pcrs if not (self.pcr15_zero and i == PCR_VOLUME))
+
+    def policy_values(self) -> dict[int, bytes] | None:
+        """Every PCR value of the policy (PCR 15 = zero included), if they were recorded."""
+        if self.pcr_values is None:
+            return None
+        values = dict(self.pcr_values)
+        if self.pcr15_zero:
+            values[PCR_VOLUME] = bytes(bank_digest_size(self.bank))
+        return values
 
     @property
     def pcr_spec(self) -> str:
@@ -83,6 +127,25 @@ def bank_digest_size(bank: str) -> int:
         return _BANKS[bank][1]
     except KeyError:
         raise Tpm2Error(f"unknown PCR bank {bank!r} (expected one of {', '.join(BANKS)})") from None
+
+
+def bank_alg_id(bank: str) -> int:
+    """TPM_ALG_ID of a PCR bank (sha256: 0x000b); Tpm2Error for an unknown bank."""
+    bank_digest_size(bank)
+    return _BANKS[bank][0]
+
+
+def bank_of_alg(alg: int) -> str | None:
+    """The bank name of a TPM_ALG_ID, None when pystate does not know it."""
+    return next((name for name, (a, _, _) in _BANKS.items() if a == alg), None)
+
+
+def extend_value(bank: str, old: bytes, digest: bytes) -> bytes:
+    """What a PCR of bank holds after extending `old` with `digest`: H(old ‖ digest)."""
+    size = bank_digest_size(bank)
+    if len(old) != size or len(digest) != size:
+        raise Tpm2Error(f"PCR extend of {len(old)}/{len(digest)} bytes in {bank} needs {size}")
+    return _BANKS[bank][2](old + digest).digest()
 
 
 def pcr_selection(bank: str, pcrs: Sequence[int]) -> str:

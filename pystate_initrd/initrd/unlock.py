@@ -144,8 +144,14 @@ def unlock(
     ask: Ask,
     tcti: str | None = None,
     read_only: bool = False,
+    event_log: str | None = None,
 ) -> stack.Opened:
-    """Open, check and mount image at mountpoint; the TPM first, then the recovery key."""
+    """Open, check and mount image at mountpoint; the TPM first, then the recovery key.
+
+    When the TPM refuses on a PCR mismatch, the reason given (console, boot.json's
+    ``tpm2_refusal``) says which PCRs changed since sealing and, from the firmware's
+    event log (`event_log`, default tpm2.EVENT_LOG), which events (binding.diagnose_mismatch).
+    """
     log = report.log
     with report.step("luks-header") as s:
         header = check_header(image)
@@ -163,6 +169,12 @@ def unlock(
         except (tpm2.Tpm2Error, TokenError) as exc:
             reason = str(exc)
             s.detail = f"failed: {reason}"
+            if isinstance(exc, tpm2.PcrMismatch) and token is not None:
+                # Which PCR, which firmware event: the line the console and the recovery
+                # prompt's warning show; the step keeps tpm2-tools' reason (TCTI, TPM_RC) too.
+                reason, record = binding.diagnose_mismatch(token[1], tcti, event_log)
+                report.facts["tpm2_refusal"] = {"line": reason, **record}
+                s.detail += f"; {reason}"
 
     loop: loopdev.LoopDevice | None = None
     opened_with: tuple[bytearray, int] | None = None

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pystate_initrd.formats import tpm2_policy
+from pystate_initrd.formats import pcr_diagnosis, tcg_eventlog, tpm2_policy
 from pystate_initrd.formats.tpm2_policy import BadBlob as BadBlob  # noqa: PLC0414 (re-exported)
 from pystate_initrd.formats.tpm2_policy import NoTpm as NoTpm  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import PcrMismatch as PcrMismatch  # noqa: PLC0414
@@ -38,6 +38,10 @@ from pystate_initrd.formats.tpm2_policy import Tpm2Error as Tpm2Error  # noqa: P
 from pystate_initrd.system import run as _run
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
+# The firmware's event log as the kernel shows it (securityfs); what `event_log=None`
+# means below. A machine without one (BIOS, no TPM driver, no securityfs) simply has no
+# event details in the token or the diagnosis.
+EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
 
 MAX_SECRET = 128  # MAX_SYM_DATA: the largest sealed data object
 PRIMARY_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda"
@@ -226,6 +230,26 @@ def pcr_read(bank: str, pcrs: Sequence[int], tcti: str | None = None) -> dict[in
     return values
 
 
+def read_event_log(path: str | os.PathLike[str] | None = None) -> tcg_eventlog.EventLog | None:
+    """The firmware's event log (EVENT_LOG unless `path`); None when there is none.
+
+    EventLogError when it exists but cannot be read or parsed. Reads at most
+    tcg_eventlog.MAX_LOG_BYTES + 1 bytes: securityfs files have no size to trust.
+    """
+    name = os.fspath(EVENT_LOG if path is None else path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read(tcg_eventlog.MAX_LOG_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise tcg_eventlog.EventLogError(f"cannot read {name}: {exc.strerror}") from None
+    try:
+        return tcg_eventlog.parse(data)
+    except tcg_eventlog.EventLogError as exc:
+        raise tcg_eventlog.EventLogError(f"{name}: {exc}") from None
+
+
 def pcr_extend(index: int, bank: str, digest: bytes, tcti: str | None = None) -> None:
     """Extend PCR `index` of `bank` with `digest` (a measurement, not a secret)."""
     tcti = tcti or DEFAULT_TCTI
@@ -248,8 +272,14 @@ def seal(
     bank: str = "sha256",
     pcr15_zero: bool,
     tcti: str | None,
+    event_log: str | os.PathLike[str] | None = None,
 ) -> tpm2_policy.SealedKey:
-    """Seal `secret` to the current values of `pcrs` (and PCR 15 = zero if `pcr15_zero`)."""
+    """Seal `secret` to the current values of `pcrs` (and PCR 15 = zero if `pcr15_zero`).
+
+    The key records the values read (for the diagnosis of a later refusal) and, when the
+    firmware's event log (`event_log`, default EVENT_LOG) exists and matches them, a
+    summary of its events for these PCRs. A missing or bad log never stops the seal.
+    """
     tcti = tcti or DEFAULT_TCTI
     if not 0 < len(secret) <= MAX_SECRET:
         raise Tpm2Error(f"secret of {len(secret)} bytes cannot be sealed (1-{MAX_SECRET})")
@@ -259,6 +289,15 @@ def seal(
     indices = tpm2_policy.check_pcrs(sorted(set(pcrs) | volume))
     measured = [i for i in indices if not (pcr15_zero and i == tpm2_policy.PCR_VOLUME)]
     values = pcr_read(bank, measured, tcti) if measured else {}
+    sealed_values = tuple(sorted(values.items()))
+    pcr_logs: tuple[tpm2_policy.PcrLog, ...] = ()
+    if measured:
+        try:
+            log = read_event_log(event_log)
+        except tcg_eventlog.EventLogError:
+            log = None
+        if log is not None:
+            pcr_logs = pcr_diagnosis.summarize(log, bank, values)
     if pcr15_zero:
         values[tpm2_policy.PCR_VOLUME] = bytes(tpm2_policy.bank_digest_size(bank))
     expected = tpm2_policy.policy_pcr_digest(bank, values)
@@ -308,6 +347,8 @@ def seal(
         pcrs=indices,
         policy_hash=expected,
         pcr15_zero=pcr15_zero,
+        pcr_values=sealed_values,
+        pcr_logs=pcr_logs,
     )
 
 
