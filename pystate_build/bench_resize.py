@@ -51,14 +51,15 @@ poweroff -f
 """
 
 
-def build_guest_root(dest: Path, work: Path) -> Path:
-    """The test root with pystate, its tools and /rt/rt.py as PID 1's job (dest replaced)."""
+def build_guest_root(dest: Path, work: Path, *, test_hooks: bool = False) -> Path:
+    """The test root with pystate, its tools and /rt/rt.py as PID 1's job (dest replaced);
+    ``test_hooks``: a test build of pystate (rt.py's crash command needs it)."""
     from .elfclosure import library_closure
     from .roots import build_testroot
     from .tree import build_tree, install_path
 
     build_testroot(dest)
-    build_tree(dest, freeze_dir=work / "freeze")
+    build_tree(dest, freeze_dir=work / "freeze", test_hooks=test_hooks)
     binaries = []
     for tool in GUEST_TOOLS:
         found = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
@@ -116,8 +117,11 @@ def make_machine(
     )
 
 
-def build_initrd_for(work: Path, out: Path, *, inner_fs: str = "ext4") -> Path:
-    """A systemd initrd with pystate, its work files under work (not OUT)."""
+def build_initrd_for(
+    work: Path, out: Path, *, inner_fs: str = "ext4", test_hooks: bool = False
+) -> Path:
+    """A systemd initrd with pystate, its work files under work (not OUT); ``test_hooks``:
+    build.py initrd --test-hooks (the crash tests)."""
     from .bench_unlock import build_initrd_in
 
     conf = None
@@ -125,13 +129,13 @@ def build_initrd_for(work: Path, out: Path, *, inner_fs: str = "ext4") -> Path:
         conf = work / f"pystate-{inner_fs}.conf"
         conf.write_text(f"[image]\ninner-fs = {inner_fs}\n")
     if conf is None:
-        return build_initrd_in(work, out)
+        return build_initrd_in(work, out, test_hooks=test_hooks)
     from . import initrd
 
     saved = initrd.OUT
     initrd.OUT = work
     try:
-        return initrd.build_initrd(out, conf=conf)
+        return initrd.build_initrd(out, conf=conf, test_hooks=test_hooks)
     finally:
         initrd.OUT = saved
 

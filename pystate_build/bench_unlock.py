@@ -40,15 +40,23 @@ STATE_SIZE = 1024 * 1024 * 1024  # room for the 256 MiB minimum image above the 
 
 
 def build_initrd_in(
-    work: Path, out: Path, *, with_pystate: bool = True, systemd: bool = True
+    work: Path,
+    out: Path,
+    *,
+    with_pystate: bool = True,
+    systemd: bool = True,
+    test_hooks: bool = False,
 ) -> Path:
-    """build.py initrd, with its work and freeze directories under work (not OUT)."""
+    """build.py initrd, with its work and freeze directories under work (not OUT);
+    ``test_hooks``: build.py initrd --test-hooks (the crash tests)."""
     from . import initrd
 
     saved = initrd.OUT
     initrd.OUT = work  # build_initrd/build_payload keep their work files under OUT
     try:
-        return initrd.build_initrd(out, with_pystate=with_pystate, systemd=systemd)
+        return initrd.build_initrd(
+            out, with_pystate=with_pystate, systemd=systemd, test_hooks=test_hooks
+        )
     finally:
         initrd.OUT = saved
 

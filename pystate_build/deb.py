@@ -365,7 +365,7 @@ def _set_times(top: Path, epoch: int) -> None:
 def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None = None) -> Path:
     """Build ``out_dir/pystate_<version>_<arch>.deb``; ``payload``: an already built payload
     directory (``build.py payload``), else one is frozen from this checkout."""
-    from .freeze import default_epoch
+    from .freeze import default_epoch, has_test_hooks
 
     epoch = default_epoch() if epoch is None else epoch
     arch = architecture()
@@ -378,6 +378,11 @@ def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None =
         payload = build_payload(work / "payload", freeze_dir=work / "freeze", epoch=epoch)
     elif not (payload / "pystate").is_file():
         raise DebError(f"{payload} is not a payload directory (no pystate in it).")
+    elif has_test_hooks(payload / "pystate"):
+        raise DebError(
+            f"{payload} is a test build (build.py payload --test-hooks): never packaged.",
+            hint="build the payload without --test-hooks",
+        )
     stage(tree, payload, epoch)
     (work / "debian/control").write_text(f"Source: {NAME}\n\nPackage: {NAME}\nArchitecture: any\n")
     depends = [*shlib_depends(work, tree), *DEPENDS]

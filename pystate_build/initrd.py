@@ -11,6 +11,12 @@ runs, so the initrd runs exactly what was tested.
 The initrd is made by the system's dracut with the module taken from this
 checkout: dracut is pointed at a private module directory (symlinks to the
 system's modules plus ours), so nothing is installed on the build machine.
+
+``--test-hooks`` (both commands; ``test_hooks=True``) makes a test build: the payload's
+program holds the crash tests' hooks (``pystate_initrd/testhooks/``: power cuts, PCR
+extends; SPEC §11.10). A test initrd is then the package's dracut module (or mkosi drop-in)
+with a test-hooks payload in place of the package's. Without the flag, and always in the
+Debian package, the program has none of that code.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pystate_initrd.errors import PystateError
 from pystate_initrd.system.run import run
 
 from . import OUT, REPO
+from .freeze import add_test_hooks_option
 from .kernel import Kernel, ensure_kernel
 
 SYSTEM_DRACUT = Path("/usr/lib/dracut")
@@ -42,13 +49,21 @@ class InitrdError(PystateError):
     """The payload or the initrd could not be built."""
 
 
-def build_payload(dest: Path, *, freeze_dir: Path | None = None, epoch: int | None = None) -> Path:
+def build_payload(
+    dest: Path,
+    *,
+    freeze_dir: Path | None = None,
+    epoch: int | None = None,
+    test_hooks: bool = False,
+) -> Path:
     """Lay out the payload in dest (replaced if present): the zipapp, the frozen stdlib and
     the extension modules. ``freeze_dir`` keeps the freeze's work apart from other builds
-    running in the same checkout; ``epoch`` is SOURCE_DATE_EPOCH for the freeze."""
+    running in the same checkout; ``epoch`` is SOURCE_DATE_EPOCH for the freeze;
+    ``test_hooks``: a test build (the crash tests' hooks; never shipped)."""
     from .freeze import freeze
 
-    report = freeze(freeze_dir or OUT / "freeze", epoch=epoch)
+    default_dir = OUT / ("freeze-test-hooks" if test_hooks else "freeze")
+    report = freeze(freeze_dir or default_dir, epoch=epoch, test_hooks=test_hooks)
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "lib-dynload").mkdir(parents=True)
@@ -84,17 +99,21 @@ def build_initrd(
     kernel: Kernel | None = None,
     extra_modules: tuple[str, ...] = (),
     compress: bool = True,
+    test_hooks: bool = False,
 ) -> Path:
     """Build a dracut initrd for the harness kernel; returns out.
 
     ``compress=False`` leaves it uncompressed: larger, but the kernel unpacks it faster
-    under TCG (the plain harness initrd of initrd_plain.py)."""
+    under TCG (the plain harness initrd of initrd_plain.py). ``test_hooks``: the package's
+    module with a test-hooks payload (the crash tests)."""
     kernel = kernel or ensure_kernel()
     work = OUT / "initrd-work"
     work.mkdir(parents=True, exist_ok=True)
     modules = list(SYSTEMD_MODULES if systemd else SHELL_MODULES) + list(extra_modules)
     env = {}
     module = REPO / "dracut-module"
+    if test_hooks and not with_pystate:
+        raise InitrdError("test hooks are part of pystate: not without it")
     if with_pystate:
         # What a distributor installs: the Debian package's dracut module and payload.
         from .deb import unpacked_package
@@ -102,6 +121,10 @@ def build_initrd(
         package = unpacked_package(work / "package")
         module = package / "usr/lib/dracut/modules.d" / MODULE_NAME
         env["PYSTATE_PAYLOAD"] = str(package / "usr/lib/pystate")
+        if test_hooks:
+            payload = work / "test-hooks-payload"
+            build_payload(payload, freeze_dir=work / "freeze-test-hooks", test_hooks=True)
+            env["PYSTATE_PAYLOAD"] = str(payload)
         modules.append("pystate")
         if conf is not None:
             env["PYSTATE_CONF"] = str(conf.resolve())
@@ -124,7 +147,7 @@ def build_initrd(
 
 
 def _cmd_payload(args: argparse.Namespace) -> int:
-    dest = build_payload(Path(args.dir))
+    dest = build_payload(Path(args.dir), test_hooks=args.test_hooks)
     for path in sorted(p for p in dest.rglob("*") if p.is_file()):
         print(f"{path.stat().st_size:>10}  {path}")
     return 0
@@ -137,13 +160,14 @@ def _cmd_initrd(args: argparse.Namespace) -> int:
             raise InitrdError("--builder mkosi makes a systemd initrd with pystate only")
         from .mkosi import build_mkosi_initrd
 
-        out = build_mkosi_initrd(Path(args.out), conf=conf)
+        out = build_mkosi_initrd(Path(args.out), conf=conf, test_hooks=args.test_hooks)
     else:
         out = build_initrd(
             Path(args.out),
             systemd=not args.no_systemd,
             with_pystate=not args.no_pystate,
             conf=conf,
+            test_hooks=args.test_hooks,
         )
     print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
@@ -152,6 +176,7 @@ def _cmd_initrd(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("payload", help="the dracut module's payload (zipapp, stdlib, .so)")
     p.add_argument("dir", help="destination, e.g. /usr/lib/pystate")
+    add_test_hooks_option(p)
     p.set_defaults(func=_cmd_payload)
     p = subparsers.add_parser("initrd", help="a test initrd with pystate (dracut or mkosi)")
     p.add_argument("out", help="the initrd file to write")
@@ -164,4 +189,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--no-systemd", action="store_true", help="dracut's shell init, no systemd")
     p.add_argument("--no-pystate", action="store_true", help="leave the pystate module out")
     p.add_argument("--conf", help="pystate.conf to put in the initrd's /etc/pystate/")
+    add_test_hooks_option(p)
     p.set_defaults(func=_cmd_initrd)

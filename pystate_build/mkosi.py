@@ -196,9 +196,13 @@ def build_mkosi_initrd(
     conf: Path | None = None,
     work: Path | None = None,
     log: Path | None = None,
+    test_hooks: bool = False,
 ) -> Path:
-    """The harness initrd made by mkosi-initrd with the pystate drop-in; returns out."""
+    """The harness initrd made by mkosi-initrd with the pystate drop-in; returns out.
+
+    ``test_hooks``: the package's drop-in with a test-hooks payload (the crash tests)."""
     from .deb import unpacked_package
+    from .initrd import build_payload
 
     kernel = kernel or ensure_kernel()
     mkosi = ensure_mkosi()
@@ -208,9 +212,14 @@ def build_mkosi_initrd(
     work.mkdir(parents=True, exist_ok=True)
     # What a distributor installs: the Debian package's drop-in, payload and unit.
     package = unpacked_package(work / "package")
+    payload = package / "usr/lib/pystate"
+    if test_hooks:
+        payload = build_payload(
+            work / "test-hooks-payload", freeze_dir=work / "freeze-test-hooks", test_hooks=True
+        )
     include = stage_drop_in(
         work / "include",
-        package / "usr/lib/pystate",
+        payload,
         conf=conf,
         drop_in_source=package / "usr/lib/mkosi-initrd/mkosi.conf.d" / DROP_IN_NAME,
         unit=package / "usr/lib/dracut/modules.d/90pystate/pystate.service",

@@ -132,13 +132,16 @@ def build_tree(
     python: Path = TARGET_PYTHON,
     freeze_dir: Path | None = None,
     epoch: int | None = None,
+    test_hooks: bool = False,
 ) -> TreeReport:
-    """Freeze the program (into ``freeze_dir``, default out/freeze) and lay out ``dest``.
+    """Freeze the program (into ``freeze_dir``, default out/freeze) and lay out ``dest``;
+    ``test_hooks``: a test build (the crash tests' hooks, never shipped).
 
     ``dest`` may already hold other files (a dracut staging root, say): entries are
     added, files overwritten, conflicting symlinks refused.
     """
-    report = freeze(freeze_dir or OUT / "freeze", python=python, epoch=epoch)
+    default_dir = OUT / ("freeze-test-hooks" if test_hooks else "freeze")
+    report = freeze(freeze_dir or default_dir, python=python, epoch=epoch, test_hooks=test_hooks)
     target = report.target
     major, minor = target.version[:2]
     dest.mkdir(parents=True, exist_ok=True)

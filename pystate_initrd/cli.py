@@ -115,8 +115,11 @@ def _resize_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from pystate_initrd.volume import hooks
+
     parser = argparse.ArgumentParser(prog="pystate", description="pystate state partition tool")
-    parser.add_argument("--version", action="version", version=f"pystate {__version__}")
+    build = " (test build: test hooks included)" if hooks.TEST_BUILD else ""
+    parser.add_argument("--version", action="version", version=f"pystate {__version__}{build}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("boot", help="(initrd) mount the state partition and its entries")
@@ -155,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--to", metavar="SIZE", help="resize encrypted.img to SIZE (e.g. 4G)")
     what.add_argument("--auto", action="store_true", help="one step of the policy")
-    p.add_argument("--debug-stop", metavar="STEP", help=argparse.SUPPRESS)  # crash tests
+    hooks.add_resize_options(p)  # a test build's crash tests; nothing in production
     p.set_defaults(func=_cmd_resize)
 
     p = sub.add_parser("gpt", help="list a disk's GPT partitions, state partitions marked")

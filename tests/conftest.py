@@ -14,7 +14,8 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for mounts and loop devices")
 
 # The initrd builders the systemd-initrd QEMU tests run with (dracut's shell initrd has no
-# mkosi twin). The mkosi initrd is built once per session, on first use.
+# mkosi twin). The mkosi initrds are built once per session, on first use: the production one
+# and, for the tests that cut the power or extend a PCR, a test build (--test-hooks).
 BUILDERS = ("dracut", "mkosi")
 
 
@@ -24,3 +25,11 @@ def mkosi_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     work = tmp_path_factory.mktemp("mkosi-initrd")
     return build_mkosi_initrd(work / "initrd.img", work=work / "work")
+
+
+@pytest.fixture(scope="session")
+def mkosi_initrd_test_hooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pystate_build.mkosi import build_mkosi_initrd
+
+    work = tmp_path_factory.mktemp("mkosi-initrd-test-hooks")
+    return build_mkosi_initrd(work / "initrd.img", work=work / "work", test_hooks=True)

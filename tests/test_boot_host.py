@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +32,17 @@ class Machine:
     device: str
     sysroot: Path
 
-    def boot(self, *cmdline: str, config: str | None = None) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    def boot(
+        self, *cmdline: str, config: str | None = None, program: Sequence[str] = ()
+    ) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+        """Run ``pystate boot``: the checkout's package, or ``program`` (a frozen one)."""
         (self.tmp / "cmdline").write_text(" ".join(["quiet", *cmdline]) + "\n")
         conf = self.tmp / "pystate.conf"
         if config is not None:
             conf.write_text(config)
         proc = subprocess.run(
-            [sys.executable, "-m", "pystate_initrd", "boot", "--sysroot", str(self.sysroot),
+            [*(program or [sys.executable, "-m", "pystate_initrd"]), "boot",
+             "--sysroot", str(self.sysroot),
              "--cmdline", str(self.tmp / "cmdline"), "--run-dir", str(self.tmp / "run"),
              "--log", "/dev/stderr", "--config", str(conf)],
             cwd=REPO, capture_output=True, text=True, check=False,
@@ -275,3 +279,52 @@ def test_overlay_mode_shows_the_image_and_writes_to_the_state(machine: Machine) 
     # the overlay's work directory is kept under the area's reserved .pystate, not in the entry
     assert (machine.sysroot / "state/.pystate/overlay-work/etc").is_dir()
     assert [m["mode"] for m in report["mounts"] if m["target"] == "/etc"] == ["overlay"]
+
+
+# --- the test hooks are not in the shipped program (SPEC §11.10) --------------------------
+
+
+@pytest.fixture(scope="module")
+def production_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """build.py payload, as the Debian package installs it: no test hooks."""
+    from pystate_build.initrd import build_payload
+
+    base = tmp_path_factory.mktemp("production")
+    return build_payload(base / "payload", freeze_dir=base / "freeze")
+
+
+def _without_sysrq(tmp: Path) -> list[str]:
+    """A prefix that runs a command in its own mount namespace where /proc/sysrq-trigger
+    (when the host has one) is a plain file: a test that failed could not power off the
+    machine running the tests. Returns the prefix; the file is tmp/sysrq-trigger."""
+    (tmp / "sysrq-trigger").write_text("")
+    script = '[ ! -e /proc/sysrq-trigger ] || mount --bind "$0" /proc/sysrq-trigger; exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+            str(tmp / "sysrq-trigger")]  # fmt: skip
+
+
+TEST_WORDS = (
+    "pystate.debug-stop=allocate",
+    "pystate.debug-extend-pcr=7",
+    "pystate.debug-resize-stop=e2fsck",
+)
+
+
+def test_production_program_ignores_the_test_words(
+    machine: Machine, production_payload: Path
+) -> None:
+    """The payload a distributor ships, booted with the test build's words: each is an
+    unknown option, logged and ignored; the boot is the plain one (a test build would have
+    extended PCR 7 first, which fails on a machine without a TPM, and cut the power after
+    provisioning's allocate)."""
+    program = [*_without_sysrq(machine.tmp), str(production_payload / "pystate")]
+    rc, report, log = machine.boot(f"pystate.state={machine.device}", *TEST_WORDS, program=program)
+    assert rc == 0, log
+    assert report["outcome"] == "ok"
+    assert [s["name"] for s in report["steps"]] == [
+        "config", "discover", "probe", "fsck", "mount-state", "plan", "mounts",
+    ]  # fmt: skip
+    for word in TEST_WORDS:
+        assert f"kernel command line: unknown option {word} ignored" in log, log
+    assert "extended PCR" not in log and "cutting the power" not in log, log
+    assert (machine.tmp / "sysrq-trigger").read_text() == ""

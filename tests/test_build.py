@@ -21,7 +21,13 @@ import pytest
 from conftest import REPO, needs_root
 
 from pystate_build.elfclosure import ClosureError, known_dlopen, library_closure
-from pystate_build.freeze import TARGET_PYTHON, freeze, target_info
+from pystate_build.freeze import (
+    TARGET_PYTHON,
+    FreezeReport,
+    freeze,
+    has_test_hooks,
+    target_info,
+)
 from pystate_build.tree import TreeReport, build_tree
 
 EPOCH = 1_700_000_000
@@ -59,17 +65,111 @@ def test_size_bound(tree: TreeReport) -> None:
     assert total < TWO_MIB, f"zipapp + stdlib = {total} bytes, over 2 MiB"
 
 
-def test_reproducible(tmp_path: Path) -> None:
+@pytest.mark.parametrize("test_hooks", [False, True], ids=["production", "test-hooks"])
+def test_reproducible(tmp_path: Path, test_hooks: bool) -> None:
     # A snapshot of the package, so that edits in the checkout meanwhile cannot interfere.
     package = tmp_path / "pystate_initrd"
     shutil.copytree(REPO / "pystate_initrd", package, ignore=shutil.ignore_patterns("__pycache__"))
-    one = freeze(tmp_path / "one", epoch=EPOCH, package=package)
-    two = freeze(tmp_path / "two", epoch=EPOCH, package=package)
+    one = freeze(tmp_path / "one", epoch=EPOCH, package=package, test_hooks=test_hooks)
+    two = freeze(tmp_path / "two", epoch=EPOCH, package=package, test_hooks=test_hooks)
     assert _sha256(one.zipapp) == _sha256(two.zipapp)
     assert _sha256(one.stdlib_zip) == _sha256(two.stdlib_zip)
-    later = freeze(tmp_path / "later", epoch=EPOCH + 86_400, package=package)
+    later = freeze(tmp_path / "later", epoch=EPOCH + 86_400, package=package, test_hooks=test_hooks)
     assert later.zipapp.read_bytes() != one.zipapp.read_bytes()
     assert later.stdlib_zip.read_bytes() != one.stdlib_zip.read_bytes()
+
+
+# --- test hooks: only in a test build (SPEC §11.10) ---------------------------------------
+
+TEST_WORDS = (b"debug-stop", b"debug-extend-pcr", b"debug-resize-stop", b"sysrq")
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def _mentions(members: dict[str, bytes]) -> dict[str, list[str]]:
+    return {
+        word.decode(): sorted(name for name, data in members.items() if word in data)
+        for word in TEST_WORDS
+    }
+
+
+@pytest.fixture(scope="module")
+def test_build(tmp_path_factory: pytest.TempPathFactory, tree: TreeReport) -> FreezeReport:
+    """A test build of the same sources, with the same epoch as the tree's production one."""
+    return freeze(tmp_path_factory.mktemp("test-build"), epoch=EPOCH, test_hooks=True)
+
+
+def test_production_program_holds_no_test_hook(tree: TreeReport) -> None:
+    """What build.py payload/deb/tree ship: no testhooks module, and no byte of any member
+    of the zipapp or its stdlib names a test word or the sysrq trigger."""
+    assert not tree.freeze.test_hooks and not has_test_hooks(tree.freeze.zipapp)
+    app = _members(tree.freeze.zipapp)
+    assert [n for n in app if "testhooks" in n] == []
+    assert "pystate_initrd/volume/hooks.pyc" in app  # the seam is there, doing nothing
+    empty = {word.decode(): [] for word in TEST_WORDS}
+    assert _mentions(app) == empty
+    assert _mentions(_members(tree.freeze.stdlib_zip)) == empty
+
+
+def test_test_build_is_the_production_program_plus_the_hooks(
+    tree: TreeReport, test_build: FreezeReport
+) -> None:
+    production, test = _members(tree.freeze.zipapp), _members(test_build.zipapp)
+    assert test_build.test_hooks and has_test_hooks(test_build.zipapp)
+    assert set(test) - set(production) == {"pystate_initrd/testhooks/__init__.pyc"}
+    assert all(test[name] == data for name, data in production.items())  # byte for byte
+    assert test_build.stdlib_zip.read_bytes() == tree.freeze.stdlib_zip.read_bytes()
+    hooks = ["pystate_initrd/testhooks/__init__.pyc"]
+    assert _mentions(test) == {word.decode(): hooks for word in TEST_WORDS}
+
+
+def _run(program: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(program), *argv], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_production_cli_rejects_debug_stop(tree: TreeReport, test_build: FreezeReport) -> None:
+    """``pystate resize --debug-stop`` is an argparse error in the shipped program; a test
+    build says what it is in --version."""
+    program = tree.dest / "usr/bin/pystate"
+    proc = _run(program, "resize", "--to", "1G", "--debug-stop", "allocate", "--state", "/none")
+    assert proc.returncode == 2, proc
+    assert "unrecognized arguments: --debug-stop allocate" in proc.stderr
+    assert _run(program, "--version").stdout == "pystate 0.1.0\n"
+    assert "(test build: test hooks included)" in _run(test_build.zipapp, "--version").stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "target"),
+    [
+        (["payload", "DIR"], "pystate_build.initrd.build_payload"),
+        (["initrd", "OUT"], "pystate_build.initrd.build_initrd"),
+        (["initrd", "--builder", "mkosi", "OUT"], "pystate_build.mkosi.build_mkosi_initrd"),
+    ],
+)
+@pytest.mark.parametrize("flag", [False, True])
+def test_build_commands_pass_test_hooks_on(
+    argv: list[str], target: str, flag: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--test-hooks`` on build.py payload and initrd (both builders) reaches the builder;
+    without it every builder makes the production program."""
+    from build import main
+
+    seen: list[bool] = []
+
+    def builder(out: Path, **kwargs: object) -> Path:
+        seen.append(bool(kwargs.get("test_hooks")))
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    monkeypatch.setattr(target, builder)
+    argv = [str(tmp_path / a) if a in ("DIR", "OUT") else a for a in argv]
+    assert main([*argv, *(["--test-hooks"] if flag else [])]) == 0
+    assert seen == [flag]
 
 
 def test_shebang_and_mode(tree: TreeReport) -> None:

@@ -45,9 +45,11 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_version() -> None:
+    # Run from the checkout, which holds testhooks/: a test build says so (test_build.py
+    # checks that the production zipapp prints the bare version).
     proc = pystate("--version")
     assert proc.returncode == 0
-    assert proc.stdout.strip() == f"pystate {__version__}"
+    assert proc.stdout.strip() == f"pystate {__version__} (test build: test hooks included)"
 
 
 def test_gpt_table_marks_the_state_partition(disk: Path) -> None:

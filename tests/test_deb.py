@@ -180,3 +180,20 @@ def test_installs_runs_and_purges_in_a_debian_root(package: Path, tmp_path: Path
     assert not (root / "usr/lib/pystate").exists()
     assert not (root / "usr/bin/pystate").is_symlink()
     assert not wants.is_symlink()
+
+
+def test_the_package_holds_no_test_hooks(package: Path, tmp_path: Path) -> None:
+    from pystate_build.freeze import has_test_hooks
+
+    assert _run("dpkg-deb", "-x", str(package), str(tmp_path)).returncode == 0
+    assert not has_test_hooks(tmp_path / "usr/lib/pystate/pystate")
+
+
+def test_a_test_build_payload_is_never_packaged(tmp_path: Path) -> None:
+    """build.py deb --payload with a payload made by build.py payload --test-hooks: refused."""
+    from pystate_build.initrd import build_payload
+
+    payload = build_payload(tmp_path / "payload", freeze_dir=tmp_path / "freeze", test_hooks=True)
+    with pytest.raises(debmod.DebError, match=r"is a test build \(build.py payload --test-hooks\)"):
+        debmod.build_deb(tmp_path / "out", payload=payload, epoch=EPOCH)
+    assert not list((tmp_path / "out").glob("*.deb"))

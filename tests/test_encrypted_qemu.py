@@ -17,7 +17,10 @@ Two machines, each one disk and one swtpm state kept across its boots, booted in
 - machine B: the power is cut (``pystate.debug-stop``, sysrq o) after allocate, after
   layout and after commit; the next boots end with one complete image, unlocked by TPM.
 
-About 12 boots of 25-45 s; the initrd is built once (~30 s).
+Machines A, B and M use a hook (a PCR extend, power cuts): their initrds are test builds
+(``build.py initrd --test-hooks``); the Debian and shell boots run the production program.
+
+About 12 boots of 25-45 s; each initrd is built once (~30 s).
 """
 
 from __future__ import annotations
@@ -105,8 +108,16 @@ def steps(result: harness.BootResult) -> dict[str, dict[str, object]]:
 
 @pytest.fixture(scope="module")
 def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The production dracut initrd: the package's module and payload."""
     work = tmp_path_factory.mktemp("initrd-work")
     return build_initrd_in(work, work / "initrd.img")
+
+
+@pytest.fixture(scope="module")
+def hooks_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's dracut module with a test-hooks payload (PCR extends, power cuts)."""
+    work = tmp_path_factory.mktemp("hooks-initrd-work")
+    return build_initrd_in(work, work / "initrd.img", test_hooks=True)
 
 
 def _machine(name: str, initrd: Path, tmp: Path) -> Machine:
@@ -120,13 +131,13 @@ def _machine(name: str, initrd: Path, tmp: Path) -> Machine:
 
 
 @pytest.fixture(scope="module")
-def machine_a(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
-    return _machine("A", initrd, tmp_path_factory.mktemp("machine-a"))
+def machine_a(hooks_initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
+    return _machine("A", hooks_initrd, tmp_path_factory.mktemp("machine-a"))
 
 
 @pytest.fixture(scope="module")
-def machine_m(mkosi_initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
-    return _machine("M", mkosi_initrd, tmp_path_factory.mktemp("machine-m"))
+def machine_m(mkosi_initrd_test_hooks: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
+    return _machine("M", mkosi_initrd_test_hooks, tmp_path_factory.mktemp("machine-m"))
 
 
 @pytest.fixture(scope="module", params=BUILDERS)
@@ -144,8 +155,8 @@ def systemd_initrd(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="module")
-def machine_b(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
-    return _machine("B", initrd, tmp_path_factory.mktemp("machine-b"))
+def machine_b(hooks_initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine:
+    return _machine("B", hooks_initrd, tmp_path_factory.mktemp("machine-b"))
 
 
 # --- machine A ----------------------------------------------------------------------------

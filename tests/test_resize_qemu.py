@@ -1,9 +1,10 @@
 """The resize service in real boots (issue 5): QEMU TCG, swtpm, the systemd initrd with pystate.
 
-The guest is the busybox test root plus the frozen pystate and the tools it runs
-(bench_resize.build_guest_root); its init runs the /rt/rt.py commands named by ``rt.run=``
-and prints ``RT-<TAG> <json>`` lines. Two machines, one disk and one swtpm state each,
-booted in order (a later test skips when the one it builds on failed):
+The guest is the busybox test root plus the frozen pystate (a test build: the power cuts are
+``pystate resize --debug-stop``) and the tools it runs (bench_resize.build_guest_root); its
+init runs the /rt/rt.py commands named by ``rt.run=`` and prints ``RT-<TAG> <json>`` lines.
+Two machines, one disk and one swtpm state each, booted in order (a later test skips when
+the one it builds on failed):
 
 - machine E (inner ext4, 1 GiB state partition): boot 1 provisions, then a steady writer
   fills the encrypted area with the service running until ENOSPC, the data is deleted and
@@ -51,7 +52,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def root(work: Path) -> Path:
-    return build_guest_root(work / "root", work)
+    return build_guest_root(work / "root", work, test_hooks=True)
 
 
 def _machine(work: Path, root: Path, name: str, inner_fs: str) -> Machine:

@@ -38,7 +38,7 @@ from pystate_initrd.formats.resize_policy import (
     human_size,
 )
 from pystate_initrd.log import Log
-from pystate_initrd.volume import power_cut, request_file, resize
+from pystate_initrd.volume import hooks, request_file, resize
 from pystate_initrd.volume.policy import params_from_config
 
 STATE_DIRS = (Path("/state"), Path("/run/pystate/state"))  # SPEC §2: and the /run fallback
@@ -133,7 +133,7 @@ class Service:
     params: PolicyParams
     log: Log
     status_file: Path | None = STATUS_FILE
-    hook: power_cut.Hook = power_cut.no_hook
+    hook: hooks.Hook = hooks.no_hook
     state: ServiceState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -264,7 +264,7 @@ def make_service(
     *,
     log: Log,
     plain: bool = False,
-    debug_stop: str | None = None,
+    hook: hooks.Hook = hooks.no_hook,
     status_file: Path | None = STATUS_FILE,
 ) -> Service:
     cfg, params = load_params(config, overrides)
@@ -274,7 +274,6 @@ def make_service(
         sparse=str(cfg.allocation) == "sparse",
         crypt_name=None if plain else names.DM_NAME,
     )
-    hook = power_cut.power_cut_hook(debug_stop, log.error)
     return Service(vol, params, log, status_file=status_file, hook=hook)
 
 
@@ -453,7 +452,7 @@ def _service_from(args: argparse.Namespace) -> Service:
         overrides_from(args),
         log=log,
         plain=getattr(args, "plain", False),
-        debug_stop=getattr(args, "debug_stop", None),
+        hook=hooks.resize_hook(args, log.error),
     )
 
 

@@ -9,10 +9,8 @@ Called by the boot pipeline between mount-state and plan. Decisions, in order:
    all, in which case nothing is made: the boot goes on with the plain entries, loudly;
 5. else unlock it (unlock.py): TPM2, then the recovery key.
 
-Debug words on the (trusted) kernel command line, for the QEMU tests:
-``pystate.debug-stop=STEP`` cuts the power (sysrq ``o``: no sync, no unmount) right after
-provisioning step STEP (allocate, luks-format, mkfs, layout, commit);
-``pystate.debug-extend-pcr=N`` extends PCR N before unsealing, as a firmware change would.
+A test build of the program may act before the TPM is asked and after each provisioning
+step (volume/hooks.py); the program a distributor ships does nothing there.
 """
 
 from __future__ import annotations
@@ -25,11 +23,11 @@ from pathlib import Path
 
 from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import names, tpm2_policy
+from pystate_initrd.formats import names
 from pystate_initrd.initrd import provision, unlock
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import askpass, luks, tpm2
-from pystate_initrd.volume import power_cut
+from pystate_initrd.volume import hooks
 
 
 class EncryptedError(PystateError):
@@ -86,7 +84,6 @@ def setup(
     log = report.log
     image = state_dir / names.IMAGE
     mountpoint = state_dir / names.MOUNT_DIR
-    extend_pcr = power_cut.debug_word(cmdline, "pystate.debug-extend-pcr")
 
     if read_only:
         if not _check_image(image):
@@ -105,12 +102,7 @@ def setup(
             provision.remove_leftover(state_dir)
             s.detail = f"deleted {names.NEW_IMAGE} of an interrupted first boot"
 
-    if extend_pcr is not None:
-        index = int(extend_pcr)
-        tpm2.pcr_extend(
-            index, str(cfg.pcr_bank), bytes(tpm2_policy.bank_digest_size(str(cfg.pcr_bank))), tcti
-        )
-        log.warning(f"debug: extended PCR {index} (pystate.debug-extend-pcr)")
+    hooks.before_unseal(cmdline, str(cfg.pcr_bank), tcti, log.warning)
 
     if not _check_image(image):
         tpm2.wait_for_tpm(tcti)
@@ -127,9 +119,7 @@ def setup(
             sysroot,
             report,
             tcti=tcti,
-            hook=power_cut.power_cut_hook(
-                power_cut.debug_word(cmdline, "pystate.debug-stop"), log.error
-            ),
+            hook=hooks.provision_hook(cmdline, log.error),
         )
         report.facts["encrypted"] = {**made.opened.to_json(), "size": made.size}
         return made.opened.mountpoint

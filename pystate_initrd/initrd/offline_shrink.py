@@ -17,8 +17,8 @@ that repeats the shrink at the next boot (resize2fs to the size it already has d
 nothing), and a cut after the truncate finds the request stale (the image is no longer
 the size it was made for) and removes it. docs/resize.md has the table.
 
-``pystate.debug-resize-stop=STEP`` on the (trusted) kernel command line cuts the power
-after STEP (e2fsck, resize2fs, crypt-resize, truncate, loop-capacity), for the crash tests.
+After each step (e2fsck, resize2fs, crypt-resize, truncate, loop-capacity) a test build may
+cut the power for the crash tests (volume/hooks.py); the shipped program does nothing there.
 """
 
 from __future__ import annotations
@@ -42,12 +42,11 @@ from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import block, fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume.hooks import Hook, offline_shrink_hook
 from pystate_initrd.volume.policy import params_from_config
-from pystate_initrd.volume.power_cut import Hook, debug_word, power_cut_hook
 from pystate_initrd.volume.request_file import read_request, remove_request
 from pystate_initrd.volume.resize import crypt_resize_argv
 
-DEBUG_WORD = "pystate.debug-resize-stop"
 OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")
 
 
@@ -101,7 +100,7 @@ def apply_pending_shrink(
             cmdline = Path("/proc/cmdline").read_text(errors="replace")
         except OSError:
             cmdline = ""
-    hook = power_cut_hook(debug_word(cmdline, DEBUG_WORD), log.error)
+    hook = offline_shrink_hook(cmdline, log.error)
     with report.step("offline-shrink") as s:
         try:
             s.detail = _apply(cfg, state_dir, loop, device, crypt_name, data, report, hook)

@@ -40,7 +40,7 @@ from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret, new_recovery_key
 from pystate_initrd.system import block, luks
 from pystate_initrd.system.run import CommandError, run
-from pystate_initrd.volume import binding, power_cut, stack
+from pystate_initrd.volume import binding, hooks, stack
 from pystate_initrd.volume.policy import params_from_config
 
 HEADER_SIZE = 16 * 1024 * 1024  # cryptsetup 2.6's default LUKS2 header (both copies + slots)
@@ -182,7 +182,7 @@ def provision(
     report: BootReport,
     *,
     tcti: str | None = None,
-    hook: power_cut.Hook = power_cut.no_hook,
+    hook: hooks.Hook = hooks.no_hook,
 ) -> Provisioned:
     """Make, fill and commit encrypted.img; it is left open and mounted at state_dir/encrypted."""
     new, final = state_dir / NEW_IMAGE, state_dir / IMAGE

@@ -21,7 +21,7 @@ and the initrd carries it out before mounting (offline_shrink.py). docs/resize.m
 the crash table for every step and why ``cryptsetup resize`` needs no key here.
 
 Every external command goes through run.py; ``hook(step)`` is called after each step
-(the QEMU tests cut the power there, as encrypted.py's ``pystate.debug-stop`` does).
+(a test build's crash tests cut the power there: volume/hooks.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pystate_initrd.formats.names import DM_NAME, IMAGE, MOUNT_DIR
 from pystate_initrd.formats.resize_policy import FS_BLOCK, MIB, Space, human_size
 from pystate_initrd.system import block, loopdev
 from pystate_initrd.system.run import CommandError, run
-from pystate_initrd.volume.power_cut import Hook, no_hook
+from pystate_initrd.volume.hooks import Hook, no_hook
 
 SECTOR = 512  # cryptsetup resize --size counts 512-byte sectors whatever the LUKS sector size
 # resize2fs leaves out a last block group too small to hold its own metadata: a file system
