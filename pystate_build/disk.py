@@ -343,7 +343,7 @@ def build_disk(
         raise DiskError(f"sector size {sector_size} is not 512 or 4096")
     state_size = _align(state_size)
     sources = [Path(d) for d in ([state_dir] if state_dir is not None else []) + list(extra_states)]
-    for d in [Path(root_dir)] * (root_dir is not None) + sources:
+    for d in ([Path(root_dir)] if root_dir is not None else []) + sources:
         if not d.is_dir():
             raise DiskError(f"{d} is not a directory")
     if esp is not None and not Path(esp).is_file():

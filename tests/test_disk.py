@@ -275,6 +275,15 @@ def test_disk_without_state_partition(trees: tuple[Path, Path], tmp_path: Path) 
     assert layout.state is None
 
 
+def test_disk_without_root_partition(trees: tuple[Path, Path], tmp_path: Path) -> None:
+    """A second disk of a machine: a state partition and no OS (the SPEC §2 rule 2 test)."""
+    _, state = trees
+    layout = build_disk(tmp_path / "disk.img", None, state)
+    check_partition_table(layout)
+    assert [p.role for p in layout.partitions] == ["state"]
+    assert layout.root is None and layout.state is not None and layout.state.number == 1
+
+
 def test_disk_explicit_size(trees: tuple[Path, Path], tmp_path: Path) -> None:
     root, state = trees
     layout = build_disk(tmp_path / "disk.img", root, state, size=1 << 30)

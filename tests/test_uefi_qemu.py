@@ -27,7 +27,7 @@ from pystate_build import secureboot
 from pystate_build.bench_unlock import STATE_SIZE, build_initrd_in
 from pystate_build.disk import build_disk, read_layout
 from pystate_build.qemu_machine import FAIL_FAST, Machine
-from pystate_build.roots import build_testroot, lines_kept, parse_report
+from pystate_build.roots import build_testroot, console_value, lines_kept, parse_report
 from pystate_build.uefi import build_uefi_boot
 
 pytestmark = [
@@ -38,7 +38,6 @@ pytestmark = [
 ]
 
 KEPT = "/var/lib/app/kept"  # every boot appends a line (testroot.write)
-SECURE_BOOT_ON = "secureboot: Secure boot enabled"
 UKI_WORDS = f"ro quiet {FAIL_FAST} testroot.list=/state/encrypted/.pystate testroot.write={KEPT}:x"
 
 
@@ -81,7 +80,8 @@ def test_secure_boot_uki_first_boot_provisions_with_root_from_the_loader(
     m = machine_u
     result = m.boot()
     assert result.ok, harness.describe(result)
-    assert SECURE_BOOT_ON in result.console  # the kernel saw the firmware's Secure Boot state
+    assert console_value(result.console, "SECUREBOOT") == "1"  # the firmware's variable
+    m.results["pcr7"] = {"sealed": console_value(result.console, "PCR7")}
     # The UKI's command line, as the kernel got it: no root=; systemd-gpt-auto-generator
     # found the root partition on the boot loader's disk.
     command_line = next(x for x in result.console.splitlines() if "PYSTATE-CMDLINE" in x)
@@ -109,7 +109,8 @@ def test_secure_boot_second_boot_unlocks_by_tpm(machine_u: Machine) -> None:
     m.need("provision")
     result = m.boot()
     assert result.ok, harness.describe(result)
-    assert SECURE_BOOT_ON in result.console
+    assert console_value(result.console, "SECUREBOOT") == "1"
+    assert console_value(result.console, "PCR7") == m.results["pcr7"]["sealed"]
     s = steps(result)
     assert "recovery key" not in result.console
     assert str(s["unseal"]["detail"]).startswith("token 0 (sha256:7,15)"), s
@@ -127,9 +128,14 @@ def test_new_db_certificate_changes_pcr7_recovery_key_reseals(
     secureboot.add_db_cert(m.efi_vars, cert)
     result = m.boot(answers=[f"(try 1 of 3):={m.recovery_key}"])
     assert result.ok, harness.describe(result)
-    assert SECURE_BOOT_ON in result.console  # still on: only db changed
+    assert console_value(result.console, "SECUREBOOT") == "1"  # still on: only db changed
+    assert console_value(result.console, "PCR7") != m.results["pcr7"]["sealed"]
     s = steps(result)
-    assert "PCR policy check failed" in str(s["unseal"]["detail"]), s
+    detail = str(s["unseal"]["detail"])
+    assert "PCR policy check failed" in detail, s
+    # which PCR changed, from the sealed values in the token, and which firmware event did
+    assert "PCR 7 changed since sealing" in detail, detail
+    assert 'EV_EFI_VARIABLE_DRIVER_CONFIG "db" differs' in detail, detail
     assert s["recovery"]["ok"] and s["reseal"]["ok"], s
     assert lines_kept(result.console, KEPT) == 2
     m.done.add("reseal")
@@ -171,7 +177,7 @@ def test_state_partition_on_the_boot_loaders_disk_is_taken(initrd: Path, tmp_pat
     # vda: the other disk, first in the machine; vdb: the disk the firmware boots.
     result = m.boot(disk=[other.path, boot.path])
     assert result.ok, harness.describe(result)
-    assert "Secure boot enabled" not in result.console
+    assert console_value(result.console, "SECUREBOOT") == "0"
     partition = report_of(result)["partition"]
     assert isinstance(partition, dict)
     assert partition["disk"] == "/dev/vdb" and partition["rule"] == "loader", partition
