@@ -420,6 +420,8 @@ def test_debian_resize_service_grows_the_image_under_systemd(
     assert status.startswith("boot: ok in "), status
     assert "created at this boot" in status  # a first boot: provisioned, not unlocked
     assert "TPM2: keyslot 0, PCRs sha256:7+15 (15 = zero, measured)" in status
+    # the check users ask peers for before rebooting, from the token's sealed PCR values
+    assert "PCR 7 unchanged since sealing: the TPM will unseal at the next boot" in status, status
     assert "resize: last change grow " in status, status
     assert "mount: encrypted var" in status and "NOT MOUNTED" not in status, status
 
