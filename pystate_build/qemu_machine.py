@@ -79,25 +79,14 @@ class Machine:
         if self.uefi is not None and words:
             raise ValueError(f"machine {self.name} boots a UKI: its command line is fixed")
         self.boots += 1
-        disks = disk or self.layout.path
-        if self.uefi is not None:
-            return harness.boot(
-                disks,
-                uefi=self.uefi,
-                efi_vars=self.efi_vars,
-                boot_disk=self.boot_disk,
-                tpm=tpm,
-                tpm_state=self.tpm,
-                answers=answers,
-                expect=self.expect if expect is None else expect,
-                timeout=self.timeout,
-                memory=self.memory,
-                log=self.work / f"console-{self.boots}.log",
-            )
+        uefi = self.uefi is not None
         return harness.boot(
-            disks,
-            initrd=self.initrd,
-            append=self.command_line(*words),
+            disk or self.layout.path,
+            initrd=None if uefi else self.initrd,
+            append="" if uefi else self.command_line(*words),
+            uefi=self.uefi,
+            efi_vars=self.efi_vars if uefi else None,
+            boot_disk=self.boot_disk,
             tpm=tpm,
             tpm_state=self.tpm,
             answers=answers,

@@ -61,13 +61,8 @@ class RootError(PystateError):
 # testroot.write=PATH:TEXT on the kernel command line appends TEXT (no spaces) as a line to
 # PATH before the report (PYSTATE-WROTE PATH), so a later boot can look for it; first it
 # prints how many lines PATH had (PYSTATE-LINES PATH N): what earlier boots kept.
-TESTROOT_INIT = r"""#!/bin/busybox sh
-# PID 1 of pystate's minimal test root (build.py testroot): report, then power off.
-export PATH=/bin:/sbin
-[ -e /proc/self ] || mount -t proc proc /proc
-[ -e /sys/kernel ] || mount -t sysfs sysfs /sys
-echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
-sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+# Both test roots' inits print the firmware's Secure Boot state and PCR 7 (sh, busybox or not).
+FIRMWARE_REPORT = r"""sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
 if [ -r "$sb" ]; then
 	echo "PYSTATE-SECUREBOOT $(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')"
 else
@@ -75,7 +70,18 @@ else
 fi
 pcr7=/sys/class/tpm/tpm0/pcr-sha256/7
 [ -r "$pcr7" ] && echo "PYSTATE-PCR7 $(cat "$pcr7")"
-echo "PYSTATE-MOUNTS-BEGIN"
+"""
+
+TESTROOT_INIT = (
+    r"""#!/bin/busybox sh
+# PID 1 of pystate's minimal test root (build.py testroot): report, then power off.
+export PATH=/bin:/sbin
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -e /sys/kernel ] || mount -t sysfs sysfs /sys
+echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
+"""
+    + FIRMWARE_REPORT
+    + r"""echo "PYSTATE-MOUNTS-BEGIN"
 cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
 list=""
@@ -109,6 +115,7 @@ echo "PYSTATE-TESTROOT-OK"
 sync
 poweroff -f
 """
+)
 
 
 def build_testroot(dest: Path | str, *, lists: Sequence[str] = ()) -> Path:
@@ -293,19 +300,14 @@ ExecStart=/usr/local/sbin/pystate-report
 ExecStartPost=/usr/bin/systemctl --no-block poweroff
 """
 
-REPORT_SCRIPT = """\
+REPORT_SCRIPT = (
+    """\
 #!/bin/sh
 # Prints what the tests look for, then the unit powers the machine off.
 echo "PYSTATE-CMDLINE $(cat /proc/cmdline)"
-sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
-if [ -r "$sb" ]; then
-	echo "PYSTATE-SECUREBOOT $(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')"
-else
-	echo "PYSTATE-SECUREBOOT none"
-fi
-pcr7=/sys/class/tpm/tpm0/pcr-sha256/7
-[ -r "$pcr7" ] && echo "PYSTATE-PCR7 $(cat "$pcr7")"
-echo "PYSTATE-MOUNTS-BEGIN"
+"""
+    + FIRMWARE_REPORT
+    + """echo "PYSTATE-MOUNTS-BEGIN"
 cat /proc/mounts
 echo "PYSTATE-MOUNTS-END"
 target="$(systemctl get-default)"
@@ -320,6 +322,7 @@ for path in $(cat /etc/testroot.list 2>/dev/null); do
 done
 echo "PYSTATE-DEBIAN-OK"
 """
+)
 
 
 def _extract(tarball: Path, dest: Path) -> None:

@@ -75,8 +75,9 @@ def test_round_trip_forms() -> None:
         assert decode_token(form) == (KEY, 1)
 
 
-def with_(**changes: Any) -> dict[str, Any]:
-    token = dict(GOOD)
+def with_(base: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    """A copy of ``base`` (default GOOD) with fields changed (``_`` for ``-``) or DROPped."""
+    token = dict(GOOD if base is None else base)
     for k, v in changes.items():
         name = k.replace("_", "-")
         if v is DROP:
@@ -340,14 +341,7 @@ def test_token_of_an_older_pystate_has_no_values() -> None:
 
 
 def with_v(**changes: Any) -> dict[str, Any]:
-    token = dict(GOOD_V)
-    for k, v in changes.items():
-        name = k.replace("_", "-")
-        if v is DROP:
-            del token[name]
-        else:
-            token[name] = v
-    return token
+    return with_(base=GOOD_V, **changes)
 
 
 def events_with(**changes: Any) -> dict[str, Any]:
