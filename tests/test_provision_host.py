@@ -372,11 +372,35 @@ def test_no_tpm_three_wrong_recovery_keys_stop_and_change_nothing(
     assert str(final) not in loops
 
 
-def test_setup_without_tpm_provisions_nothing(tmp_path: Path) -> None:
+def test_first_boot_without_tpm_stops_and_creates_nothing(tmp_path: Path) -> None:
+    """SPEC §11.1: by default a first boot without a TPM stops before anything is made."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "encrypted.img.new").write_bytes(b"interrupted")
+    r = report()
+    with pytest.raises(encrypted.NoTpmAtFirstBoot) as stop:
+        encrypted.setup(
+            Config(), tmp_path, tmp_path / "sysroot", r, "quiet", tcti="device:/dev/nonexistent-tpm"
+        )
+    message = str(stop.value)
+    assert message.startswith("no TPM2 on this machine: the first boot cannot create ")
+    assert "/etc, /var would stay on the read-only image" in message
+    assert "[tpm2] required = no" in message
+    # The leftover of an interrupted first boot is still deleted; nothing is created.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    assert [s.name for s in r.steps] == ["discard-leftover"]
+    assert "encrypted" not in r.facts
+
+
+def test_first_boot_without_tpm_required_no_goes_on_with_plain_entries(tmp_path: Path) -> None:
     (tmp_path / "encrypted.img.new").write_bytes(b"interrupted")
     r = report()
     result = encrypted.setup(
-        Config(), tmp_path, tmp_path / "sysroot", r, "quiet", tcti="device:/dev/nonexistent-tpm"
+        Config(tpm2_required=False),
+        tmp_path,
+        tmp_path / "sysroot",
+        r,
+        "quiet",
+        tcti="device:/dev/nonexistent-tpm",
     )
     assert result is None
     assert r.facts["encrypted"] == {"state": "not provisioned: no TPM2"}
