@@ -470,6 +470,14 @@ def test_first_boot_without_tpm_stops_and_creates_nothing(tmp_path: Path) -> Non
     assert "encrypted" not in r.facts
 
 
+def test_no_tpm_stop_names_the_encrypted_targets(tmp_path: Path) -> None:
+    image = tmp_path / "encrypted.img"
+    assert "(/etc, /var would stay" in str(encrypted.no_tpm_at_first_boot(Config(), image))
+    plain_only = Config(layout=tuple(e for e in Config().layout if e.area == "plain"))
+    message = str(encrypted.no_tpm_at_first_boot(plain_only, image))
+    assert message.startswith(f"no TPM2 on this machine: the first boot cannot create {image};")
+
+
 def test_first_boot_without_tpm_required_no_goes_on_with_plain_entries(tmp_path: Path) -> None:
     (tmp_path / "encrypted.img.new").write_bytes(b"interrupted")
     r = report()

@@ -45,9 +45,9 @@ class NoTpmAtFirstBoot(PystateError):
 def no_tpm_at_first_boot(cfg: Config, image: Path) -> NoTpmAtFirstBoot:
     """The stop for a first boot without a TPM: what would be lost, what to do."""
     targets = ", ".join(e.target for e in cfg.layout if e.area is Area.ENCRYPTED)
-    held = f"{targets} would stay on the read-only image" if targets else "nothing to hold"
+    held = f" ({targets} would stay on the read-only image)" if targets else ""
     return NoTpmAtFirstBoot(
-        f"no TPM2 on this machine: the first boot cannot create {image} ({held}); "
+        f"no TPM2 on this machine: the first boot cannot create {image}{held}; "
         "nothing was created",
         hint="enable the TPM in the firmware and reboot, or set [tpm2] required = no in the "
         "initrd's pystate.conf to boot with the plain entries only",
