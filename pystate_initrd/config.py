@@ -447,6 +447,20 @@ SETTINGS: tuple[Setting, ...] = (
         key="measure-pcr15",
     ),
     Setting(
+        field="tpm2_required",
+        default=True,
+        parse=parse_bool,
+        show=format_bool,
+        accepted=_BOOL,
+        doc="A first boot (no encrypted.img yet) on a machine without a TPM2 stops with a clear "
+        "message, as for too little space (SPEC §11.1): /etc and /var would otherwise stay on the "
+        "read-only image. `no`: the boot goes on with the plain entries only and an error line; "
+        "the image is made at the first boot that finds a TPM. A later boot without a TPM asks "
+        "for the recovery key either way.",
+        section="tpm2",
+        key="required",
+    ),
+    Setting(
         field="recovery_tries",
         default=3,
         parse=_int_range(0, 10),
@@ -596,6 +610,7 @@ class Config:
     allocation: Allocation = _DEFAULTS["allocation"]
     min_image_size: int = _DEFAULTS["min_image_size"]
     pcrs: tuple[int, ...] = _DEFAULTS["pcrs"]
+    tpm2_required: bool = _DEFAULTS["tpm2_required"]
     pcr_bank: PcrBank = _DEFAULTS["pcr_bank"]
     measure_pcr15: bool = _DEFAULTS["measure_pcr15"]
     recovery_tries: int = _DEFAULTS["recovery_tries"]

@@ -20,6 +20,9 @@ from conftest import REPO, needs_root
 pytestmark = needs_root
 
 STATE_TYPE = "24436126-bb50-47e3-b47b-21dbd57591c7"
+# The host has no TPM: these boots are first boots without one, which stop by default
+# (SPEC §11.1). Every test but those of that stop boots with this in its pystate.conf.
+TPM_OPTIONAL = "[tpm2]\nrequired = no\n"
 
 
 def sh(*argv: str, input: bytes | None = None) -> str:
@@ -33,13 +36,19 @@ class Machine:
     sysroot: Path
 
     def boot(
-        self, *cmdline: str, config: str | None = None, program: Sequence[str] = ()
+        self,
+        *cmdline: str,
+        config: str | None = TPM_OPTIONAL,
+        program: Sequence[str] = (),
     ) -> tuple[int, dict, str]:  # type: ignore[type-arg]
-        """Run ``pystate boot``: the checkout's package, or ``program`` (a frozen one)."""
+        """Run ``pystate boot``: the checkout's package, or ``program`` (a frozen one);
+        config is the pystate.conf's text (None: no file, the defaults)."""
         (self.tmp / "cmdline").write_text(" ".join(["quiet", *cmdline]) + "\n")
         conf = self.tmp / "pystate.conf"
         if config is not None:
             conf.write_text(config)
+        else:
+            conf.unlink(missing_ok=True)
         proc = subprocess.run(
             [*(program or [sys.executable, "-m", "pystate_initrd"]), "boot",
              "--sysroot", str(self.sysroot),
@@ -149,7 +158,7 @@ def test_check_fs_no_leaves_the_outer_fs_unchecked(machine: Machine) -> None:
     # no fsck ran; with the default, e2fsck -p clears them (the test above).
     sh("debugfs", "-w", "-R", "ssv state 2", machine.device)
     rc, report, log = machine.boot(
-        f"pystate.state={machine.device}", config="[state]\ncheck-fs = no\n"
+        f"pystate.state={machine.device}", config="[state]\ncheck-fs = no\n" + TPM_OPTIONAL
     )
     assert rc == 0, log
     fsck = next(s for s in report["steps"] if s["name"] == "fsck")
@@ -227,7 +236,7 @@ def test_disabled_on_the_command_line(machine: Machine) -> None:
 
 
 def test_allowlist_from_trusted_config(machine: Machine) -> None:
-    config = "[state]\nplain-allowlist = /home /etc\n"
+    config = "[state]\nplain-allowlist = /home /etc\n" + TPM_OPTIONAL
     rc, report, log = machine.boot(f"pystate.state={machine.device}", config=config)
     assert rc == 0, log
     assert set(machine.mounts()) == {"/state", "/home", "/etc"}
@@ -236,8 +245,9 @@ def test_allowlist_from_trusted_config(machine: Machine) -> None:
 
 
 def test_without_a_config_file_the_published_copy_says_defaults(machine: Machine) -> None:
-    rc, _, log = machine.boot(f"pystate.state={machine.device}")
-    assert rc == 0, log
+    # The defaults stop this first boot without a TPM (below); the copy is published before.
+    rc, _, log = machine.boot(f"pystate.state={machine.device}", config=None)
+    assert rc == 1, log
     published = (machine.tmp / "run/pystate.conf").read_text()
     assert published.startswith("# no ") and "built-in defaults" in published
 
@@ -259,7 +269,7 @@ def test_overlay_mode_shows_the_image_and_writes_to_the_state(machine: Machine) 
     config = (
         "[state]\nplain-allowlist = /home /etc\n"
         "[layout /etc]\narea = plain\nmode = overlay\n"
-        "[layout /home]\narea = plain\n"
+        "[layout /home]\narea = plain\n" + TPM_OPTIONAL
     )
     rc, report, log = machine.boot(f"pystate.state={machine.device}", config=config)
     assert rc == 0, log
@@ -328,3 +338,36 @@ def test_production_program_ignores_the_test_words(
         assert f"kernel command line: unknown option {word} ignored" in log, log
     assert "extended PCR" not in log and "cutting the power" not in log, log
     assert (machine.tmp / "sysrq-trigger").read_text() == ""
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("config", [None, "[tpm2]\nrequired = yes\n"])
+def test_first_boot_without_tpm_stops_and_creates_nothing(
+    machine: Machine, state_tree: Path, config: str | None
+) -> None:
+    """SPEC §11.1: by default a first boot without a TPM stops with one clear line, and
+    nothing is created on the state partition (no image, no .new, no entry, no mount point)."""
+    rc, report, log = machine.boot(f"pystate.state={machine.device}", config=config)
+    assert rc == 1, log
+    assert report["outcome"] == "failed"
+    assert report["error"].startswith("no TPM2 on this machine: the first boot cannot create ")
+    assert "/etc, /var would stay on the read-only image" in report["error"]
+    assert "[tpm2] required = no" in report["error"]
+    assert "boot stopped: no TPM2 on this machine" in log
+    assert [s["name"] for s in report["steps"]][-1] == "mount-state"
+    # /state is mounted (the boot stopped after it); nothing was added to it, nothing bound.
+    assert set(machine.mounts()) == {"/state"}
+    assert _tree(machine.sysroot / "state") == _tree(state_tree) | {"lost+found"}
+
+
+def test_first_boot_without_tpm_required_no_mounts_plain_entries_only(machine: Machine) -> None:
+    rc, report, log = machine.boot(f"pystate.state={machine.device}", config=TPM_OPTIONAL)
+    assert rc == 0, log
+    assert report["outcome"] == "ok"
+    assert "<3>pystate: no TPM2 on this machine" in log and "required = no" in log
+    assert report["encrypted"] == {"state": "not provisioned: no TPM2"}
+    assert set(machine.mounts()) == {"/state", "/home"}
+    assert not (machine.sysroot / "state/encrypted.img").exists()

@@ -29,21 +29,44 @@ pytestmark = [pytest.mark.qemu, needs_root]
 
 
 @pytest.fixture(scope="session")
-def initrd_systemd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_initrd(tmp_path_factory.mktemp("initrd") / "systemd.img", systemd=True)
+def tpm_optional(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """These boots are first boots without a TPM (no swtpm), which stop by default
+    (SPEC §11.1): their initrds carry a pystate.conf with ``[tpm2] required = no``, and go
+    on with the plain entries, as every test here expects."""
+    conf = tmp_path_factory.mktemp("conf") / "pystate.conf"
+    conf.write_text("[tpm2]\nrequired = no\n")
+    return conf
+
+
+@pytest.fixture(scope="session")
+def initrd_systemd(tmp_path_factory: pytest.TempPathFactory, tpm_optional: Path) -> Path:
+    return build_initrd(
+        tmp_path_factory.mktemp("initrd") / "systemd.img", systemd=True, conf=tpm_optional
+    )
+
+
+@pytest.fixture(scope="session")
+def mkosi_initrd_tpm_optional(tmp_path_factory: pytest.TempPathFactory, tpm_optional: Path) -> Path:
+    """conftest's mkosi_initrd, with the pystate.conf of tpm_optional."""
+    from pystate_build.mkosi import build_mkosi_initrd
+
+    work = tmp_path_factory.mktemp("mkosi-initrd-tpm-optional")
+    return build_mkosi_initrd(work / "initrd.img", conf=tpm_optional, work=work / "work")
 
 
 @pytest.fixture(scope="session", params=BUILDERS)
 def initrd_any(request: pytest.FixtureRequest) -> Path:
     """The dracut or the mkosi systemd initrd, built only when a test asks for it."""
-    name = "initrd_systemd" if request.param == "dracut" else "mkosi_initrd"
+    name = "initrd_systemd" if request.param == "dracut" else "mkosi_initrd_tpm_optional"
     path: Path = request.getfixturevalue(name)
     return path
 
 
 @pytest.fixture(scope="session")
-def initrd_shell(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_initrd(tmp_path_factory.mktemp("initrd") / "shell.img", systemd=False)
+def initrd_shell(tmp_path_factory: pytest.TempPathFactory, tpm_optional: Path) -> Path:
+    return build_initrd(
+        tmp_path_factory.mktemp("initrd") / "shell.img", systemd=False, conf=tpm_optional
+    )
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +111,8 @@ def assert_home_bound(result: harness.BootResult, state_device: str = "/dev/vda2
     assert listed["/home/alice"] == ("755", "1000:1000", "directory")
     assert files["/home/alice/notes"] == "from the state partition"
     assert "pystate: finished (ok)" in result.console
+    # No TPM, [tpm2] required = no: an error line, and the boot went on (SPEC §11.1).
+    assert "pystate: no TPM2 on this machine" in result.console
 
 
 @pytest.mark.parametrize("state_fs", ["ext4", "btrfs", "xfs"])

@@ -7,6 +7,7 @@ thing the host cannot do; the QEMU tests (test_encrypted_qemu.py) cover it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from pystate_initrd.initrd import encrypted, provision, seed, unlock
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret, new_recovery_key
-from pystate_initrd.system import askpass, luks, tpm2
+from pystate_initrd.system import askpass, block, luks, tpm2
 from pystate_initrd.system.run import run
 from pystate_initrd.volume import binding
 
@@ -95,6 +97,83 @@ def test_allocate_full_and_sparse(tmp_path: Path) -> None:
     assert stat.S_IMODE(full.stat().st_mode) == 0o600
     with pytest.raises(FileExistsError):
         provision.allocate(full, MIB, Allocation.FULL)
+
+
+@contextlib.contextmanager
+def outer_fs(tmp_path: Path, fstype: str) -> Iterator[Path]:
+    """A real outer file system of that type on a loop device, mounted; its mount point."""
+    backing, mnt = tmp_path / f"{fstype}.fs", tmp_path / f"{fstype}-mnt"
+    with backing.open("wb") as f:
+        f.truncate(GIB)
+    mkfs = {"btrfs": ["mkfs.btrfs", "-q", "-f"], "ext4": ["mkfs.ext4", "-q", "-F"]}[fstype]
+    subprocess.run([*mkfs, str(backing)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def lsattr(path: Path) -> str:
+    """The attribute letters lsattr(1) shows for path (e.g. ``---------------C------``)."""
+    out = subprocess.run(["lsattr", "-d", str(path)], check=True, capture_output=True, text=True)
+    return out.stdout.split()[0]
+
+
+class _StopAfterLuksFormat(Exception):
+    pass
+
+
+@needs_root
+@needs_swtpm
+@pytest.mark.parametrize("fstype", ["btrfs", "ext4"])
+def test_image_is_nocow_on_btrfs(tmp_path: Path, tpm: swtpm_helper.Swtpm, fstype: str) -> None:
+    """SPEC §11.11: on a btrfs outer file system provisioning makes encrypted.img No_COW
+    before its blocks are allocated (lsattr shows C); on ext4 the flag is neither set nor a
+    failure. The real provision() runs up to luks-format (the host has no device-mapper for
+    the mkfs step); commit's rename keeps the inode, so encrypted.img has it too."""
+
+    def stop(step: str) -> None:
+        if step == "luks-format":
+            raise _StopAfterLuksFormat
+
+    with outer_fs(tmp_path, fstype) as state:
+        r = report()
+        with pytest.raises(_StopAfterLuksFormat):
+            provision.provision(Config(), state, tmp_path / "sysroot", r, tcti=tpm.tcti, hook=stop)
+        new, final = state / "encrypted.img.new", state / "encrypted.img"
+        assert luks.uuid(new)  # luks-formatted
+        size = new.stat().st_size
+        assert new.stat().st_blocks * 512 >= size  # fully allocated
+        os.rename(new, final)  # as provision's commit step does
+        allocate_step = next(s for s in r.steps if s.name == "allocate")
+        if fstype == "btrfs":
+            assert "C" in lsattr(final), lsattr(final)
+            assert allocate_step.detail.endswith("(full, No_COW)")
+            # A grow extends the same file: it stays No_COW, its new blocks allocated in place.
+            fd = os.open(final, os.O_RDWR)
+            try:
+                block.fallocate(fd, 0, size, 16 * MIB)
+            finally:
+                os.close(fd)
+            assert "C" in lsattr(final)
+        else:
+            assert "C" not in lsattr(final)
+            assert allocate_step.detail.endswith("(full)")
+
+
+@needs_root
+def test_nocow_is_refused_on_a_file_with_data_on_btrfs(tmp_path: Path) -> None:
+    with outer_fs(tmp_path, "btrfs") as state:
+        path = state / "data"
+        path.write_bytes(b"x" * 4096)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(OSError, match="did not take the No_COW flag"):
+                block.set_nocow(fd)
+        finally:
+            os.close(fd)
 
 
 def test_leftover_new_image_is_removed(tmp_path: Path) -> None:
@@ -372,11 +451,43 @@ def test_no_tpm_three_wrong_recovery_keys_stop_and_change_nothing(
     assert str(final) not in loops
 
 
-def test_setup_without_tpm_provisions_nothing(tmp_path: Path) -> None:
+def test_first_boot_without_tpm_stops_and_creates_nothing(tmp_path: Path) -> None:
+    """SPEC §11.1: by default a first boot without a TPM stops before anything is made."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "encrypted.img.new").write_bytes(b"interrupted")
+    r = report()
+    with pytest.raises(encrypted.NoTpmAtFirstBoot) as stop:
+        encrypted.setup(
+            Config(), tmp_path, tmp_path / "sysroot", r, "quiet", tcti="device:/dev/nonexistent-tpm"
+        )
+    message = str(stop.value)
+    assert message.startswith("no TPM2 on this machine: the first boot cannot create ")
+    assert "/etc, /var would stay on the read-only image" in message
+    assert "[tpm2] required = no" in message
+    # The leftover of an interrupted first boot is still deleted; nothing is created.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    assert [s.name for s in r.steps] == ["discard-leftover"]
+    assert "encrypted" not in r.facts
+
+
+def test_no_tpm_stop_names_the_encrypted_targets(tmp_path: Path) -> None:
+    image = tmp_path / "encrypted.img"
+    assert "(/etc, /var would stay" in str(encrypted.no_tpm_at_first_boot(Config(), image))
+    plain_only = Config(layout=tuple(e for e in Config().layout if e.area == "plain"))
+    message = str(encrypted.no_tpm_at_first_boot(plain_only, image))
+    assert message.startswith(f"no TPM2 on this machine: the first boot cannot create {image};")
+
+
+def test_first_boot_without_tpm_required_no_goes_on_with_plain_entries(tmp_path: Path) -> None:
     (tmp_path / "encrypted.img.new").write_bytes(b"interrupted")
     r = report()
     result = encrypted.setup(
-        Config(), tmp_path, tmp_path / "sysroot", r, "quiet", tcti="device:/dev/nonexistent-tpm"
+        Config(tpm2_required=False),
+        tmp_path,
+        tmp_path / "sysroot",
+        r,
+        "quiet",
+        tcti="device:/dev/nonexistent-tpm",
     )
     assert result is None
     assert r.facts["encrypted"] == {"state": "not provisioned: no TPM2"}

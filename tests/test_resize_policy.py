@@ -23,7 +23,9 @@ from pystate_initrd.formats.resize_policy import (
     Space,
     decide,
     human_size,
+    margin,
     minimum_image_size,
+    plain_used,
     reserve,
     space_from_statvfs,
 )
@@ -145,12 +147,42 @@ SCENARIOS = [
         "leaves nothing above the reserve 1 GiB: cannot grow",
     ),
     (
-        "plain filled the outer into its reserve; equal weights: the image keeps its free space",
+        # Was "none: the image keeps its free space" before SPEC §11.2 (the plain area starved).
+        "plain filled the outer completely; equal weights: the image gives back what it holds "
+        "above its 512 MiB buffer (SPEC §11.2), a 4.9 % change made because the outer free "
+        "space is below the plain margin",
         S(ofree=0, image=10 * G + H, used=9 * G, free=G),
+        DEFAULT_PARAMS,
+        SHRINK,
+        9 * G + 528 * M,
+        "outer free 0 B below half the plain buffer 512 MiB (capped by the plain share 512 MiB)"
+        " while the image holds 1 GiB free, more than its buffer 512 MiB",
+    ),
+    (
+        "SPEC §11.2 alone: the image's free 4 GiB is within twice its 2 GiB buffer, but the "
+        "outer free 300 MiB is below half the plain buffer 2 GiB: shrink to the buffer",
+        S(ofree=300 * M, image=30 * G + H, used=24 * G, free=4 * G),
+        DEFAULT_PARAMS,
+        SHRINK,
+        28 * G + H,
+        "outer free 300 MiB below half the plain buffer 2 GiB",
+    ),
+    (
+        "... the same rule, under the 5 % step and with the outer free space above the plain "
+        "margin (399 MiB): skipped",
+        S(outer=80 * G, ofree=500 * M, image=60 * G + H, used=50 * G, free=5 * G),
         DEFAULT_PARAMS,
         NONE,
         None,
-        "capped by the encrypted share 512 MiB of the pool 1 GiB",
+        "under the 5 % step: skipped",
+    ),
+    (
+        "... and with weights 1:9 the plain buffer is capped at a tenth of the pool: no shrink",
+        S(ofree=300 * M, image=30 * G + H, used=24 * G, free=4 * G),
+        PolicyParams(weights=(1, 9)),
+        NONE,
+        None,
+        "between half and twice the buffer 2.4 GiB",
     ),
     (
         "... with weights 3:1 the image gives back all but its quarter of the pool",
@@ -245,6 +277,19 @@ def test_numbers_for_status() -> None:
     assert d.floor == H + 49 * G + d.margin
     assert d.delta == 225 * M and d.fs_size == d.target - H and not d.offline
     assert d.describe().startswith("grow 50 GiB -> 50.2 GiB: ")
+
+
+def test_plain_buffer_numbers() -> None:
+    """SPEC §11.2: the plain area's used space is everything on the outer fs but the image;
+    its buffer is max(1 GiB, 10 % of that), capped by the plain share of the pool."""
+    space = S(ofree=300 * M, image=30 * G + H, used=24 * G, free=4 * G)
+    d = decide(space)
+    assert d.plain_used == plain_used(100 * G, 300 * M, 30 * G + H) == 70 * G - 316 * M
+    assert (d.pool, d.plain_share, d.plain_buffer) == (4 * G, 2 * G, 2 * G)  # wants ~7 GiB
+    roomy = decide(S(ofree=50 * G, image=10 * G + H, used=8 * G, free=1536 * M))
+    assert roomy.plain_buffer == roomy.plain_used // 10 and roomy.action is NONE  # 10 %, 4 GiB
+    assert decide(S(ofree=95 * G, image=G + H, used=0, free=G)).plain_buffer == G  # the 1 GiB
+    assert plain_used(G, 2 * G, 0) == 0  # never negative
 
 
 def test_overhead_counts_in_the_floor() -> None:
@@ -416,6 +461,7 @@ def _check_invariants(space: Space, p: PolicyParams, d: Decision) -> None:
     assert all(n >= 0 for n in numbers), d
     assert d.reasons
     assert d.buffer <= d.encrypted_share and d.plain_share + d.encrypted_share == d.pool
+    assert d.plain_buffer <= d.plain_share
     if d.action is NONE:
         assert d.target == d.current == max(0, space.image_size) and not d.offline
         return
@@ -459,11 +505,15 @@ def test_inconsistent_sizes_change_nothing(space: Space) -> None:
 def test_no_change_under_the_step(space: Space, params: PolicyParams) -> None:
     d = decide(space, params)
     if d.action is not NONE and abs(d.delta) * 100 < d.current * params.step_percent:
-        # The one exception: a grow while the file system is below its margin (or the
-        # image below the minimum size).
-        assert d.action is GROW
-        assert space.inner_free < d.margin or space.image_size < params.min_image_size
+        # The exceptions: a grow while the file system is below its margin (or the image
+        # below the minimum size); a shrink while the plain area is starved (SPEC §11.2) and
+        # the outer free space below the plain margin.
         assert any("made anyway" in r for r in d.reasons)
+        if d.action is GROW:
+            assert space.inner_free < d.margin or space.image_size < params.min_image_size
+        else:
+            assert space.outer_free < margin(d.plain_used, params)
+            assert 2 * space.outer_free < d.plain_buffer
 
 
 @given(any_spaces, _any_params)
@@ -492,10 +542,12 @@ def test_idempotent_no_oscillation(space: Space, params: PolicyParams) -> None:
     after = _apply(space, first)
     second = decide(after, params)
     plain_heavy = params.weights[0] > params.weights[1]
-    if first.action is SHRINK and plain_heavy and space.outer_free < first.reserve:
+    for_plain = any("below half the plain buffer" in r for r in first.reasons)
+    if first.action is SHRINK and (plain_heavy or for_plain) and space.outer_free < first.reserve:
         # The documented corner: the bytes a shrink gives back first refill the outer
-        # reserve, which is not in the pool; with plain-heavy weights the pool then gives the
-        # image less, and it may shrink again. Never back up: no oscillation.
+        # reserve, which is not in the pool; with plain-heavy weights, or after a shrink for
+        # the starved plain area (SPEC §11.2), the pool then gives the image less, and it may
+        # shrink again. Never back up: no oscillation.
         assert second.action is not GROW, second.describe()
         return
     assert second.action is NONE, (first.describe(), second.describe())
@@ -536,9 +588,69 @@ def test_neither_area_starves(space: Space, params: PolicyParams) -> None:
 
 @settings(max_examples=200)
 @given(consistent_spaces(nearly_full=True))
-def test_equal_weights_plain_filling_up_never_squeezes_the_image(space: Space) -> None:
-    # With 50:50 the share-capped buffer alone never asks for a shrink: only an image holding
-    # more than twice what it wants (max(1 GiB, 10 % of used)) gives space back.
+def test_equal_weights_plain_filling_up_squeezes_the_image_only_for_the_plain_buffer(
+    space: Space,
+) -> None:
+    """With 50:50 the share-capped buffer alone never asks for a shrink: an image gives space
+    back when it holds more than twice what it wants (max(1 GiB, 10 % of used)), or, since
+    SPEC §11.2, when the plain area is below half its own buffer — and then only what it
+    holds above its buffer. (Before §11.2 this test said that filling /home never squeezes
+    the image: SPEC §11.2 makes the rule symmetric, so that was wrong.)"""
     d = decide(space)
     if d.action is SHRINK:
-        assert d.buffer == max(G, space.inner_used * 10 // 100)
+        for_plain = 2 * space.outer_free < d.plain_buffer and space.inner_free > d.buffer
+        assert d.buffer == max(G, space.inner_used * 10 // 100) or for_plain, d.describe()
+        assert _apply(space, d).inner_free >= d.buffer
+
+
+_unequal_weights = st.sampled_from(
+    [W91, W31, PolicyParams(weights=(1, 9)), PolicyParams(weights=(1, 3))]
+) | _params.filter(lambda p: p.weights[0] != p.weights[1])
+
+
+@settings(max_examples=500)
+@given(
+    consistent_spaces(nearly_full=True) | consistent_spaces(),
+    st.just(DEFAULT_PARAMS) | _unequal_weights,
+)
+def test_neither_area_is_held_below_its_floor_by_the_other(
+    space: Space, params: PolicyParams
+) -> None:
+    """SPEC §7 + §11.2, with each area's floor defined as the SPEC's rules give it:
+
+    - the encrypted area's floor is its buffer, min(max(1 GiB, 10 % of its used space), its
+      weighted share of the pool), above its hard minimums (header + used + margin, the
+      minimum size): no shrink, whichever area asked for it, leaves the image with less free
+      space than that, or smaller than those;
+    - the plain area's floor is half its buffer, min(max(1 GiB, 10 % of its used space), its
+      weighted share), counted in outer free space: while the outer free space is below it,
+      the image keeps no free space above its own buffer — the decision is a shrink to
+      exactly max(image - free + buffer, hard minimums) (rounded up to 1 MiB) — except when
+      that is no change at all, or a change under the 5 % step while the outer free space is
+      still at or above the plain margin max(64 MiB, 2 % of the plain used space). A grow
+      then happens only for the image's own minimum size.
+    """
+    d = decide(space, params)
+    after = _apply(space, d)
+    if d.action is SHRINK:
+        assert after.inner_free >= d.buffer, d.describe()
+        assert d.target >= d.floor and d.target >= minimum_image_size(space, params)
+    starved = 2 * space.outer_free < d.plain_buffer and space.inner_free > d.buffer
+    if not starved:
+        return
+    if d.action is GROW:
+        assert space.image_size < params.min_image_size, d.describe()
+        return
+    by_buffer = -(-(space.image_size - space.inner_free + d.buffer) // MIB) * MIB
+    hard = -(-max(d.floor, minimum_image_size(space, params)) // MIB) * MIB
+    wanted = max(by_buffer, hard)
+    if d.action is SHRINK:
+        assert d.target == wanted, d.describe()
+        assert after.inner_free < d.buffer + MIB or _lifted(space, params, d)
+        return
+    # No shrink: nothing to give back, or a small change the plain area can wait for.
+    change = space.image_size - wanted
+    assert change <= 0 or (
+        change * 100 < space.image_size * params.step_percent
+        and space.outer_free >= margin(d.plain_used, params)
+    ), d.describe()

@@ -117,6 +117,8 @@ def decision_json(d: Decision) -> dict[str, object]:
         "buffer": d.buffer,
         "margin": d.margin,
         "floor": d.floor,
+        "plain_used": d.plain_used,
+        "plain_buffer": d.plain_buffer,
         "describe": d.describe(),
     }
 
@@ -395,6 +397,7 @@ def status_lines(view: dict[str, object]) -> list[str]:
         lines.append(
             f"resize: pool {size(n('pool'))} (plain share {size(n('plain_share'))}, "
             f"encrypted share {size(n('encrypted_share'))}), buffer {size(n('buffer'))}, "
+            f"plain buffer {size(n('plain_buffer'))}, "
             f"reserve {size(n('reserve'))}, floor {size(n('floor'))}"
         )
         lines.append(f"resize: {d.get('describe')}")

@@ -18,13 +18,18 @@ The rules, in the order decide() applies them (docs/resize-policy.md has worked 
 - buffer = min(max(buffer_min, buffer_percent of used), encrypted share).
 - margin = max(margin_min, margin_percent of used);
   floor = LUKS header + the file system's own overhead + used + margin.
+- the plain area's buffer (SPEC §11.2), the same rule on the other side:
+  plain used = outer size - outer free - image (everything on the outer fs but the image);
+  plain buffer = min(max(buffer_min, buffer_percent of plain used), plain share).
 - grow when 2 * free < buffer (or the image is below the minimum size): to
   max(image + buffer - free rounded down, floor, minimum size), capped at
   image + outer free - reserve rounded down;
-  shrink when free > 2 * buffer: to max(image - free + buffer rounded up, floor, minimum size).
+  shrink when free > 2 * buffer, or (SPEC §11.2) when 2 * outer free < plain buffer while
+  free > buffer: to max(image - free + buffer rounded up, floor, minimum size).
 - a change under step_percent of the image is skipped, except a grow while the inner free
-  space is below the margin (or the image below the minimum size): running the encrypted file
-  system full is worse than a small resize.
+  space is below the margin (or the image below the minimum size), and a shrink while the
+  outer free space is below the plain area's margin (max(margin_min, margin_percent of plain
+  used)): running either file system full is worse than a small resize.
 - inconsistent inputs (negative, free > size, used + free > size, a file system larger than
   its image, ...) give ``none`` with the reason; decide() never raises for any ints.
 """
@@ -184,6 +189,8 @@ class Decision:
     buffer: int
     margin: int
     floor: int  # header + overhead + used + margin: no shrink goes below this
+    plain_used: int  # outer size - outer free - image: everything on /state but the image
+    plain_buffer: int  # min(max(buffer_min, % of plain_used), plain_share) (SPEC §11.2)
 
     @property
     def delta(self) -> int:
@@ -298,8 +305,21 @@ def encrypted_share(pool: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
 
 
 def wanted_buffer(used: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
-    """The free space the image should keep before the share caps it: max(buffer_min, %)."""
+    """The free space an area should keep before its share caps it: max(buffer_min, %).
+
+    The same rule for both areas (SPEC §7, §11.2): used is the image's inner used space, or
+    the plain area's (plain_used()).
+    """
     return max(params.buffer_min, used * params.buffer_percent // 100)
+
+
+def plain_used(outer_size: int, outer_free: int, image_size: int) -> int:
+    """The plain area's used space: everything on the outer file system but the image.
+
+    That includes the outer file system's own blocks that statfs counts in its size but not
+    as available (ext4's root reservation): the plain area cannot use them either.
+    """
+    return max(0, max(0, outer_size) - max(0, outer_free) - max(0, image_size))
 
 
 def margin(used: int, params: PolicyParams = DEFAULT_PARAMS) -> int:
@@ -348,6 +368,17 @@ class _Figures:
     margin: int
     floor: int  # header + overhead + used + margin
     min_size: int  # minimum_image_size()
+    plain_used: int
+    plain_share: int
+    plain_wanted: int  # the plain buffer before the plain share caps it
+    plain_buffer: int
+    plain_margin: int
+
+    @property
+    def plain_starved(self) -> bool:
+        """SPEC §11.2: the outer free space below half the plain buffer while the image
+        holds more free space than its own buffer."""
+        return 2 * self.outer_free < self.plain_buffer and self.free > self.buffer
 
     @property
     def lift(self) -> int:
@@ -380,6 +411,8 @@ def _figures(space: Space, p: PolicyParams) -> _Figures:
     wanted = wanted_buffer(used, p)
     kept_margin = margin(used, p)
     overhead = max(0, image - header - inner_size)  # journal, inode tables: not in f_blocks
+    plain = plain_used(outer_size, outer_free, image)
+    plain_wanted = wanted_buffer(plain, p)
     return _Figures(
         image=image,
         header=header,
@@ -395,11 +428,16 @@ def _figures(space: Space, p: PolicyParams) -> _Figures:
         margin=kept_margin,
         floor=header + overhead + used + kept_margin,
         min_size=minimum_image_size(space, p),
+        plain_used=plain,
+        plain_share=pool - share,
+        plain_wanted=plain_wanted,
+        plain_buffer=min(plain_wanted, pool - share),
+        plain_margin=margin(plain, p),
     )
 
 
 def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
-    """The resize decision for these sizes (SPEC §7). Deterministic; never raises."""
+    """The resize decision for these sizes (SPEC §7, §11.2). Deterministic; never raises."""
     f = _figures(space, params)
     reasons: list[str] = []
     problems = _inconsistencies(space)
@@ -414,7 +452,7 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
             )
         if 2 * f.free < f.buffer or f.image < params.min_image_size:
             action, target = _grow(f, params, reasons)
-        elif f.free > 2 * f.buffer:
+        elif f.free > 2 * f.buffer or f.plain_starved:
             action, target = _shrink(f, params, space.inner_fs, reasons)
         else:
             reasons.append(
@@ -437,6 +475,8 @@ def decide(space: Space, params: PolicyParams = DEFAULT_PARAMS) -> Decision:
         buffer=f.buffer,
         margin=f.margin,
         floor=f.floor,
+        plain_used=f.plain_used,
+        plain_buffer=f.plain_buffer,
     )
 
 
@@ -495,17 +535,33 @@ def _grow(f: _Figures, p: PolicyParams, reasons: list[str]) -> tuple[Action, int
 
 
 def _shrink(f: _Figures, p: PolicyParams, inner_fs: str, reasons: list[str]) -> tuple[Action, int]:
-    """Free space above twice the buffer: shrink to the buffer, never below the minimums."""
+    """Free space above twice the buffer, or the plain area starved (SPEC §11.2): shrink to
+    the buffer, never below the minimums."""
     size = human_size
-    reasons.append(f"free {size(f.free)} above twice the buffer {size(f.buffer)}")
+    if f.free > 2 * f.buffer:
+        reasons.append(f"free {size(f.free)} above twice the buffer {size(f.buffer)}")
+    if f.plain_starved:
+        capped = (
+            f" (capped by the plain share {size(f.plain_share)})"
+            if f.plain_buffer < f.plain_wanted
+            else ""
+        )
+        reasons.append(
+            f"outer free {size(f.outer_free)} below half the plain buffer "
+            f"{size(f.plain_buffer)}{capped} while the image holds {size(f.free)} free, more "
+            f"than its buffer {size(f.buffer)}: giving back the excess"
+        )
     by_buffer = _up(f.image - f.free + f.buffer)
     target = max(by_buffer, f.lift)
     if target >= f.image:
-        reasons.append(
-            f"image already at or below used + margin {size(_up(f.floor))}: not shrinking"
-            if f.floor_wins
-            else f"image already at the minimum size {size(f.min_size)}: not shrinking"
-        )
+        if by_buffer >= f.image:
+            reasons.append("the change rounds to less than 1 MiB: nothing to do")
+        else:
+            reasons.append(
+                f"image already at or below used + margin {size(_up(f.floor))}: not shrinking"
+                if f.floor_wins
+                else f"image already at the minimum size {size(f.min_size)}: not shrinking"
+            )
         return Action.NONE, f.image
     if target > by_buffer:
         reasons.append(
@@ -513,7 +569,10 @@ def _shrink(f: _Figures, p: PolicyParams, inner_fs: str, reasons: list[str]) -> 
             if f.floor_wins
             else f"held at the minimum image size {size(_up(f.min_size))}"
         )
-    if _skipped_by_step(f, p, target, None, reasons):
+    exempt = None
+    if f.plain_starved and f.outer_free < f.plain_margin:
+        exempt = f"outer free {size(f.outer_free)} is below the plain margin {size(f.plain_margin)}"
+    if _skipped_by_step(f, p, target, exempt, reasons):
         return Action.NONE, f.image
     reasons.append(
         "btrfs shrinks online"

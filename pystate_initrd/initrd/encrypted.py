@@ -6,7 +6,9 @@ Called by the boot pipeline between mount-state and plan. Decisions, in order:
 2. ``pystate.factory-reset=1``: crypto-erase the image and delete the plain entries;
 3. a leftover ``encrypted.img.new``: an interrupted first boot, deleted (SPEC §6);
 4. no ``encrypted.img``: provision it (provision.py) — unless the machine has no TPM at
-   all, in which case nothing is made: the boot goes on with the plain entries, loudly;
+   all: then the boot stops with ``NoTpmAtFirstBoot`` before anything is made (SPEC §11.1),
+   or, with ``[tpm2] required = no``, nothing is made and the boot goes on with the plain
+   entries, loudly;
 5. else unlock it (unlock.py): TPM2, then the recovery key.
 
 A test build of the program may act before the TPM is asked and after each provisioning
@@ -21,7 +23,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from pystate_initrd.config import Config
+from pystate_initrd.config import Area, Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import names
 from pystate_initrd.initrd import provision, unlock
@@ -32,6 +34,22 @@ from pystate_initrd.volume import hooks
 
 class EncryptedError(PystateError):
     """The encrypted area's files on /state are not what pystate made."""
+
+
+class NoTpmAtFirstBoot(PystateError):
+    """A first boot on a machine without a TPM2, with ``[tpm2] required = yes`` (SPEC §11.1)."""
+
+
+def no_tpm_at_first_boot(cfg: Config, image: Path) -> NoTpmAtFirstBoot:
+    """The stop for a first boot without a TPM: what would be lost, what to do."""
+    targets = ", ".join(e.target for e in cfg.layout if e.area is Area.ENCRYPTED)
+    held = f" ({targets} would stay on the read-only image)" if targets else ""
+    return NoTpmAtFirstBoot(
+        f"no TPM2 on this machine: the first boot cannot create {image}{held}; "
+        "nothing was created",
+        hint="enable the TPM in the firmware and reboot, or set [tpm2] required = no in the "
+        "initrd's pystate.conf to boot with the plain entries only",
+    )
 
 
 def factory_reset(state_dir: Path) -> list[str]:
@@ -107,9 +125,11 @@ def setup(
     if not _check_image(image):
         tpm2.wait_for_tpm(tcti)
         if not tpm2.tpm_present(tcti):
+            if cfg.tpm2_required:
+                raise no_tpm_at_first_boot(cfg, image)
             log.error(
                 f"no TPM2 on this machine: {image} is not created and the encrypted entries "
-                "are not mounted; only plain entries are"
+                "are not mounted; only plain entries are ([tpm2] required = no)"
             )
             report.facts["encrypted"] = {"state": "not provisioned: no TPM2"}
             return None

@@ -78,10 +78,26 @@ def remove_leftover(state_dir: Path) -> bool:
     return True
 
 
-def allocate(path: Path, size: int, allocation: Allocation) -> None:
-    """Create path (it must not exist) with size bytes: fully allocated, or sparse."""
+def allocate(path: Path, size: int, allocation: Allocation) -> bool:
+    """Create path (it must not exist) with size bytes: fully allocated, or sparse; whether
+    it was made No_COW.
+
+    On a btrfs outer file system the file is made No_COW (chattr +C) while it is still
+    empty (SPEC §11.11): a copy-on-write file's blocks are allocated anew at every write,
+    so fallocate could not keep its promise that a write inside the image never meets a
+    full outer file system. Grows extend the same file, and the offline shrink truncates
+    it, so the flag stays.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        try:
+            nocow = block.set_nocow(fd)
+        except OSError as exc:
+            raise ProvisionError(
+                f"cannot make {path} No_COW (chattr +C) on the btrfs state file system: "
+                f"{exc.strerror}",
+                hint="without it the image is not fully allocated (SPEC §11.11)",
+            ) from None
         if allocation is Allocation.FULL:
             try:
                 block.fallocate(fd, 0, 0, size)
@@ -94,6 +110,7 @@ def allocate(path: Path, size: int, allocation: Allocation) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return nocow
 
 
 def write_recovery_key(inner_root: Path, key_text: str) -> Path:
@@ -203,8 +220,8 @@ def provision(
                 HEADER_SIZE,
                 params_from_config(cfg),
             )
-            allocate(new, size, cfg.allocation)
-            s.detail = f"{new} {human_size(size)} ({cfg.allocation})"
+            nocow = allocate(new, size, cfg.allocation)
+            s.detail = f"{new} {human_size(size)} ({cfg.allocation}{', No_COW' if nocow else ''})"
         hook("allocate")
         with report.step("luks-format") as s:
             uuid = format_image(

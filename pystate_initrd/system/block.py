@@ -1,4 +1,4 @@
-"""Block devices and files: sizes, logical sectors, fallocate, the bytes of a superblock."""
+"""Block devices and files: sizes, logical sectors, fallocate, No_COW, the bytes of a superblock."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ FALLOC_FL_ZERO_RANGE = 0x10
 # the asm-generic ioctl encoding that x86_64 and aarch64 share.
 BLKSSZGET = 0x1268
 BLKGETSIZE64 = 0x80081272
+# linux/fs.h: FS_IOC_GETFLAGS = _IOR('f', 1, long), FS_IOC_SETFLAGS = _IOW('f', 2, long);
+# the kernel reads and writes an int through the pointer all the same (as chattr passes).
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_NOCOW_FL = 0x00800000  # chattr +C
+# linux/magic.h
+BTRFS_SUPER_MAGIC = 0x9123683E
 
 
 # --- block devices and files ---
@@ -59,6 +66,49 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = ffi.errno
         if err != errno.EINTR:
             libc.fail(err, libc.fd_name(fd))
+
+
+def fs_magic(fd: int) -> int | None:
+    """The f_type of the file system fd is on (fstatfs(2)); None where the system call is
+    not known for this architecture."""
+    ffi, _ = libc.ffi_libc()
+    buf = ffi.new("char[]", 256)  # struct statfs is 120 bytes on LP64; f_type comes first
+    try:
+        libc.syscall("fstatfs", fd, buf)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            return None
+        libc.fail(exc.errno or errno.EIO, libc.fd_name(fd))
+    return int.from_bytes(ffi.buffer(buf, 8)[:], sys.byteorder) & 0xFFFFFFFF
+
+
+def _file_flags(fd: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def set_nocow(fd: int) -> bool:
+    """Mark an empty file No_COW (chattr +C) on btrfs, so that its blocks, once allocated,
+    are overwritten in place; whether the file system is btrfs (elsewhere nothing is done:
+    ext4 and xfs overwrite in place anyway and refuse the flag).
+
+    btrfs takes the flag only while the file is empty, and ignores it silently otherwise:
+    so it is read back, and a file that did not take it is an OSError (EINVAL).
+    """
+    if fs_magic(fd) != BTRFS_SUPER_MAGIC:
+        return False
+    name = libc.fd_name(fd)
+    try:
+        flags = _file_flags(fd)
+        if not flags & FS_NOCOW_FL:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, (flags | FS_NOCOW_FL).to_bytes(4, sys.byteorder))
+            flags = _file_flags(fd)
+    except OSError as exc:
+        libc.fail(exc.errno or errno.EIO, name)
+    if not flags & FS_NOCOW_FL:
+        raise OSError(errno.EINVAL, "btrfs did not take the No_COW flag (file not empty?)", name)
+    return True
 
 
 # --- superblocks ---
