@@ -470,6 +470,27 @@ def test_first_boot_without_tpm_stops_and_creates_nothing(tmp_path: Path) -> Non
     assert "encrypted" not in r.facts
 
 
+def test_factory_reset_without_tpm_erases_nothing(tmp_path: Path) -> None:
+    """A reset that could not provision afresh (no TPM, required by default) is refused
+    before the crypto-erase: the image and the plain entries stay as they were."""
+    (tmp_path / "home/alice").mkdir(parents=True)
+    (tmp_path / "home/alice/notes").write_text("kept\n")
+    (tmp_path / "encrypted.img").write_bytes(b"an image that must not be erased")
+    r = report()
+    with pytest.raises(encrypted.NoTpmAtFirstBoot, match="nothing was erased"):
+        encrypted.setup(
+            Config(factory_reset=True),
+            tmp_path,
+            tmp_path / "sysroot",
+            r,
+            "quiet",
+            tcti="device:/dev/nonexistent-tpm",
+        )
+    assert (tmp_path / "home/alice/notes").read_text() == "kept\n"
+    assert (tmp_path / "encrypted.img").read_bytes() == b"an image that must not be erased"
+    assert r.steps == []
+
+
 def test_no_tpm_stop_names_the_encrypted_targets(tmp_path: Path) -> None:
     image = tmp_path / "encrypted.img"
     assert "(/etc, /var would stay" in str(encrypted.no_tpm_at_first_boot(Config(), image))

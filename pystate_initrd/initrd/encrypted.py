@@ -112,6 +112,17 @@ def setup(
         return opened.mountpoint
 
     if cfg.factory_reset:
+        # The reset provisions afresh, which needs the TPM: without one, refuse before
+        # erasing anything rather than leave a machine that stops at every boot.
+        if cfg.tpm2_required:
+            tpm2.wait_for_tpm(tcti)
+            if not tpm2.tpm_present(tcti):
+                raise NoTpmAtFirstBoot(
+                    "no TPM2 on this machine: a factory reset would erase the state and then "
+                    "be unable to provision it; nothing was erased",
+                    hint="enable the TPM in the firmware and reboot with the reset again, or set "
+                    "[tpm2] required = no in the initrd's pystate.conf",
+                )
         with report.step("factory-reset") as s:
             gone = factory_reset(state_dir)
             s.detail = "removed " + (", ".join(gone) or "nothing")
