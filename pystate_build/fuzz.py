@@ -10,8 +10,9 @@ lines and names; and hypothesis-built structured inputs (valid tokens, event
 logs, configuration files, command lines, names), used as they are and mutated.
 
 An input is a bug when the parser raises anything but its module's own error,
-runs longer than the time bound (SIGALRM in-process), or its peak traced memory
-(tracemalloc) exceeds the memory bound. A bug is printed and its input saved
+needs more than the time bound (1 s of CPU, SIGPROF in-process, checked again
+untraced when the traced run is slow), or its peak traced memory (tracemalloc)
+exceeds the memory bound. A bug is printed and its input saved
 under out/fuzz/. Everything is seeded: the same --seed and seed corpus give the
 same inputs. The real seeds are made once into out/fuzz/seeds/ (sfdisk,
 cryptsetup; root for the 4096-byte-sector loop device) and reused.
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -48,7 +51,7 @@ HYPOTHESIS_POOL = 200  # structured inputs drawn per target (used as they are an
 
 
 class Hang(BaseException):
-    """Raised by SIGALRM inside a parser (a BaseException: `except Exception` won't eat it)."""
+    """Raised by SIGALRM/SIGPROF in a parser (a BaseException: `except Exception` won't eat it)."""
 
 
 # ----------------------------------------------------------------------------- targets
@@ -65,6 +68,8 @@ class Target:
     fields: Callable[[bytes], list[tuple[int, int, str]]] | None = None  # (offset, size, "<"|">")
     words: tuple[bytes, ...] = ()  # dictionary for text mutations
     json: bool = False  # JSON value edits (whole JSON text, or a LUKS2 header's JSON area)
+    units: Callable[[bytes], list[tuple[int, int]]] | None = None  # records to repeat
+    limits: Callable[[], list[bytes]] | None = None  # inputs at and past the size caps
 
 
 def _gpt_run(data: bytes) -> object:
@@ -93,15 +98,32 @@ def _token_run(data: bytes) -> object:
 
 
 def _eventlog_run(data: bytes) -> object:
+    """The log as tpm2.py reads it, then what the PCR diagnosis does with it: replay,
+    summarize for sealing, and compare with the seed token's recorded events."""
+    from pystate_initrd.formats import pcr_diagnosis as pd
     from pystate_initrd.formats import tcg_eventlog as tl
     from pystate_initrd.formats.tpm2_policy import BANKS
 
     log = tl.parse(data)
     names = [tl.event_name(e) for e in log.events]
+    key = _seed_key()
     for bank in BANKS:
-        with contextlib.suppress(tl.EventLogError):
-            tl.replay(log, bank)
+        try:
+            values = tl.replay(log, bank)
+        except tl.EventLogError:
+            continue
+        pd.summarize(log, bank, values)
+        if bank == key.bank:
+            current = {7: values.get(7, bytes(32)), 15: bytes(32)}
+            check = pd.compare(key, current, log, pd.Moment.UNLOCK)
+            pd.mismatch_line(key, check)
+            pd.status_line(key, check)
     return names
+
+
+@functools.cache
+def _seed_key() -> Any:
+    return _sealed_key(True)
 
 
 def _request_run(data: bytes) -> object:
@@ -263,6 +285,10 @@ def _token_json(pcr_values: bool, slot: int = 1) -> bytes:
     from pystate_initrd.formats.token import encode_token_json
 
     return encode_token_json(_sealed_key(pcr_values), slot).encode()
+
+
+def _token_seeds(seed_dir: Path) -> list[bytes]:
+    return [_token_json(True), _token_json(False)]
 
 
 def _luks_image(metadata_size: str) -> Callable[[Path], bytes | None]:
@@ -496,27 +522,43 @@ def _cmdline_strategy() -> Any:
         st.tuples(keys, st.none() | st.text(st.characters(blacklist_characters="\0"), max_size=12)),
         max_size=6,
     )
-    return pairs.map(lambda p: format_cmdline(p).encode("utf-8", "surrogateescape"))
+
+    def encode(p: list[tuple[str, str | None]]) -> bytes:
+        return format_cmdline(p).encode("utf-8", "surrogateescape")
+
+    # Named functions, not lambdas: hypothesis reads a lambda's source, which is fragile.
+    return pairs.map(encode)
 
 
 def _escape_strategy() -> Any:
     from hypothesis import strategies as st
 
     pieces = ["-", "\\x2d", "\\x2f", "\\x2e", "\\x00", "\\", "x", ".", "a", "ü", "\\xff", "--"]
-    return st.lists(st.sampled_from(pieces), max_size=12).map(lambda p: "".join(p).encode())
+
+    def join(p: list[str]) -> bytes:
+        return "".join(p).encode()
+
+    return st.lists(st.sampled_from(pieces), max_size=12).map(join)
 
 
 def _request_strategy() -> Any:
     from hypothesis import strategies as st
 
     mib = 1 << 20
-    ints = st.integers(0, 4096).map(lambda n: n * mib) | st.integers(-1, 1 << 64)
+
+    def mibs(n: int) -> int:
+        return n * mib
+
+    def dump(o: dict[str, Any]) -> bytes:
+        return json.dumps({**o, "version": o["version"] % 3}).encode()
+
+    ints = st.integers(0, 4096).map(mibs) | st.integers(-1, 1 << 64)
     keys = ["version", "luks_uuid", "current", "size", "fs_size", "requested"]
     obj = st.fixed_dictionaries(
         {k: ints for k in keys if k != "luks_uuid"}
         | {"luks_uuid": st.sampled_from(["5c8a1f0e-5e33-4c3c-9a0e-8b8f3b5d2a11", "x" * 36])}
     )
-    return obj.map(lambda o: json.dumps({**o, "version": o["version"] % 3}).encode())
+    return obj.map(dump)
 
 
 # ---------------------------------------------------------------------- fix-ups and fields
@@ -604,6 +646,58 @@ def _eventlog_fields(data: bytes) -> list[tuple[int, int, str]]:
     return [f for f in out if f[0] + f[1] <= len(data)]
 
 
+def _eventlog_units(data: bytes) -> list[tuple[int, int]]:
+    """The byte spans of the seed's events (whole records, for the repeat mutation)."""
+    starts = [f[0] for f in _eventlog_fields(data)[4:]][::3]
+    return [(a, b) for a, b in itertools.pairwise([*starts, len(data)]) if a < b]
+
+
+def _eventlog_limits() -> list[bytes]:
+    """Logs at and past MAX_EVENTS: every event on PCR 0 (whose start depends on a
+    StartupLocality event anywhere in the log), or on PCR 7, in one and in three banks."""
+    from pystate_initrd.formats import tcg_eventlog as tl
+
+    out = []
+    for algs in (((0x000B, 32),), ((0x0004, 20), (0x000B, 32), (0x000C, 48))):
+        for pcr, count in ((0, tl.MAX_EVENTS), (7, tl.MAX_EVENTS), (0, tl.MAX_EVENTS + 1)):
+            digests = tuple((a, bytes([pcr + 1]) * s) for a, s in algs)
+            out.append(tl.encode(algs, [tl.Event(pcr, tl.EV_SEPARATOR, digests, b"")] * count))
+    return out
+
+
+def _json_limits(limit: int) -> Callable[[], list[bytes]]:
+    def make() -> list[bytes]:
+        return [
+            b"[" * limit,
+            b" " * (limit - 2) + b"{}",
+            b'{"a":"' + b"x" * (limit - 8) + b'"}',
+            b"1" * limit,
+            b"[" * (limit + 1),
+        ]
+
+    return make
+
+
+def _text_limits(limit: int, unit: bytes) -> Callable[[], list[bytes]]:
+    def make() -> list[bytes]:
+        return [unit * (limit // len(unit)), unit * (limit // len(unit) + 1), b"\x41" * limit]
+
+    return make
+
+
+def _config_limits() -> list[bytes]:
+    """Files at MAX_CONF_SIZE: distinct layout sections, comments, one long value; and past."""
+    from pystate_initrd.config import MAX_CONF_SIZE
+
+    sections = b"".join(b"[layout /var/e%d]\nseed = no\n" % i for i in range(60000))
+    return [
+        sections[: sections.rindex(b"[", 0, MAX_CONF_SIZE)],
+        b"# comment\n" * (MAX_CONF_SIZE // 10),
+        b"[state]\nplain-allowlist = " + b"/home " * (MAX_CONF_SIZE // 6 - 10) + b"\n",
+        b"\n" * (MAX_CONF_SIZE + 1),
+    ]
+
+
 _JSON_WORDS = (
     b'"',
     b"{",
@@ -655,10 +749,11 @@ def _register_targets() -> None:
             "token",
             _token_run,
             (TokenError,),
-            lambda _: [_token_json(True), _token_json(False)],
+            _token_seeds,
             _token_strategy,
             words=_JSON_WORDS,
             json=True,
+            limits=_json_limits(64 * 1024),
         ),
         Target(
             "eventlog",
@@ -667,6 +762,8 @@ def _register_targets() -> None:
             _eventlog_seeds,
             _eventlog_strategy,
             fields=_eventlog_fields,
+            units=_eventlog_units,
+            limits=_eventlog_limits,
         ),
         Target(
             "shrink-request",
@@ -676,6 +773,7 @@ def _register_targets() -> None:
             _request_strategy,
             words=_JSON_WORDS,
             json=True,
+            limits=_json_limits(4096),
         ),
         Target(
             "config",
@@ -683,6 +781,7 @@ def _register_targets() -> None:
             (ConfigError,),
             _config_seeds,
             _config_strategy,
+            limits=_config_limits,
             words=(
                 b"[",
                 b"]",
@@ -707,6 +806,7 @@ def _register_targets() -> None:
             (CmdlineError, ConfigError),
             _cmdline_seeds,
             _cmdline_strategy,
+            limits=_text_limits(64 * 1024, b"pystate.tpm2-pcrs=7 "),
             words=(
                 b'"',
                 b"'",
@@ -730,6 +830,7 @@ def _register_targets() -> None:
             (EscapeError,),
             _escape_seeds,
             _escape_strategy,
+            limits=_text_limits(4096, b"a-"),
             words=(b"-", b"\\x", b"\\x2f", b"\\x00", b"/", b".", b"..", b"\xff", b"\0", b"a" * 256),
         ),
     ):
@@ -853,26 +954,30 @@ def _json_mutate(rng: random.Random, data: bytearray) -> bytearray:
     return data
 
 
-_SHAPES: dict[int, tuple[bytes, list[tuple[int, int, str]], list[int]]] = {}
+_Shape = tuple[list[tuple[int, int, str]], list[int], list[tuple[int, int]]]
+_SHAPES: dict[int, tuple[bytes, _Shape]] = {}
+GROW_LIMIT = 4 << 20  # the repeat mutation stops at this size
 
 
-def _shape(target: Target, seed: bytes) -> tuple[list[tuple[int, int, str]], list[int]]:
-    """The seed's editable fields and non-zero 512-byte blocks (cached per seed object)."""
+def _shape(target: Target, seed: bytes) -> _Shape:
+    """The seed's editable fields, non-zero 512-byte blocks and repeatable records (cached
+    per seed object)."""
     cached = _SHAPES.get(id(seed))
     if cached is None or cached[0] is not seed:
         fields = target.fields(seed) if target.fields else []
         hot = [o for o in range(0, len(seed), 512) if seed[o : o + 512].strip(b"\0")]
         if len(seed) <= 4096:
             hot = []  # small inputs: every offset is as good
-        cached = (seed, fields, hot)
+        units = target.units(seed) if target.units else []
+        cached = (seed, (fields, hot, units))
         _SHAPES[id(seed)] = cached
-    return cached[1], cached[2]
+    return cached[1]
 
 
 def mutate(rng: random.Random, target: Target, seed: bytes, pool: Sequence[bytes]) -> bytes:
     """One to four stacked mutations of seed, then (mostly) the target's checksum fix-up."""
     d = bytearray(seed)
-    fields, hot = _shape(target, seed)
+    fields, hot, units = _shape(target, seed)
 
     def pick(n: int) -> int:
         """An offset: mostly inside the seed's non-zero 512-byte blocks (its structures)."""
@@ -884,7 +989,7 @@ def mutate(rng: random.Random, target: Target, seed: bytes, pool: Sequence[bytes
 
     for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
         n = len(d)
-        op = rng.randrange(11)
+        op = rng.randrange(11) if rng.random() > 0.02 else 11
         if op == 0 and n:  # bit flips
             for _ in range(rng.randint(1, 8)):
                 i = pick(n)
@@ -936,6 +1041,15 @@ def mutate(rng: random.Random, target: Target, seed: bytes, pool: Sequence[bytes
             op in (9, 10) and target.json
         ):  # JSON value edits (token, LUKS2 JSON area, shrink request)
             d = _json_mutate(rng, d)
+        elif op == 11 and n:  # a record or a short range repeated: size and count limits
+            if units and len(d) == len(seed):
+                a, b = rng.choice(units)
+            else:
+                a = pick(n)
+                b = min(n, a + rng.randint(1, 16))
+            times = rng.choice((2, 16, 256, 2048, 20000))
+            times = max(1, min(times, (GROW_LIMIT - n) // max(b - a, 1)))
+            d[a:b] = d[a:b] * times
     if target.fixup and rng.random() < 0.85:
         target.fixup(d)
     return bytes(d)
@@ -969,13 +1083,14 @@ def hypothesis_pool(target: Target, count: int, seed: int) -> list[bytes]:
 def inputs(
     target: Target, n: int, seed: int, real: Sequence[bytes], pool: Sequence[bytes]
 ) -> Iterator[bytes]:
-    """n inputs: the real seeds and hypothesis' structured inputs (pool) as they are, then
-    mutants of both."""
+    """n inputs: the real seeds, the target's inputs at its size limits and hypothesis'
+    structured inputs (pool) as they are, then mutants of the seeds and the pool."""
     rng = random.Random(f"{seed}:{target.name}")
     everything = [*real, *pool]
+    first = [*real, *(target.limits() if target.limits else ()), *pool]
     for i in range(n):
-        if i < len(everything):
-            yield everything[i]
+        if i < len(first):
+            yield first[i]
         elif pool and rng.random() < 0.1:
             yield rng.choice(pool)
         else:
@@ -1014,6 +1129,48 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise Hang
 
 
+@contextlib.contextmanager
+def bounds() -> Iterator[None]:
+    """The SIGALRM/SIGPROF handlers and tracemalloc that run_one needs, unless already set
+    up (by an enclosing campaign); restored afterwards."""
+    if signal.getsignal(signal.SIGALRM) is _on_alarm:
+        yield
+        return
+    old_alarm = signal.signal(signal.SIGALRM, _on_alarm)
+    old_prof = signal.signal(signal.SIGPROF, _on_alarm)
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start(1)
+    try:
+        yield
+    finally:
+        if started:
+            tracemalloc.stop()
+        signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(signal.SIGPROF, old_prof)
+
+
+TRACED_SLACK = 10  # tracemalloc slows allocation-heavy parsers: the traced run's wall limit
+
+
+def _timed(
+    run: Callable[[bytes], object], data: bytes, which: int, bound: float
+) -> tuple[BaseException | None, float]:
+    """run(data) under an interval timer; (what it raised, CPU seconds)."""
+    began = time.process_time()
+    try:
+        signal.setitimer(which, bound)
+        try:
+            run(data)
+        finally:
+            signal.setitimer(which, 0)
+    except Exception as exc:
+        return exc, time.process_time() - began
+    except Hang as exc:
+        return exc, time.process_time() - began
+    return None, time.process_time() - began
+
+
 def run_one(
     run: Callable[[bytes], object],
     errors: tuple[type[BaseException], ...],
@@ -1023,37 +1180,52 @@ def run_one(
     memory_bound: int = MEMORY_BOUND,
 ) -> tuple[str, str, str]:
     """(kind, detail, where): kind "accepted" or "refused" (one of errors raised) within
-    the bounds, else the bug: "exception", "hang" or "memory". Needs tracemalloc and the
-    SIGALRM handler of campaign()."""
+    the bounds, else the bug: "exception", "hang" or "memory".
+
+    The run is traced (tracemalloc: the memory bound) with a generous wall-clock limit;
+    one that takes longer than time_bound is run again untraced, and is a hang when it
+    needs more than time_bound seconds of CPU there too (SIGPROF), so neither tracing
+    nor a loaded machine makes a hang of a slow but bounded parse.
+    """
+    with bounds():
+        return _run_one(run, errors, data, time_bound, memory_bound)
+
+
+def _run_one(
+    run: Callable[[bytes], object],
+    errors: tuple[type[BaseException], ...],
+    data: bytes,
+    time_bound: float,
+    memory_bound: int,
+) -> tuple[str, str, str]:
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
-    problem: tuple[str, str, str] | None = None
-    status = "accepted"
     began = time.monotonic()
-    try:
-        signal.setitimer(signal.ITIMER_REAL, time_bound)
-        try:
-            run(data)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except errors:
-        status = "refused"
-    except Hang as exc:
-        problem = ("hang", f"no result after {time_bound} s", _where(exc))
-    except Exception as exc:  # the bug the campaign looks for
-        lines = traceback.format_exception_only(exc)
-        problem = ("exception", lines[-1].strip()[:500], _where(exc))
+    exc, _ = _timed(run, data, signal.ITIMER_REAL, time_bound * TRACED_SLACK)
     elapsed = time.monotonic() - began
     peak = tracemalloc.get_traced_memory()[1] - base
-    if problem is None and elapsed > time_bound:  # stuck in C code, where no signal lands
-        problem = ("hang", f"{elapsed:.2f} s (bound {time_bound} s)", "")
-    if problem is None and peak > memory_bound:
-        problem = ("memory", f"peak {peak >> 20} MiB traced (bound {memory_bound >> 20} MiB)", "")
-    return problem or (status, "", "")
+    if isinstance(exc, Hang) or elapsed > time_bound:
+        tracemalloc.stop()
+        try:
+            exc, cpu = _timed(run, data, signal.ITIMER_PROF, time_bound)
+        finally:
+            tracemalloc.start(1)
+        if isinstance(exc, Hang):
+            return ("hang", f"no result after {time_bound} s of CPU", _where(exc))
+        if cpu > time_bound:  # stuck in C code, where no signal lands
+            return ("hang", f"{cpu:.2f} s of CPU (bound {time_bound} s)", "")
+    if exc is not None and not isinstance(exc, errors):
+        lines = traceback.format_exception_only(exc)
+        return ("exception", lines[-1].strip()[:500], _where(exc))
+    if peak > memory_bound:
+        return ("memory", f"peak {peak >> 20} MiB traced (bound {memory_bound >> 20} MiB)", "")
+    return ("refused" if exc is not None else "accepted", "", "")
 
 
 def _where(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, Hang):
+        frames = frames[:-1]  # the innermost is the signal handler: where the parser was
     if not frames:
         return ""
     f = frames[-1]
@@ -1077,12 +1249,8 @@ def campaign(
     began = time.monotonic()
     pool = hypothesis_pool(target, min(HYPOTHESIS_POOL, max(n // 5, 1)), seed)
     result.pool_seconds = round(time.monotonic() - began, 3)
-    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
-    started_tracing = not tracemalloc.is_tracing()
-    if started_tracing:
-        tracemalloc.start(1)
     began = time.monotonic()
-    try:
+    with bounds():
         for data in inputs(target, n, seed, real, pool):
             result.inputs += 1
             kind, detail, where = run_one(
@@ -1103,10 +1271,6 @@ def campaign(
                 seen.add((kind, where or detail))
                 result.found.append(bug)
                 report(f"fuzz: BUG {target.name}: {kind}: {detail} [{where}] input {out / name}")
-    finally:
-        if started_tracing:
-            tracemalloc.stop()
-        signal.signal(signal.SIGALRM, old_handler)
     result.seconds = round(time.monotonic() - began, 3)
     result.inputs_per_second = round(result.inputs / result.seconds, 1) if result.seconds else 0.0
     return result

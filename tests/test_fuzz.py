@@ -103,7 +103,7 @@ def memory_hog(data: bytes) -> object:
     ("parser", "kind", "detail"),
     [
         (index_error, "exception", "IndexError: index out of range"),
-        (hang, "hang", "no result after 0.2 s"),
+        (hang, "hang", "no result after 0.2 s of CPU"),
         (memory_hog, "memory", "MiB traced (bound 8 MiB)"),
     ],
 )
