@@ -36,6 +36,7 @@ import tempfile
 import time
 import traceback
 import tracemalloc
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -519,7 +520,14 @@ def _cmdline_strategy() -> Any:
 
     keys = st.sampled_from([s.cmdline for s in SETTINGS if s.cmdline] + ["pystate.x", "root"])
     pairs = st.lists(
-        st.tuples(keys, st.none() | st.text(st.characters(blacklist_characters="\0"), max_size=12)),
+        st.tuples(
+            keys,
+            st.none()
+            | st.text(
+                st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                max_size=12,
+            ),
+        ),
         max_size=6,
     )
 
@@ -665,6 +673,58 @@ def _eventlog_limits() -> list[bytes]:
     return out
 
 
+def _gpt_limits() -> list[bytes]:
+    """GPTs with the largest entry array (1 MiB: 8192 entries), every entry a partition."""
+    from pystate_initrd.formats import gpt
+
+    out = []
+    for ss in gpt.SECTOR_SIZES:
+        count = gpt.MAX_ARRAY_BYTES // 128
+        array_lbas = gpt.MAX_ARRAY_BYTES // ss
+        first = 2 + array_lbas
+        total = first + count + array_lbas + 1
+        last = first + count - 1
+        d = bytearray(total * ss)
+        d[446 + 4] = 0xEE
+        d[510:512] = b"\x55\xaa"
+        kind = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4").bytes_le
+        entries = b"".join(
+            struct.pack(
+                "<16s16sQQQ72s",
+                kind,
+                i.to_bytes(16, "little"),
+                first + i,
+                first + i,
+                0,
+                "p".encode("utf-16-le"),
+            )
+            for i in range(count)
+        )
+        for my, alt, at in ((1, total - 1, 2), (total - 1, 1, total - 1 - array_lbas)):
+            d[at * ss : at * ss + len(entries)] = entries
+            struct.pack_into(
+                "<8sIIIIQQQQ16sQII",
+                d,
+                my * ss,
+                b"EFI PART",
+                0x10000,
+                92,
+                0,
+                0,
+                my,
+                alt,
+                first,
+                last,
+                bytes(16),
+                at,
+                count,
+                128,
+            )
+        _gpt_fixup(d)
+        out.append(bytes(d))
+    return out
+
+
 def _json_limits(limit: int) -> Callable[[], list[bytes]]:
     def make() -> list[bytes]:
         return [
@@ -733,7 +793,16 @@ def _register_targets() -> None:
     from pystate_initrd.formats.token import TokenError
 
     for t in (
-        Target("gpt", _gpt_run, (GptError,), _gpt_seeds, None, _gpt_fixup, _gpt_fields),
+        Target(
+            "gpt",
+            _gpt_run,
+            (GptError,),
+            _gpt_seeds,
+            None,
+            _gpt_fixup,
+            _gpt_fields,
+            limits=_gpt_limits,
+        ),
         Target(
             "luks2",
             _luks_run,
