@@ -21,6 +21,7 @@ cryptsetup; root for the 4096-byte-sector loop device) and reused.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -28,6 +29,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -157,6 +159,7 @@ def _config_run(data: bytes) -> object:
     if not _CONFIG_DIR:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         _CONFIG_DIR.append(Path(tempfile.mkdtemp(prefix="pystate-fuzz-", dir=base)))
+        atexit.register(shutil.rmtree, _CONFIG_DIR[0], True)
     path = _CONFIG_DIR[0] / "pystate.conf"
     path.write_bytes(data)
     return load_config(path, "")
