@@ -57,7 +57,8 @@ FIELDS = (
 # Optional: absent in tokens of pystate before issue 10; strictly checked when present.
 PCR_VALUES = "pystate-pcr-values"
 PCR_EVENTS = "pystate-pcr-events"
-MAX_LOGGED_COUNT = tcg_eventlog.MAX_EVENTS
+# A PCR's event count in the token: tokens written while the log cap was 65536 stay valid.
+MAX_LOGGED_COUNT = 65536
 
 
 class TokenError(PystateError):
