@@ -39,8 +39,12 @@ BUSYBOX = Path("/bin/busybox")
 ROOT_DIRS = ("proc", "sys", "dev", "run", "tmp", "etc", "home", "var", "state", "srv", "opt", "usr")
 
 DEBIAN_SUITE = "bookworm"
-# cryptsetup-bin: `cryptsetup resize` for the booted resize service (booted.py)
-DEBIAN_PACKAGES = ("systemd", "udev", "python3-minimal", "cryptsetup-bin")
+# cryptsetup-bin: `cryptsetup resize` for the booted resize service (booted.py);
+# tpm2-tools and its device TCTI (the package's Recommends, which apt installs by default):
+# `pystate status` reads the PCRs to say whether the next boot unseals.
+DEBIAN_PACKAGES = (
+    "systemd", "udev", "python3-minimal", "cryptsetup-bin", "tpm2-tools", "libtss2-tcti-device0",
+)  # fmt: skip
 
 
 class RootError(PystateError):
