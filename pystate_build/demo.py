@@ -28,6 +28,7 @@ from pystate_initrd.errors import PystateError
 from . import OUT
 from . import qemu_harness as harness
 from .booted import Grow
+from .roots import boot_json, console_value, parse_report
 
 
 class DemoError(PystateError):
@@ -35,8 +36,6 @@ class DemoError(PystateError):
 
 
 def describe_boot(n: int, console: str, seconds: float) -> str:
-    from .roots import boot_json, parse_report
-
     mounts, _, _ = parse_report(console)
     report = boot_json(console)
     lines = [f"── boot {n}: {seconds:.0f} s in QEMU (TCG, OVMF) ──"]
@@ -46,8 +45,6 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
         return "\n".join(lines)
     lines.append(f"  outcome: {report.get('outcome')}   pystate total: {report.get('total_ms')} ms")
     lines.append(f"  TPM2 binding: {tpm_binding(report)}")
-    from .roots import console_value
-
     pcr7 = console_value(console, "PCR7")
     if pcr7:
         lines.append(f"  PCR 7 now:   {pcr7.lower()} (the firmware's Secure Boot measurements)")
@@ -73,8 +70,6 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
 
 def secure_boot_state(console: str) -> str:
     """The firmware's SecureBoot variable, as the booted system read it (and the kernel's word)."""
-    from .roots import console_value
-
     value = console_value(console, "SECUREBOOT")
     said = [x.split("secureboot: ", 1)[1] for x in console.splitlines() if "secureboot: " in x]
     kernel = said[0].strip() if said else ""

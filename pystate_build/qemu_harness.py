@@ -196,7 +196,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 def qemu_argv(
     disks: Sequence[Path],
-    kernel: Path,
+    kernel: Path | None,
     initrd: Path | None,
     append: str,
     memory: int,
@@ -241,6 +241,8 @@ def qemu_argv(
             "-drive", f"if=pflash,format=raw,unit=1,file={efi_vars}",
         ]  # fmt: skip
     else:
+        if kernel is None:
+            raise HarnessError("a boot without UEFI needs a kernel")
         argv += ["-kernel", str(kernel), "-append", f"console=ttyS0 {append}".strip()]
         if initrd is not None:
             argv += ["-initrd", str(initrd)]
@@ -378,11 +380,11 @@ def boot(
                 sock = stack.enter_context(_swtpm(state, tmp))
             store = None
             if uefi is not None:
-                store = Path(efi_vars) if efi_vars is not None else state.with_name("efivars.fd")
+                store = Path(efi_vars) if efi_vars is not None else efi_vars_beside(state)
                 machine_vars(store, uefi)
             argv = qemu_argv(
                 disks,
-                kernel or Path("/dev/null"),
+                kernel,
                 initrd,
                 append,
                 memory,
@@ -400,6 +402,11 @@ def boot(
                 QEMU_FAILED, console.text, time.monotonic() - start, str(exc), None, tuple(argv)
             )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def efi_vars_beside(tpm_state: Path) -> Path:
+    """A machine's default variable store: ``efivars.fd`` beside its swtpm state directory."""
+    return tpm_state.with_name("efivars.fd")
 
 
 def machine_vars(store: Path, uefi: Uefi) -> Path:

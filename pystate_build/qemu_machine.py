@@ -51,7 +51,8 @@ class Machine:
 
     @property
     def efi_vars(self) -> Path:
-        return self.work / "efivars.fd"
+        """The variable store the harness keeps for this machine (beside its TPM state)."""
+        return harness.efi_vars_beside(self.tpm)
 
     @property
     def tpm(self) -> Path:
@@ -85,7 +86,6 @@ class Machine:
             initrd=None if uefi else self.initrd,
             append="" if uefi else self.command_line(*words),
             uefi=self.uefi,
-            efi_vars=self.efi_vars if uefi else None,
             boot_disk=self.boot_disk,
             tpm=tpm,
             tpm_state=self.tpm,

@@ -160,10 +160,8 @@ def console_value(console: str, key: str) -> str | None:
 
 def lines_kept(console: str, path: str) -> int | None:
     """N of ``PYSTATE-LINES path N``: the lines earlier boots appended to path."""
-    for line in console.splitlines():
-        if line.startswith(f"PYSTATE-LINES {path} "):
-            return int(line.rsplit(" ", 1)[1])
-    return None
+    value = console_value(console, f"LINES {path}")
+    return int(value) if value is not None else None
 
 
 def parse_report(

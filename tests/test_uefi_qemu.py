@@ -63,12 +63,7 @@ def machine_u(initrd: Path, tmp_path_factory: pytest.TempPathFactory) -> Machine
     (tmp / "state").mkdir()
     layout = build_disk(tmp / "disk.img", root, tmp / "state", state_size=STATE_SIZE, esp=chain.esp)
     m = Machine("U", layout, initrd, tmp, uefi=chain.firmware, timeout=420)
-    m.results["chain"] = {"keys": chain.keys}
     return m
-
-
-def _efi_variables(store: Path) -> str:
-    return secureboot.print_store(store)
 
 
 # --- machine U: Secure Boot, PCR 7 --------------------------------------------------------
@@ -100,7 +95,7 @@ def test_secure_boot_uki_first_boot_provisions_with_root_from_the_loader(
     m.recovery_key = files[KEY_FILE]
     assert state_names(m.layout) == ["encrypted", "encrypted.img", "home", "lost+found"]
     # EFI variables live in the machine's own store and outlast the boot.
-    assert "LoaderEntryLastBooted" in _efi_variables(m.efi_vars)
+    assert "LoaderEntryLastBooted" in secureboot.print_store(m.efi_vars)
     m.done.add("provision")
 
 
