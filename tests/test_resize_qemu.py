@@ -94,10 +94,15 @@ def test_ext4_grows_ahead_of_a_writer_until_the_pool_is_full(machine_e: Machine)
     # The service grew the image several times while the writer went on.
     assert len(images) >= 3 and images[-1] > start["image"] + 256 * MIB, images
     # ENOSPC only when the pool was really used up: the outer file system at its reserve
-    # (within a few MiB of rounding) and nothing left inside the image.
+    # (within a few MiB of rounding) and less than one of the writer's 32 MiB chunks left
+    # inside the image. (The writer does not pause: the service's last grow step can still
+    # be running when the writer's chunk fails, and adds that step's free space after.)
     assert enospc["outer_free"] - RESERVE < 32 * MIB, enospc
-    assert enospc["inner_free"] < 8 * MIB, enospc
+    assert enospc["inner_free"] < 32 * MIB, enospc
     assert enospc["outer_free"] >= RESERVE  # and the reserve kept
+    # Once the service has settled, the pool is still used up: nothing was left unused.
+    end = sizes(fill["end"])
+    assert end["outer_free"] - RESERVE < 32 * MIB and end["inner_free"] < 32 * MIB, end
     assert fill["service_status"] == 0
     assert_no_kernel_errors(fill)
     m.done.add("fill")
