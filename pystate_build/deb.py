@@ -55,7 +55,12 @@ UNITS = Path("usr/lib/systemd/system")
 DOC = Path("usr/share/doc/pystate")
 RESIZED_UNIT = "pystate-resized.service"
 # The booted system's unit ships in /usr/lib/systemd/system, not in the dracut module.
-DRACUT_FILES = ("module-setup.sh", "pystate-hook.sh", "pystate.service")
+DRACUT_FILES = (
+    "module-setup.sh",
+    "pystate-hook.sh",
+    "pystate.service",
+    "systemd-repart-pystate.conf",
+)
 
 # python3.11: /usr/bin/python3.11, the payload's interpreter (zipapp shebang, the dracut
 # module's inst_binary). The program needs only python3.11-minimal (its stdlib is frozen in

@@ -35,6 +35,7 @@ EXPECTED = {
     "./usr/lib/dracut/modules.d/90pystate/module-setup.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90pystate/pystate-hook.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90pystate/pystate.service": "-rw-r--r--",
+    "./usr/lib/dracut/modules.d/90pystate/systemd-repart-pystate.conf": "-rw-r--r--",
     "./usr/lib/systemd/system/pystate-resized.service": "-rw-r--r--",
     "./usr/share/man/man1/pystate.1.gz": "-rw-r--r--",
     "./usr/share/doc/pystate/copyright": "-rw-r--r--",
