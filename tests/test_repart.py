@@ -301,6 +301,21 @@ def test_drop_in_directory_in_the_os_image_is_ignored(tmp_path: Path) -> None:
     assert isinstance(row["raw_size"], int) and row["raw_size"] > 7 * GiB
 
 
+def test_masked_by_a_symlink_to_dev_null(tmp_path: Path) -> None:
+    """How a machine that has the package but must not get a state partition (a build host)
+    turns the definition off: /etc/repart.d/50-pystate-state.conf -> /dev/null."""
+    image = tmp_path / "disk.img"
+    factory_disk(image, 8 * GiB)
+    root = sysroot(tmp_path)
+    (root / "etc/repart.d").mkdir(parents=True)
+    (root / "etc/repart.d" / NAME).symlink_to("/dev/null")
+    was = digest(image)
+    proc = repart(image, root)
+    assert proc.returncode == 0 and "Didn't find any partition definition files" in proc.stderr
+    assert digest(image) == was
+    assert repart_facts(root, Initrd.SYSTEMD).masked
+
+
 # ---------------------------------------------------------------- a fresh disk
 
 
@@ -444,6 +459,35 @@ def test_size_max_leaves_the_room_before_the_partition(tmp_path: Path) -> None:
         before = state.start - free.start
         after = free.start + free.size - (state.start + state.size)
         assert (before >= 3 * GiB, after >= 3 * GiB) == (room_before, not room_before)
+
+
+def test_a_b_recipe_from_the_docs(tmp_path: Path) -> None:
+    """docs/repart.md's second OS slot made by repart at first boot: root A pinned with
+    Weight=0 (a root definition without it would take half the free space), root B of a
+    fixed size, created empty right after A; the state partition takes the rest."""
+    image = tmp_path / "disk.img"
+    factory_disk(image, 8 * GiB)
+    root = sysroot(tmp_path)
+    (root / "usr/lib/repart.d/10-root-a.conf").write_text("[Partition]\nType=root\nWeight=0\n")
+    (root / "usr/lib/repart.d/20-root-b.conf").write_text(
+        "[Partition]\nType=root\nLabel=_empty\nSizeMinBytes=512M\nSizeMaxBytes=512M\n"
+    )
+    rows = {str(r["file"]): r for r in plan(image, root)}
+    free = largest_free_extent(read_gpt(image))
+    assert free is not None
+    assert (rows["10-root-a.conf"]["activity"], rows["10-root-a.conf"]["raw_size"]) == (
+        "unchanged",
+        512 * MiB,
+    )
+    b, state = rows["20-root-b.conf"], rows[NAME]
+    assert (b["activity"], b["label"], b["offset"], b["raw_size"]) == (
+        "create",
+        "_empty",
+        free.start,
+        512 * MiB,
+    )
+    assert (state["activity"], state["offset"]) == ("create", free.start + 512 * MiB)
+    assert free.size - 512 * MiB - GRAIN < int(str(state["raw_size"])) <= free.size - 512 * MiB
 
 
 # ---------------------------------------------------------------- not enough room: untouched
