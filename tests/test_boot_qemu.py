@@ -151,15 +151,25 @@ def test_two_state_partitions_on_root_disk_stop_boot(
     assert all(u in stop[0] for u in uuids), stop[0]
 
 
+@pytest.mark.parametrize("kind", ["systemd", "shell"])
 def test_no_state_partition_stops_boot(
-    initrd_systemd: Path, testroot: Path, tmp_path: Path
+    kind: str, testroot: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """A disk without a state partition: the stop says why none was made. The systemd
+    initrd has systemd-repart, but this OS image ships no definition; the shell initrd has
+    no repart at all (the factory-fresh boot with a definition: test_factory_qemu.py)."""
+    initrd: Path = request.getfixturevalue(f"initrd_{kind}")
     layout = build_disk(tmp_path / "disk.img", testroot, None)
-    result = boot(layout, initrd_systemd, tmp_path)
+    result = boot(layout, initrd, tmp_path)
     assert TESTROOT_MARKER not in result.console
     stop = [line for line in result.console.splitlines() if "pystate: boot stopped:" in line]
     assert stop, harness.describe(result)
-    assert "24436126-bb50-47e3-b47b-21dbd57591c7" in stop[0] or "no state partition" in stop[0]
+    assert "no partition of type 24436126-bb50-47e3-b47b-21dbd57591c7 on /dev/vda" in stop[0]
+    assert "the disk of the root file system" in stop[0], stop[0]
+    if kind == "systemd":
+        assert "in the OS image, and /sysroot has none" in stop[0], stop[0]
+    else:
+        assert "this initrd has no systemd-repart to make one" in stop[0], stop[0]
 
 
 def test_hostile_state_tree(initrd_systemd: Path, testroot: Path, tmp_path: Path) -> None:

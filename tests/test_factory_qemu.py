@@ -332,7 +332,9 @@ def test_no_room_for_the_state_partition_stops_clearly_and_touches_nothing(
     assert TESTROOT_MARKER not in result.console  # stopped in the initrd
     stop = [line for line in result.console.splitlines() if "pystate: boot stopped:" in line]
     assert stop, harness.describe(result)
-    assert "no state partition" in stop[0] and "MiB" in stop[0], stop[0]
+    assert "no partition of type 24436126-bb50-47e3-b47b-21dbd57591c7 on /dev/vda" in stop[0]
+    assert "its largest unpartitioned extent is 5" in stop[0], stop[0]  # 5xx MiB
+    assert "SizeMinBytes=1 GiB free in one piece, so it touched nothing" in stop[0], stop[0]
     with open(layout.path, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == before
     assert [p.role for p in reread_layout(layout).partitions] == ["esp", "root"]
