@@ -39,6 +39,7 @@ class BootPaths:
     cmdline: Path = Path("/proc/cmdline")
     run_dir: Path = RUN_DIR
     log: Path = Path("/dev/kmsg")
+    efivars: Path = Path("/sys/firmware/efi/efivars")
 
 
 def _state_mountpoint(paths: BootPaths) -> Path:
@@ -112,7 +113,9 @@ def load_configuration(b: Boot) -> bool:
 
 def find_state_partition(b: Boot) -> None:
     with b.report.step("discover") as s:
-        b.choice = discover.discover_state(b.cfg.state_device, sysroot=b.paths.sysroot)
+        b.choice = discover.discover_state(
+            b.cfg.state_device, sysroot=b.paths.sysroot, efivars=b.paths.efivars
+        )
         s.detail = f"{b.choice.device} (PARTUUID {b.choice.part_uuid}, {b.choice.reason})"
         b.report.facts["partition"] = b.choice.to_json()
     with b.report.step("probe") as s:
@@ -171,10 +174,17 @@ def grow_state_fs(b: Boot) -> None:
 
 
 def open_encrypted_area(b: Boot) -> None:
-    """Provision or unlock encrypted.img (its own steps: encrypted.py)."""
+    """Factory-reset if requested, then provision or unlock encrypted.img (its own steps:
+    encrypted.py, factory_reset.py)."""
     assert b.state_dir is not None
     b.encrypted_dir = encrypted.setup(
-        b.cfg, b.state_dir, b.paths.sysroot, b.report, b.cmdline, read_only=b.read_only
+        b.cfg,
+        b.state_dir,
+        b.paths.sysroot,
+        b.report,
+        b.cmdline,
+        read_only=b.read_only,
+        efivars_dir=b.paths.efivars,
     )
 
 
