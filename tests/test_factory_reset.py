@@ -622,3 +622,36 @@ def test_delete_plain_follows_no_symlink(tmp_path: Path) -> None:
     (state / "home").symlink_to(victim)
     assert factory_reset.delete_plain(state) == ["home"]
     assert (victim / "keep").read_text() == "x"
+
+
+# --- pystate status --------------------------------------------------------------------------
+
+
+def test_status_says_what_this_boot_did_and_what_is_pending(tmp_path: Path) -> None:
+    import json
+
+    from pystate_initrd.booted import status
+
+    efi = tmp_path / "efivars"
+    efi.mkdir()
+    boot = {"outcome": "ok", "error": None, "total_ms": 1.0, "steps": []}
+    (tmp_path / "boot.json").write_text(json.dumps({**boot, "factory_reset": decide_facts(word())}))
+    text = status.render(status.collect(tmp_path / "boot.json", tmp_path, efivars=efi))
+    assert f"this boot: {WORD_IGNORED}" in text
+    assert "REQUESTED" not in text
+
+    efivars.write_string(efi, efivar.FACTORY_RESET_REQUEST, ENTRY)
+    text = status.render(status.collect(tmp_path / "boot.json", tmp_path, efivars=efi))
+    assert (
+        f"factory reset: REQUESTED for boot entry {ENTRY!r} (no one-shot entry set: pick it in "
+        "the boot menu)"
+    ) in text
+    reset = {**decide_facts(word(request=ENTRY)), "complete": True}
+    (tmp_path / "boot.json").write_text(json.dumps({**boot, "factory_reset": reset}))
+    efivars.delete(efi, efivar.FACTORY_RESET_REQUEST)
+    text = status.render(status.collect(tmp_path / "boot.json", tmp_path, efivars=efi))
+    assert "factory reset: done at this boot (pystate.factory-reset=1 and the request" in text
+
+
+def decide_facts(inputs: Inputs) -> dict[str, Any]:
+    return factory_reset.facts(inputs, decide(inputs))
