@@ -611,6 +611,11 @@ def test_a_symlinked_meta_dir_is_refused_before_erasing(machine: Machine, seams:
     assert_intact(machine, before)
     assert list(elsewhere.iterdir()) == []
     assert "PystateFactoryReset" in machine.variables()
+    # Without a reset to start, such a .pystate stops nothing: no marker can be in it.
+    (elsewhere / "factory-reset").write_text("planted\n")
+    machine.boot("quiet")
+    assert (elsewhere / "factory-reset").exists()
+    assert seams.unlocked
 
 
 def test_delete_plain_follows_no_symlink(tmp_path: Path) -> None:

@@ -78,6 +78,8 @@ def _meta_fd(state_dir: Path, *, create: bool) -> int | None:
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if not create:
+                return None  # not a directory pystate made: it holds no marker of pystate's
             raise FactoryResetError(
                 f"{state_dir / names.META_DIR} is not a directory ({exc.strerror}); "
                 "refusing to use it for the factory-reset marker; nothing was erased",
