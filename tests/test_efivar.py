@@ -302,3 +302,10 @@ def test_a_failed_flags_call_is_an_error(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(fcntl, "ioctl", denied)
     with pytest.raises(EfiVarsError, match="cannot delete .* as root"):
         efivars.delete(tmp_path, name)
+
+
+def test_an_unmounted_efivarfs_is_not_available() -> None:
+    """A UEFI boot without efivarfs mounted shows the mount point as an empty sysfs
+    directory; sysfs itself stands in for it here."""
+    assert not efivars.available(Path("/sys/kernel"))
+    assert not efivars.available(Path("/nonexistent"))

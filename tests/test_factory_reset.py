@@ -103,7 +103,7 @@ DECIDE_CASES: list[tuple[Inputs, Action, str, tuple[str, ...], bool]] = [
     (no_word(), B, "no pystate.factory-reset=1", (), False),
     # The word alone (a persistent command line): nothing is erased, a warning.
     (word(), B, IGNORED, (IGNORED,), False),
-    (word(efi=False), B, IGNORED, ("this machine has no EFI variables",), False),
+    (word(efi=False), B, IGNORED, ("no EFI variables here: not a UEFI boot",), False),
     (word(selected=ENTRY), B, IGNORED, (IGNORED,), False),
     # The word and the request.
     (word(request=ENTRY, selected=ENTRY), R, f"request for boot entry {ENTRY!r}", (), False),

@@ -159,8 +159,9 @@ def decide(i: Inputs) -> Decision:
         hint = (
             ""
             if i.efi
-            else " (this machine has no EFI variables: a boot loader with its own one-shot "
-            "entries needs [state] factory-reset-request = none, docs/factory-reset.md)"
+            else " (no EFI variables here: not a UEFI boot, or efivarfs is not mounted; a "
+            "boot loader with its own one-shot entries needs [state] factory-reset-request = "
+            "none, docs/factory-reset.md)"
         )
         warnings.append(WORD_IGNORED + hint)
         return boot(WORD_IGNORED)

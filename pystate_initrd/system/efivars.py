@@ -25,10 +25,11 @@ from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import efivar
-from pystate_initrd.system.block import FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
+from pystate_initrd.system.block import FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, fs_magic
 
 DEFAULT_DIR = Path("/sys/firmware/efi/efivars")
 FS_IMMUTABLE_FL = 0x00000010  # linux/fs.h, chattr +i
+SYSFS_MAGIC = 0x62656572  # linux/magic.h: the mount point itself, efivarfs not mounted on it
 _NO_FLAGS = (errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -37,8 +38,21 @@ class EfiVarsError(PystateError):
 
 
 def available(directory: Path = DEFAULT_DIR) -> bool:
-    """Whether there are EFI variables to use: a UEFI boot with efivarfs mounted."""
-    return directory.is_dir()
+    """Whether there are EFI variables to use: a UEFI boot with efivarfs mounted.
+
+    A UEFI boot whose efivarfs is not mounted shows /sys/firmware/efi/efivars as an empty
+    sysfs directory: not available. (Any other directory is taken as is: the tests' stand-in.)
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fs_magic(fd) != SYSFS_MAGIC
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _fail(action: str, directory: Path, file: str, exc: OSError) -> EfiVarsError:
