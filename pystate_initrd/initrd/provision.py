@@ -3,7 +3,7 @@
 Everything is made in ``encrypted.img.new``; only when it is complete and on
 disk is it renamed to ``encrypted.img`` (and the directory fsynced). A power
 cut at any point therefore leaves either no image or a complete one; a
-leftover ``.new`` is an interrupted run, deleted at the next boot.
+leftover ``.new`` is an interrupted run, crypto-erased and deleted at the next boot.
 
 The steps, in order (each a ``report`` step, so boot.json times them):
 seal (a random 32-byte secret sealed by the TPM, before anything touches the
