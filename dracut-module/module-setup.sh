@@ -46,6 +46,12 @@ install() {
 	if dracut_module_included "systemd"; then
 		inst_simple "$moddir/pystate.service" "$systemdsystemunitdir/pystate.service"
 		$SYSTEMCTL -q --root "$initdir" add-wants initrd-root-fs.target pystate.service
+		# With dracut's systemd-repart module, repart makes the state partition on a
+		# factory-fresh disk: after /sysroot is mounted, before pystate (docs/repart.md).
+		if dracut_module_included "systemd-repart"; then
+			inst_simple "$moddir/systemd-repart-pystate.conf" \
+				"$systemdsystemunitdir/systemd-repart.service.d/50-pystate.conf"
+		fi
 	else
 		inst_hook pre-pivot 50 "$moddir/pystate-hook.sh"
 	fi

@@ -46,16 +46,18 @@ def build_initrd_in(
     with_pystate: bool = True,
     systemd: bool = True,
     test_hooks: bool = False,
+    conf: Path | None = None,
 ) -> Path:
     """build.py initrd, with its work and freeze directories under work (not OUT);
-    ``test_hooks``: build.py initrd --test-hooks (the crash tests)."""
+    ``test_hooks``: build.py initrd --test-hooks (the crash tests); ``conf``: the initrd's
+    pystate.conf."""
     from . import initrd
 
     saved = initrd.OUT
     initrd.OUT = work  # build_initrd/build_payload keep their work files under OUT
     try:
         return initrd.build_initrd(
-            out, with_pystate=with_pystate, systemd=systemd, test_hooks=test_hooks
+            out, with_pystate=with_pystate, systemd=systemd, test_hooks=test_hooks, conf=conf
         )
     finally:
         initrd.OUT = saved

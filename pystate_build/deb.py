@@ -7,7 +7,9 @@
 - ``/usr/bin/pystate``: a relative symlink to it (the program finds its stdlib beside its
   real file, README step 6);
 - ``/usr/lib/dracut/modules.d/90pystate/``: the dracut module (``dracut-module/`` without
-  the booted system's unit);
+  the booted system's unit and the repart.d definition);
+- ``/usr/lib/repart.d/50-pystate-state.conf``: the state partition for systemd-repart, which
+  reads it from the OS image (``--root=/sysroot`` in the initrd; docs/repart.md);
 - ``/usr/lib/systemd/system/pystate-resized.service``: the resize service, enabled by the
   postinst through deb-systemd-helper as dh_installsystemd does;
 - ``/usr/lib/mkosi-initrd/mkosi.conf.d/50-pystate/``: the mkosi-initrd drop-in, whatever
@@ -52,10 +54,18 @@ LIB = Path("usr/lib/pystate")
 DRACUT_MODULE = Path("usr/lib/dracut/modules.d/90pystate")
 MKOSI_DROPIN = Path("usr/lib/mkosi-initrd/mkosi.conf.d/50-pystate")
 UNITS = Path("usr/lib/systemd/system")
+REPART_DIR = Path("usr/lib/repart.d")
+REPART_DEFINITION = "50-pystate-state.conf"  # dracut-module/repart.d/, not in the module
 DOC = Path("usr/share/doc/pystate")
 RESIZED_UNIT = "pystate-resized.service"
-# The booted system's unit ships in /usr/lib/systemd/system, not in the dracut module.
-DRACUT_FILES = ("module-setup.sh", "pystate-hook.sh", "pystate.service")
+# The booted system's unit ships in /usr/lib/systemd/system and the repart.d definition in
+# /usr/lib/repart.d, not in the dracut module.
+DRACUT_FILES = (
+    "module-setup.sh",
+    "pystate-hook.sh",
+    "pystate.service",
+    "systemd-repart-pystate.conf",
+)
 
 # python3.11: /usr/bin/python3.11, the payload's interpreter (zipapp shebang, the dracut
 # module's inst_binary). The program needs only python3.11-minimal (its stdlib is frozen in
@@ -82,7 +92,8 @@ grows and shrinks the image as free space requires.
 .
 The package holds the frozen program (run by python3.11, with its own
 subset of the standard library), the dracut module "pystate", the
-mkosi-initrd drop-in and the resize service."""
+mkosi-initrd drop-in, the resize service and a systemd-repart definition
+that adds the state partition to a disk without one."""
 
 POSTINST = f"""\
 #!/bin/sh
@@ -238,6 +249,7 @@ def stage(tree: Path, payload: Path, epoch: int) -> None:
     for name in DRACUT_FILES:
         _copy(module / name, tree / DRACUT_MODULE / name, _mode(module / name))
     _copy(module / RESIZED_UNIT, tree / UNITS / RESIZED_UNIT, 0o644)
+    _copy(module / "repart.d" / REPART_DEFINITION, tree / REPART_DIR / REPART_DEFINITION, 0o644)
     if (REPO / "mkosi-initrd").is_dir():
         _copy_tree(REPO / "mkosi-initrd", tree / MKOSI_DROPIN, tree)
     year = time.gmtime(epoch).tm_year

@@ -2,11 +2,13 @@
 
 Builds everything (kernel, frozen program, systemd dracut initrd with the pystate
 module, a Debian root image, a signed UKI and systemd-boot on an EFI system partition,
-a GPT disk with a state partition, an OVMF variable store with test Secure Boot keys),
-then boots the same machine twice in QEMU under UEFI with Secure Boot on and one
-software TPM — the first boot provisions and seals to PCR 7, the second unlocks — and
-prints, for each boot, the Secure Boot state, the PCR binding, what pystate mounted
-where and how long each of its steps took (from /run/pystate/boot.json in the guest).
+a factory-fresh GPT disk with the ESP and the root only, an OVMF variable store with test
+Secure Boot keys), then boots the same machine twice in QEMU under UEFI with Secure Boot on
+and one software TPM — in the first boot systemd-repart makes the state partition from the
+definition the package installed in the image, and pystate provisions it and seals to PCR 7;
+the second unlocks — and prints the partition table before and after the first boot and, for
+each boot, the Secure Boot state, the PCR binding, what pystate mounted where and how long
+each of its steps took (from /run/pystate/boot.json in the guest).
 The root is found as on a real machine: no root=, systemd-gpt-auto-generator follows
 the boot loader's LoaderDevicePartUUID.
 
@@ -28,7 +30,12 @@ from pystate_initrd.errors import PystateError
 from . import OUT
 from . import qemu_harness as harness
 from .booted import Grow
+from .disk import DiskLayout, reread_layout
 from .roots import boot_json, console_value, parse_report
+
+# Unpartitioned space on the factory-fresh disk: the state partition systemd-repart makes
+# in it (~1.2 GiB) is the demo's pool, small enough for the fill to grow the image quickly.
+FACTORY_FREE = 1280 << 20
 
 
 class DemoError(PystateError):
@@ -65,6 +72,18 @@ def describe_boot(n: int, console: str, seconds: float) -> str:
     for step in steps:
         detail = f"  {step['detail']}" if step.get("detail") else ""
         lines.append(f"    {step['name']:<16} {step['ms']:>8.1f} ms{detail}")
+    return "\n".join(lines)
+
+
+def describe_table(layout: DiskLayout, when: str) -> str:
+    """The disk's GPT as pystate reads it: what the factory made, what the first boot added."""
+    kinds = {"esp": "EFI system", "root": "root (erofs)", "state": "pystate state"}
+    lines = [f"── partition table {when} ──"]
+    for p in reread_layout(layout).partitions:
+        lines.append(
+            f"  {p.number}  {p.name or '-':<6} {kinds.get(p.role, p.type_uuid):<14} "
+            f"{p.size / 2**20:>8.0f} MiB at {p.start / 2**20:.0f} MiB  PARTUUID {p.uuid}"
+        )
     return "\n".join(lines)
 
 
@@ -132,11 +151,12 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
     initrd = build_initrd(work / "initrd.img", systemd=True, kernel=kernel)
     print(f"demo: initrd {initrd.stat().st_size / 2**20:.1f} MiB; Debian root …", flush=True)
     root = build_debian_root(work / "root", lists=["/home/demo"])
+    (root / "home/demo").mkdir(parents=True, exist_ok=True)
+    (root / "home/demo/hello.txt").write_text(
+        "This file came with the image; the first boot seeded /home on the state from it.\n"
+    )
     install_pystate(root, build_payload(work / "payload"))
     install_fill_demo(root)
-    state = work / "state"
-    (state / "home/demo").mkdir(parents=True, exist_ok=True)
-    (state / "home/demo/hello.txt").write_text("This file lives on the state partition.\n")
     # No root=: the root partition is found through the boot loader (gpt-auto).
     chain = build_uefi_boot(
         work / "uefi",
@@ -151,10 +171,10 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
         f"systemd-boot signed with the test db key; OVMF store with test PK, KEK, db "
         f"({chain.keys.directory}), Secure Boot on"
     )
-    layout = build_disk(work / "disk.img", root, state, state_size=1 << 30, esp=chain.esp)
-    print(
-        f"demo: disk {layout.path} ({layout.size / 2**30:.2f} GiB, GPT: ESP + erofs root + state)"
-    )
+    # As it leaves the factory: no state partition; systemd-repart makes it in the first boot.
+    layout = build_disk(work / "disk.img", root, None, esp=chain.esp, free=FACTORY_FREE)
+    print(f"demo: disk {layout.path} ({layout.size / 2**30:.2f} GiB, factory-fresh)")
+    print(describe_table(layout, "as the disk leaves the factory"))
     print(f"demo: built in {time.monotonic() - started:.0f} s; {boots} boots follow (TCG: slow)\n")
     tpm_state = work / "tpm"
     tpm_state.mkdir(exist_ok=True)
@@ -170,6 +190,8 @@ def run_demo(work: Path, *, boots: int = 2, keep: bool = False) -> int:
             log=work / f"console-{n}.log",
         )
         print(describe_boot(n, result.console, result.duration))
+        if n == 1:
+            print(describe_table(layout, "after the first boot (systemd-repart made the state)"))
         if not result.ok:
             raise DemoError(
                 f"boot {n} failed: {result.reason}",

@@ -20,7 +20,7 @@ import stat
 import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -418,6 +418,33 @@ def build_disk(
             os.close(fd)
         tmp_out.rename(out)
     return layout
+
+
+def reread_layout(layout: DiskLayout) -> DiskLayout:
+    """``layout`` as its disk's GPT says now, read with pystate's own parser: what a boot
+    changed (a state partition systemd-repart made shows up with role "state" and fs "ext4",
+    the format repart's definition asks for). Partitions the layout knew keep their role."""
+    from pystate_initrd.formats import gpt
+
+    known = {p.uuid: p for p in layout.partitions}
+    with open(layout.path, "rb") as f:
+
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        table = gpt.parse_gpt(read_at, layout.path.stat().st_size, layout.sector_size)
+    parts = []
+    for p in table.partitions:
+        uid = str(p.part_guid)
+        if uid in known:
+            parts.append(known[uid])
+            continue
+        role = "state" if p.is_state else "other"
+        parts.append(
+            Partition(p.index, role, str(p.type_guid), uid, p.name, p.start, p.size, "ext4")
+        )
+    return replace(layout, partitions=tuple(parts))
 
 
 def read_layout(image: Path | str) -> dict:  # type: ignore[type-arg]

@@ -37,7 +37,11 @@ SYSTEM_DRACUT = Path("/usr/lib/dracut")
 MODULE_NAME = "90pystate"
 
 # The fewest dracut modules that boot a GPT root partition; dependencies are added by dracut.
-SYSTEMD_MODULES = ("systemd-initrd", "dracut-systemd", "rootfs-block", "udev-rules", "fs-lib")
+# systemd-repart: makes the state partition on a factory-fresh disk (docs/repart.md); it does
+# nothing where the OS image has no /usr/lib/repart.d.
+SYSTEMD_MODULES = (
+    "systemd-initrd", "dracut-systemd", "rootfs-block", "udev-rules", "fs-lib", "systemd-repart",
+)  # fmt: skip
 SHELL_MODULES = ("rootfs-block", "udev-rules", "fs-lib", "kernel-modules")
 DRIVERS = (
     "virtio_blk", "virtio_pci", "virtio_console", "erofs", "squashfs", "ext4", "btrfs", "xfs",

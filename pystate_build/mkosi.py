@@ -162,7 +162,12 @@ def stage_drop_in(
         shutil.rmtree(dest)
     drop_in = dest / "mkosi.conf.d" / DROP_IN_NAME
     shutil.copytree(drop_in_source, drop_in, symlinks=True)
-    for name, target in (("payload", payload.resolve()), ("pystate.service", unit.resolve())):
+    links = {
+        "payload": payload.resolve(),
+        "pystate.service": unit.resolve(),
+        "systemd-repart-pystate.conf": (unit.parent / "systemd-repart-pystate.conf").resolve(),
+    }
+    for name, target in links.items():
         (drop_in / name).unlink()
         (drop_in / name).symlink_to(target)
     if conf is not None:

@@ -65,6 +65,9 @@ class RootError(PystateError):
 # testroot.write=PATH:TEXT on the kernel command line appends TEXT (no spaces) as a line to
 # PATH before the report (PYSTATE-WROTE PATH), so a later boot can look for it; first it
 # prints how many lines PATH had (PYSTATE-LINES PATH N): what earlier boots kept.
+# testroot.run=FILE: when FILE exists (a UKI's command line is fixed, so a test puts it on the
+# state partition between boots), runs its one line as a command, prints the output prefixed
+# PYSTATE-RUN-OUT, then PYSTATE-RUN <exit status>, and deletes FILE.
 # Both test roots' inits print the firmware's Secure Boot state and PCR 7 (sh, busybox or not).
 FIRMWARE_REPORT = r"""sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
 if [ -r "$sb" ]; then
@@ -98,6 +101,17 @@ for word in $(cat /proc/cmdline); do
 		# the lines earlier boots appended: what a reboot kept
 		echo "PYSTATE-LINES ${spec%%:*} $(cat "${spec%%:*}" 2>/dev/null | wc -l)"
 		echo "${spec#*:}" >>"${spec%%:*}" && sync && echo "PYSTATE-WROTE ${spec%%:*}"
+		;;
+	testroot.run=*)
+		run="${word#*=}"
+		if [ -r "$run" ]; then
+			sh "$run" >/tmp/testroot.run 2>&1
+			rc=$?
+			sed 's/^/PYSTATE-RUN-OUT /' /tmp/testroot.run
+			echo "PYSTATE-RUN $rc"
+			rm -f "$run"
+			sync
+		fi
 		;;
 	esac
 done

@@ -16,8 +16,10 @@ update in the field would.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,15 @@ def add_db_cert(store: Path, cert: Path) -> None:
 def print_store(store: Path) -> str:
     """virt-fw-vars' summary of a store (for logs and test failures)."""
     return run([_virt_fw_vars(), "--input", str(store), "--print"]).stdout.decode(errors="replace")
+
+
+def store_variables(store: Path) -> dict[str, bytes]:
+    """Every variable in a store, ``Name-guid`` (efivarfs's naming) -> its data."""
+    with tempfile.TemporaryDirectory(prefix="pystate-vars.") as tmp:
+        out = Path(tmp) / "vars.json"
+        run([_virt_fw_vars(), "--input", str(store), "--output-json", str(out)])
+        data = json.loads(out.read_text())
+    return {f"{v['name']}-{v['guid']}": bytes.fromhex(v["data"]) for v in data["variables"]}
 
 
 def _cmd_efivars(args: argparse.Namespace) -> int:

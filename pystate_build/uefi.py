@@ -12,14 +12,17 @@ disk whose ESP the boot loader came from (``LoaderDevicePartUUID``), as on a rea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import qemu_harness as harness
-from .esp import build_esp
+from .esp import SAVED, build_esp
 from .kernel import ensure_kernel
 from .secureboot import TestKeys, enrolled_vars, test_keys
 from .uki import build_uki
+
+ENTRY = "pystate.efi"  # the UKI's name in /EFI/Linux: systemd-boot's entry id
 
 
 @dataclass(frozen=True)
@@ -39,23 +42,36 @@ def build_uefi_boot(
     cmdline: str,
     secure_boot: bool = True,
     kernel: Path | None = None,
+    extra: Mapping[str, str] | None = None,
+    default: str = SAVED,
 ) -> UefiBoot:
-    """The UKI, the ESP image and the firmware in ``work`` (``cmdline`` gets console=ttyS0)."""
+    """The UKI, the ESP image and the firmware in ``work`` (``cmdline`` gets console=ttyS0).
+
+    ``extra`` (entry name -> more words) adds UKIs of the same kernel and initrd whose command
+    line is ``cmdline`` plus those words (the factory-reset entry: under Secure Boot a UKI's
+    command line cannot be changed, so each command line is a UKI of its own); loader.conf
+    boots ``default``."""
     work.mkdir(parents=True, exist_ok=True)
     keys = test_keys() if secure_boot else None
     signing = keys.db if keys is not None else None
     full = f"console=ttyS0 {cmdline}".strip()
-    uki = build_uki(
-        work / "pystate.efi",
-        kernel=kernel or ensure_kernel().vmlinuz,
-        initrd=initrd,
-        cmdline=full,
-        os_release=os_release,
-        signing=signing,
-    )
-    esp = build_esp(work / "esp.img", uki, signing=signing)
+    kernel = kernel or ensure_kernel().vmlinuz
+
+    def uki(name: str, words: str) -> Path:
+        return build_uki(
+            work / name,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=words,
+            os_release=os_release,
+            signing=signing,
+        )
+
+    main = uki(ENTRY, full)
+    more = {name: uki(name, f"{full} {words}") for name, words in (extra or {}).items()}
+    esp = build_esp(work / "esp.img", main, signing=signing, extra=more, default=default)
     if keys is not None:
         firmware = harness.Uefi.secure_boot(enrolled_vars(work / "vars-enrolled.fd", keys))
     else:
         firmware = harness.Uefi()
-    return UefiBoot(uki, esp, firmware, keys, full)
+    return UefiBoot(main, esp, firmware, keys, full)

@@ -2,10 +2,9 @@
 a GPT disk with an erofs root and a state partition, under QEMU TCG.
 
 Each test builds its disk (sub-second, sparse) and boots once; the initrds are built
-once per session. The hostile-tree and Debian tests also run with the initrd made by
-mkosi-initrd and the drop-in ``mkosi-initrd/`` (parameter ``mkosi``). Failures are made to
-end the boot at once with
-``rd.shell=0 rd.emergency=poweroff``, and the console is searched for pystate's
+once per session. (The mkosi-initrd and a Debian root boot in test_encrypted_qemu.py, which
+covers what a Debian boot with plain /home showed here.) Failures are made to end the boot
+at once with ``rd.shell=0 rd.emergency=poweroff``, and the console is searched for pystate's
 one-line reason.
 """
 
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import BUILDERS, needs_root
+from conftest import needs_root
 
 from pystate_build import qemu_harness as harness
 from pystate_build.disk import DiskLayout, build_disk
@@ -43,23 +42,6 @@ def initrd_systemd(tmp_path_factory: pytest.TempPathFactory, tpm_optional: Path)
     return build_initrd(
         tmp_path_factory.mktemp("initrd") / "systemd.img", systemd=True, conf=tpm_optional
     )
-
-
-@pytest.fixture(scope="session")
-def mkosi_initrd_tpm_optional(tmp_path_factory: pytest.TempPathFactory, tpm_optional: Path) -> Path:
-    """conftest's mkosi_initrd, with the pystate.conf of tpm_optional."""
-    from pystate_build.mkosi import build_mkosi_initrd
-
-    work = tmp_path_factory.mktemp("mkosi-initrd-tpm-optional")
-    return build_mkosi_initrd(work / "initrd.img", conf=tpm_optional, work=work / "work")
-
-
-@pytest.fixture(scope="session", params=BUILDERS)
-def initrd_any(request: pytest.FixtureRequest) -> Path:
-    """The dracut or the mkosi systemd initrd, built only when a test asks for it."""
-    name = "initrd_systemd" if request.param == "dracut" else "mkosi_initrd_tpm_optional"
-    path: Path = request.getfixturevalue(name)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -169,18 +151,28 @@ def test_two_state_partitions_on_root_disk_stop_boot(
     assert all(u in stop[0] for u in uuids), stop[0]
 
 
+@pytest.mark.parametrize("kind", ["systemd", "shell"])
 def test_no_state_partition_stops_boot(
-    initrd_systemd: Path, testroot: Path, tmp_path: Path
+    kind: str, testroot: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """A disk without a state partition: the stop says why none was made. The systemd
+    initrd has systemd-repart, but this OS image ships no definition; the shell initrd has
+    no repart at all (the factory-fresh boot with a definition: test_factory_qemu.py)."""
+    initrd: Path = request.getfixturevalue(f"initrd_{kind}")
     layout = build_disk(tmp_path / "disk.img", testroot, None)
-    result = boot(layout, initrd_systemd, tmp_path)
+    result = boot(layout, initrd, tmp_path)
     assert TESTROOT_MARKER not in result.console
     stop = [line for line in result.console.splitlines() if "pystate: boot stopped:" in line]
     assert stop, harness.describe(result)
-    assert "24436126-bb50-47e3-b47b-21dbd57591c7" in stop[0] or "no state partition" in stop[0]
+    assert "no partition of type 24436126-bb50-47e3-b47b-21dbd57591c7 on /dev/vda" in stop[0]
+    assert "the disk of the root file system" in stop[0], stop[0]
+    if kind == "systemd":
+        assert "in the OS image, and /sysroot has none" in stop[0], stop[0]
+    else:
+        assert "this initrd has no systemd-repart to make one" in stop[0], stop[0]
 
 
-def test_hostile_state_tree(initrd_any: Path, testroot: Path, tmp_path: Path) -> None:
+def test_hostile_state_tree(initrd_systemd: Path, testroot: Path, tmp_path: Path) -> None:
     state = home_state(tmp_path)
     (state / "etc").mkdir()  # plain /etc: not on the allowlist
     (state / "etc/planted").write_text("attacker\n")
@@ -189,7 +181,7 @@ def test_hostile_state_tree(initrd_any: Path, testroot: Path, tmp_path: Path) ->
     (state / "home-\\x2e\\x2e").mkdir()  # decodes to /home/..
     (state / "usr").mkdir()  # forbidden target
     layout = build_disk(tmp_path / "disk.img", testroot, state)
-    result = boot(layout, initrd_any, tmp_path, expect=[TESTROOT_MARKER])
+    result = boot(layout, initrd_systemd, tmp_path, expect=[TESTROOT_MARKER])
     assert_home_bound(result)
     for name in ("etc", "opt", "srv", "home-\\x2e\\x2e", "usr"):
         assert f"rejected plain entry '{name}'" in result.console.replace("\\\\", "\\"), name
@@ -197,15 +189,3 @@ def test_hostile_state_tree(initrd_any: Path, testroot: Path, tmp_path: Path) ->
     assert {m[1] for m in mounts if m[0] == "/dev/vda2"} == {"/state", "/home"}
     assert "/etc/planted" not in listed
     assert listed["/opt"][2] == "directory"  # the image's own /opt, not the symlink
-
-
-def test_debian_root_reaches_default_target(initrd_any: Path, tmp_path: Path) -> None:
-    from pystate_build.roots import build_debian_root
-
-    root = build_debian_root(tmp_path / "debian", lists=["/home/alice"])
-    layout = build_disk(tmp_path / "disk.img", root, home_state(tmp_path))
-    result = boot(layout, initrd_any, tmp_path, expect=["PYSTATE-DEBIAN-OK"])
-    assert result.ok, harness.describe(result)
-    assert "PYSTATE-DEBIAN-TARGET multi-user.target active" in result.console
-    mounts, _, _ = parse_report(result.console)
-    assert any(m[0] == "/dev/vda2" and m[1] == "/home" for m in mounts), mounts

@@ -35,7 +35,9 @@ EXPECTED = {
     "./usr/lib/dracut/modules.d/90pystate/module-setup.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90pystate/pystate-hook.sh": "-rwxr-xr-x",
     "./usr/lib/dracut/modules.d/90pystate/pystate.service": "-rw-r--r--",
+    "./usr/lib/dracut/modules.d/90pystate/systemd-repart-pystate.conf": "-rw-r--r--",
     "./usr/lib/systemd/system/pystate-resized.service": "-rw-r--r--",
+    "./usr/lib/repart.d/50-pystate-state.conf": "-rw-r--r--",
     "./usr/share/man/man1/pystate.1.gz": "-rw-r--r--",
     "./usr/share/doc/pystate/copyright": "-rw-r--r--",
     "./usr/share/doc/pystate/changelog.gz": "-rw-r--r--",
@@ -87,6 +89,24 @@ def test_listing_has_every_path_with_its_mode(package: Path) -> None:
             if "/mkosi.extra/" not in path:
                 resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
                 assert f"./{resolved}" in listing or f"./{resolved}/" in listing, path
+
+
+def test_repart_definition_is_in_repart_d_and_not_in_the_dracut_module(
+    package: Path, tmp_path: Path
+) -> None:
+    """systemd-repart reads /usr/lib/repart.d of the OS image; the dracut module's directory
+    is no place for it (dracut would not install it, and nothing reads it there)."""
+    listing = _listing(package)
+    assert [p for p in listing if "repart" in p and p.startswith("./usr/lib/")] == [
+        "./usr/lib/repart.d/",
+        "./usr/lib/repart.d/50-pystate-state.conf",
+    ]
+    assert not any(p.startswith("./usr/lib/dracut/") and "repart" in p for p in listing)
+    assert _run("dpkg-deb", "-x", str(package), str(tmp_path)).returncode == 0
+    shipped = tmp_path / "usr/lib/repart.d/50-pystate-state.conf"
+    assert (
+        shipped.read_bytes() == (REPO / "dracut-module/repart.d/50-pystate-state.conf").read_bytes()
+    )
 
 
 def test_mkosi_dropin_is_packaged_when_the_repository_has_one(package: Path) -> None:
@@ -171,6 +191,8 @@ def test_installs_runs_and_purges_in_a_debian_root(package: Path, tmp_path: Path
     assert chroot("/usr/bin/python3.11", "-c", "import json").returncode != 0  # python3-minimal
     wants = root / "etc/systemd/system/multi-user.target.wants/pystate-resized.service"
     assert wants.is_symlink()
+    definition = root / "usr/lib/repart.d/50-pystate-state.conf"
+    assert definition.is_file()
     assert str(wants.readlink()).endswith("/systemd/system/pystate-resized.service")
     verify = chroot("dpkg", "--verify", "pystate")
     assert (verify.returncode, verify.stdout) == (0, ""), verify.stdout + verify.stderr
@@ -180,6 +202,7 @@ def test_installs_runs_and_purges_in_a_debian_root(package: Path, tmp_path: Path
     assert not (root / "usr/lib/pystate").exists()
     assert not (root / "usr/bin/pystate").is_symlink()
     assert not wants.is_symlink()
+    assert not definition.exists()
 
 
 def test_the_package_holds_no_test_hooks(package: Path, tmp_path: Path) -> None:

@@ -25,22 +25,28 @@ from pystate_initrd.formats.gpt import (
     GptTable,
     Partition,
 )
+from pystate_initrd.formats.repart import DEFAULT_SIZE_MIN, parse_size, size_min
+from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.initrd.discover import (
     LOADER_PARTUUID_VARIABLE,
     DiscoverError,
     DiskInfo,
+    Initrd,
+    RepartFacts,
     Rule,
     StateChoice,
     StateNotFoundError,
     discover_state,
     disk_of_devnum,
     find_state_partition,
+    initrd_kind,
     list_disks,
     parse_loader_variable,
     partition_node,
     partition_nodes,
     read_fs_uuid,
     read_loader_partuuid,
+    repart_facts,
     root_disk_of,
 )
 
@@ -297,6 +303,190 @@ def test_never_guesses(machine: tuple[list[DiskInfo], uuid.UUID | None, str | No
     assert not choice.no_auto
     expected_rule = Rule.LOADER if loader else Rule.ROOT_DISK if root else Rule.ONLY_ONE
     assert choice.rule is expected_rule
+
+
+# ---------------------------------------------------------------- no state partition: what to do
+
+GIB, MIB = 1 << 30, 1 << 20
+SHIPPED = "/sysroot/usr/lib/repart.d/50-pystate-state.conf"
+SYSTEMD_1G = RepartFacts(Initrd.SYSTEMD, definition=SHIPPED, size_min=GIB)
+# E: one 1 MiB partition at LBA 2048 on a 1 GiB disk, so 1022 MiB free after it.
+FULL = disk("/dev/vdh", Partition(1, LINUX, U(20), "", 34, (1 << 21) - 34, 0, 34 * 512, 0))
+E_FREE = "its largest unpartitioned extent is 1022 MiB"
+
+
+@dataclass(frozen=True)
+class Missing:
+    id: str
+    facts: RepartFacts | None
+    fragments: tuple[str, ...]
+    hint: str | None  # a fragment of the hint; None: no hint at all
+    disks: tuple[DiskInfo, ...] = (E, B)
+    loader: uuid.UUID | None = None
+    root: str | None = "/dev/sdb"
+
+
+MISSING = [
+    Missing("no-facts", None, (f"no partition of type {S} on /dev/sdb", E_FREE), None),
+    Missing("shell", RepartFacts(Initrd.SHELL), (E_FREE,),
+            "this initrd has no systemd-repart to make one: create the state partition when "
+            "the disk is made"),
+    Missing("no-definition", RepartFacts(Initrd.SYSTEMD), (E_FREE,),
+            "systemd-repart makes it only from /usr/lib/repart.d/50-pystate-state.conf in the "
+            "OS image, and /sysroot has none: install pystate in the OS image"),
+    Missing("masked", RepartFacts(Initrd.SYSTEMD, definition="/sysroot/etc/repart.d/x.conf",
+                                  masked=True), (E_FREE,),
+            "but /sysroot/etc/repart.d/x.conf masks it"),
+    Missing("below-minimum", SYSTEMD_1G, (E_FREE,),
+            f"systemd-repart makes it from {SHIPPED} only with SizeMinBytes=1 GiB free in one "
+            "piece, so it touched nothing: free or add disk space, or lower SizeMinBytes="),
+    Missing("room-enough", RepartFacts(Initrd.SYSTEMD, definition=SHIPPED, size_min=512 * MIB),
+            (E_FREE,),
+            f"systemd-repart should have made it from {SHIPPED}: see journalctl -b -u "
+            "systemd-repart; it must run after sysroot.mount and before pystate.service"),
+    Missing("unknown-minimum", RepartFacts(Initrd.SYSTEMD, definition=SHIPPED), (E_FREE,),
+            "should have made it"),
+    Missing("full-disk", SYSTEMD_1G, ("on /dev/vdh", "; it has no unpartitioned space"),
+            "only with SizeMinBytes=1 GiB free in one piece", disks=(FULL,), root="/dev/vdh"),
+    Missing("loader-disk-is-root-disk", SYSTEMD_1G, ("the disk of the boot loader's partition",
+                                                     E_FREE),
+            "so it touched nothing", loader=U(9)),
+    Missing("loader-disk-is-not-root-disk", SYSTEMD_1G, (E_FREE,),
+            "systemd-repart adds partitions only to the root file system's disk /dev/vdb: "
+            "create the state partition on /dev/sdb when the disk is made", loader=U(9),
+            root="/dev/vdb"),
+    Missing("loader-disk-shell", RepartFacts(Initrd.SHELL), (E_FREE,), "no systemd-repart",
+            loader=U(9), root="/dev/vdb"),
+    Missing("root-disk-without-gpt", SYSTEMD_1G,
+            ("the root file system's disk /dev/sdq has no GPT with a state partition",),
+            "systemd-repart adds partitions only to a disk that has a GPT already",
+            root="/dev/sdq"),
+    Missing("root-disk-without-gpt-shell", RepartFacts(Initrd.SHELL), ("/dev/sdq has no GPT",),
+            "this initrd has no systemd-repart", root="/dev/sdq"),
+    Missing("root-disk-without-gpt-no-facts", None, ("/dev/sdq has no GPT",), None,
+            root="/dev/sdq"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MISSING, ids=[c.id for c in MISSING])
+def test_no_state_partition_says_what_to_do(case: Missing) -> None:
+    with pytest.raises(StateNotFoundError) as exc:
+        find_state_partition(
+            case.disks,
+            cmdline_state=None,
+            loader_partuuid=case.loader,
+            root_disk=case.root,
+            repart=case.facts,
+        )
+    text = str(exc.value)
+    for fragment in case.fragments:
+        assert fragment in text
+    if case.hint is None:
+        assert exc.value.hint is None
+    else:
+        assert exc.value.hint is not None and case.hint in exc.value.hint
+        assert text.endswith(f" ({exc.value.hint})")  # one console line: message (hint)
+    assert "\n" not in text
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    used=st.integers(0, (1 << 21) - 34 - 2048),
+    minimum=st.integers(1, 2 * GIB),
+    initrd=st.sampled_from(Initrd),
+)
+def test_touched_nothing_iff_below_the_minimum(used: int, minimum: int, initrd: Initrd) -> None:
+    """One partition of `used` sectors from LBA 2048: the hint blames the minimum exactly when
+    the largest free extent is below it; the message's size is that extent's."""
+    parts = (Partition(1, LINUX, U(1), "", 2048, 2047 + used, 0, 2048 * 512, used * 512),)
+    one = disk("/dev/vda", *parts[: 1 if used else 0])
+    tail = ((1 << 21) - 34) - (2048 + used) + 1
+    largest = (max(tail, 2048 - 34) if used else (1 << 21) - 34 - 34 + 1) * 512
+    facts = RepartFacts(initrd, definition=SHIPPED, size_min=minimum)
+    with pytest.raises(StateNotFoundError) as exc:
+        find_state_partition((one,), cmdline_state=None, loader_partuuid=None,
+                             root_disk="/dev/vda", repart=facts)  # fmt: skip
+    assert f"its largest unpartitioned extent is {human_size(largest)}" in str(exc.value)
+    hint = exc.value.hint or ""
+    if initrd is Initrd.SHELL:
+        assert "no systemd-repart" in hint
+    else:
+        assert ("so it touched nothing" in hint) == (largest < minimum)
+        assert ("should have made it" in hint) == (largest >= minimum)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1G", GIB),
+        ("1024M", GIB),
+        ("1.5G", GIB + GIB // 2),
+        ("1073741824", GIB),
+        ("1000", 4096),  # rounded up to 4096, as systemd-repart does
+        (" 2T ", 2 << 40),
+        ("512K", 512 << 10),
+        ("1GB", GIB),
+        ("", None),
+        ("1 G 512M", None),
+        ("-1G", None),
+        ("1Gi", None),
+        ("lots", None),
+    ],
+)
+def test_parse_size(text: str, expected: int | None) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[Partition]\nType=x\nSizeMinBytes=1G\n", GIB),
+        ("[Partition]\nSizeMinBytes=1G\nSizeMinBytes=2G\n", 2 * GIB),  # the last one wins
+        ("[Partition]\nSizeMinBytes=1G\nSizeMinBytes=\n", DEFAULT_SIZE_MIN),  # reset
+        ("[Partition]\nType=x\n", DEFAULT_SIZE_MIN),
+        ("[Other]\nSizeMinBytes=5G\n[Partition]\nType=x\n", DEFAULT_SIZE_MIN),
+        ("# SizeMinBytes=5G\n[Partition]\n; SizeMinBytes=6G\n  SizeMinBytes = 3G \n", 3 * GIB),
+        ("[Partition]\nSizeMinBytes=huge\n", None),
+    ],
+)
+def test_size_min(text: str, expected: int | None) -> None:
+    assert size_min(text) == expected
+
+
+REPO_DEFINITION = (
+    Path(__file__).resolve().parent.parent / "dracut-module/repart.d/50-pystate-state.conf"
+)
+
+
+def test_repart_facts_read_the_os_image(tmp_path: Path) -> None:
+    root = tmp_path / "sysroot"
+    shipped = root / "usr/lib/repart.d/50-pystate-state.conf"
+    assert repart_facts(root, Initrd.SYSTEMD) == RepartFacts(Initrd.SYSTEMD, str(root))
+    assert repart_facts(root, Initrd.SHELL) == RepartFacts(Initrd.SHELL, str(root))
+    shipped.parent.mkdir(parents=True)
+    shutil.copy(REPO_DEFINITION, shipped)
+    facts = repart_facts(root, Initrd.SYSTEMD)
+    assert (facts.definition, facts.masked, facts.size_min) == (str(shipped), False, GIB)
+    assert repart_facts(root, Initrd.SHELL).definition is None  # a shell initrd never looks
+    # a file of the same name in /etc replaces the shipped one as a whole
+    override = root / "etc/repart.d/50-pystate-state.conf"
+    override.parent.mkdir(parents=True)
+    override.write_text("[Partition]\nType=24436126-bb50-47e3-b47b-21dbd57591c7\nSizeMinBytes=4G\n")
+    facts = repart_facts(root, Initrd.SYSTEMD)
+    assert (facts.definition, facts.size_min) == (str(override), 4 * GIB)
+    override.write_text("")
+    assert repart_facts(root, Initrd.SYSTEMD).masked
+    override.unlink()
+    override.symlink_to("/dev/null")
+    facts = repart_facts(root, Initrd.SYSTEMD)
+    assert (facts.definition, facts.masked) == (str(override), True)
+
+
+def test_initrd_kind(tmp_path: Path) -> None:
+    assert initrd_kind(tmp_path) is Initrd.SYSTEMD
+    assert initrd_kind(tmp_path / "absent") is Initrd.SHELL
+    (tmp_path / "file").touch()
+    assert initrd_kind(tmp_path / "file") is Initrd.SHELL
 
 
 # ---------------------------------------------------------------- EFI variable

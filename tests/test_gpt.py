@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -35,6 +36,9 @@ from pystate_initrd.formats.gpt import (
     STATE_TYPE_GUID,
     GptError,
     GptTable,
+    Partition,
+    free_extents,
+    largest_free_extent,
     parse_gpt,
 )
 from pystate_initrd.system.block import read_gpt
@@ -708,3 +712,112 @@ def test_fuzz_garbage(blob: bytes, forced: int | None) -> None:
     d[512:520] = b"EFI PART"
     with pytest.raises(GptError, match="^test.img: "):
         parse_bytes(d, forced)
+
+
+# ---------------------------------------------------------------- free extents (pure; sfdisk -F)
+
+
+def _table(ss: int, first: int, last: int, spans: list[tuple[int, int]]) -> GptTable:
+    parts = tuple(
+        Partition(i + 1, LINUX, uuid.UUID(int=i + 1), "", a, b, 0, a * ss, (b - a + 1) * ss)
+        for i, (a, b) in enumerate(spans)
+    )
+    return GptTable(ss, uuid.UUID(int=0), parts, (last + 34) * ss, first, last, 128, 128)
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "spans", "expected"),
+    [
+        (34, 99, [], [(34, 99)]),
+        (34, 99, [(34, 99)], []),
+        (34, 99, [(40, 49)], [(34, 39), (50, 99)]),
+        (34, 99, [(60, 99), (34, 39)], [(40, 59)]),  # entry order is not disk order
+        (34, 99, [(34, 34), (36, 36), (99, 99)], [(35, 35), (37, 98)]),
+        (2048, 2048, [], [(2048, 2048)]),
+    ],
+)
+def test_free_extents_table(
+    first: int, last: int, spans: list[tuple[int, int]], expected: list[tuple[int, int]]
+) -> None:
+    table = _table(512, first, last, spans)
+    got = free_extents(table)
+    assert [(e.first_lba, e.last_lba) for e in got] == expected
+    assert all(e.start == e.first_lba * 512 and e.size == (e.last_lba - e.first_lba + 1) * 512
+               for e in got)  # fmt: skip
+    biggest = largest_free_extent(table)
+    assert biggest == (max(got, key=lambda e: e.size) if got else None)
+
+
+@st.composite
+def usable_layouts(draw: st.DrawFn) -> GptTable:
+    ss = draw(st.sampled_from([512, 4096]))
+    first = draw(st.integers(2, 2048))
+    last = first + draw(st.integers(0, 10_000))
+    cuts = sorted(draw(st.lists(st.integers(first, last), max_size=16, unique=True)))
+    # Pairs of cut points become partitions, so touching, gapped and full layouts all occur.
+    spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    if draw(st.booleans()):
+        spans = [(a, b) for a, b in spans if draw(st.booleans())]
+    return _table(ss, first, last, draw(st.permutations(spans)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(table=usable_layouts())
+def test_free_extents_tile_the_usable_area(table: GptTable) -> None:
+    """Partitions and extents cover first..last usable exactly once; extents are maximal."""
+    extents = free_extents(table)
+    owner: dict[int, str] = {}
+    for p in table.partitions:
+        for lba in range(p.first_lba, p.last_lba + 1):
+            owner[lba] = "part"
+    for e in extents:
+        assert e.first_lba <= e.last_lba
+        for lba in range(e.first_lba, e.last_lba + 1):
+            assert lba not in owner
+            owner[lba] = "free"
+    assert sorted(owner) == list(range(table.first_usable_lba, table.last_usable_lba + 1))
+    assert list(extents) == sorted(extents, key=lambda e: e.first_lba)
+    for a, b in itertools.pairwise(extents):
+        assert b.first_lba > a.last_lba + 1  # a partition lies between: never two adjacent
+    ss = table.sector_size
+    total = (table.last_usable_lba - table.first_usable_lba + 1) * ss
+    assert sum(e.size for e in extents) == total - sum(p.size for p in table.partitions)
+    biggest = largest_free_extent(table)
+    assert (biggest.size if biggest else 0) == max((e.size for e in extents), default=0)
+
+
+_SFDISK_FREE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s", re.MULTILINE)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_free_extents_against_sfdisk(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """sfdisk -F lists the free runs aligned to its 1 MiB grain: each lies inside one of ours,
+    and each of ours of at least two grains holds one (alignment loses less than a grain)."""
+    grain = 2048
+    total = data.draw(st.integers(8, 200)) * grain + data.draw(st.integers(0, grain - 1))
+    parts: list[PartSpec] = []
+    pos = grain
+    for slot in range(1, data.draw(st.integers(0, 6)) + 1):
+        start = pos + data.draw(st.sampled_from([0, 0, 1, 7, grain - 1, grain, 3 * grain + 5]))
+        size = data.draw(st.integers(1, 8 * grain))
+        if start + size - 1 > total - 34:
+            break
+        parts.append(PartSpec(slot, start, size, LINUX, uuid.uuid4(), f"p{slot}", 0))
+        pos = start + size
+    layout = Layout(512, total, 128, grain, uuid.uuid4(), tuple(parts))
+    image = tmp_path_factory.getbasetemp() / "free.img"
+    make_image(image, layout)
+    ours = free_extents(read_gpt(image))
+    theirs = [
+        (int(a), int(b)) for a, b, _ in _SFDISK_FREE.findall(_sh(["sfdisk", "-F", str(image)]))
+    ]
+    for a, b in theirs:
+        assert any(e.first_lba <= a <= b <= e.last_lba for e in ours), (theirs, ours)
+    for e in ours:
+        if e.last_lba - e.first_lba + 1 >= 2 * grain:
+            assert any(e.first_lba <= a <= b <= e.last_lba for a, b in theirs), (theirs, ours)
+    biggest = largest_free_extent(read_gpt(image))
+    assert (biggest.size // 512 if biggest else 0) >= max((b - a + 1 for a, b in theirs), default=0)

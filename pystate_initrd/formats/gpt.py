@@ -133,6 +133,48 @@ class GptTable:
 
 
 @dataclass(frozen=True)
+class FreeExtent:
+    """A run of usable LBAs that no partition holds."""
+
+    first_lba: int
+    last_lba: int
+    start: int  # bytes
+    size: int  # bytes
+
+
+def free_extents(table: GptTable) -> tuple[FreeExtent, ...]:
+    """The unpartitioned runs of the usable LBAs, in disk order, unaligned.
+
+    With the partitions they cover first..last usable LBA exactly once (parse_gpt has
+    refused overlaps and partitions outside the usable area).
+    """
+    extents: list[FreeExtent] = []
+    ss = table.sector_size
+    next_free = table.first_usable_lba
+    for p in sorted(table.partitions, key=lambda p: p.first_lba):
+        if p.first_lba > next_free:
+            extents.append(
+                FreeExtent(
+                    next_free, p.first_lba - 1, next_free * ss, (p.first_lba - next_free) * ss
+                )
+            )
+        next_free = max(next_free, p.last_lba + 1)
+    if next_free <= table.last_usable_lba:
+        count = table.last_usable_lba - next_free + 1
+        extents.append(FreeExtent(next_free, table.last_usable_lba, next_free * ss, count * ss))
+    return tuple(extents)
+
+
+def largest_free_extent(table: GptTable) -> FreeExtent | None:
+    """The largest unpartitioned run (the first of equals), None on a full disk.
+
+    A new partition must fit in one run: this, not the sum, says whether one can be made.
+    """
+    extents = free_extents(table)
+    return max(extents, key=lambda e: e.size) if extents else None
+
+
+@dataclass(frozen=True)
 class _Header:
     my_lba: int
     alternate_lba: int

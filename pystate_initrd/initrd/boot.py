@@ -40,6 +40,9 @@ class BootPaths:
     run_dir: Path = RUN_DIR
     log: Path = Path("/dev/kmsg")
     efivars: Path = Path("/sys/firmware/efi/efivars")
+    # Present when systemd is PID 1: the initrd may have run systemd-repart (discover's
+    # message when the disk has no state partition); absent in dracut's shell initrd.
+    systemd_dir: Path = Path(discover.SYSTEMD_RUNTIME_DIR)
 
 
 def _state_mountpoint(paths: BootPaths) -> Path:
@@ -114,7 +117,10 @@ def load_configuration(b: Boot) -> bool:
 def find_state_partition(b: Boot) -> None:
     with b.report.step("discover") as s:
         b.choice = discover.discover_state(
-            b.cfg.state_device, sysroot=b.paths.sysroot, efivars=b.paths.efivars
+            b.cfg.state_device,
+            sysroot=b.paths.sysroot,
+            efivars=b.paths.efivars,
+            initrd=discover.initrd_kind(b.paths.systemd_dir),
         )
         s.detail = f"{b.choice.device} (PARTUUID {b.choice.part_uuid}, {b.choice.reason})"
         b.report.facts["partition"] = b.choice.to_json()

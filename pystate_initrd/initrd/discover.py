@@ -17,6 +17,11 @@ for elsewhere (booting a live medium must not adopt an installed system's state)
 4. The one state partition over all disks.
 Partitions with the no-auto bit are skipped by rules 2 to 4. Two candidates on the
 chosen disk, or candidates on several disks and no rule to choose: refused.
+
+When the disk rule 2 or 3 chose has no state partition, the error says how much
+unpartitioned space it has and why systemd-repart did not make one there: the kind of
+initrd (a shell initrd has no systemd-repart) and the definition it would have read
+from the OS image, as `RepartFacts` (read by `repart_facts`, docs/repart.md).
 """
 
 from __future__ import annotations
@@ -31,12 +36,22 @@ from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import efivar, mountinfo
-from pystate_initrd.formats.gpt import STATE_TYPE_GUID, GptError, GptTable, Partition
+from pystate_initrd.formats.gpt import (
+    STATE_TYPE_GUID,
+    GptError,
+    GptTable,
+    Partition,
+    largest_free_extent,
+)
+from pystate_initrd.formats.repart import DEFINITION, SEARCH_DIRS, size_min
+from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.system import block
 from pystate_initrd.system import efivars as efivars_io
 
 LOADER_PARTUUID_VARIABLE = efivar.LOADER_DEVICE_PART_UUID
 _VIRTUAL_PREFIXES = ("loop", "ram", "zram")
+SYSTEMD_RUNTIME_DIR = "/run/systemd/system"  # exists iff systemd is PID 1 (sd_booted(3))
+_DEFINITION_MAX = 64 * 1024
 
 
 class DiscoverError(PystateError):
@@ -52,6 +67,22 @@ class Rule(enum.StrEnum):
     LOADER = "disk of the boot loader's partition (LoaderDevicePartUUID)"
     ROOT_DISK = "disk of the root file system"
     ONLY_ONE = "only state partition on any disk"
+
+
+class Initrd(enum.StrEnum):
+    SYSTEMD = "systemd"  # systemd-repart may have run before pystate
+    SHELL = "shell"  # dracut without systemd: no systemd-repart
+
+
+@dataclass(frozen=True)
+class RepartFacts:
+    """Why systemd-repart made no state partition, as far as the initrd can tell."""
+
+    initrd: Initrd
+    sysroot: str = "/sysroot"
+    definition: str | None = None  # the file systemd-repart reads (under sysroot); None: none
+    masked: bool = False  # a symlink to /dev/null or an empty file of that name
+    size_min: int | None = None  # its SizeMinBytes= (None: not a size we could read)
 
 
 @dataclass(frozen=True)
@@ -135,7 +166,63 @@ def _disk_list(disks: Sequence[DiskInfo], skipped: Sequence[str]) -> str:
     return text + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
 
 
-def _on_disk(disk: DiskInfo, rule: Rule, why: str) -> StateChoice:
+def free_space_text(table: GptTable) -> str:
+    """How much room a new partition has: the largest unpartitioned extent, not the sum."""
+    extent = largest_free_extent(table)
+    if extent is None:
+        return "it has no unpartitioned space"
+    return f"its largest unpartitioned extent is {human_size(extent.size)}"
+
+
+def repart_hint(facts: RepartFacts, disk: str, free: int, root_disk: str | None) -> str:
+    """What to do about a disk without a state partition, given what systemd-repart saw.
+
+    `free`: the disk's largest unpartitioned extent in bytes; `root_disk`: the disk of the
+    root file system, the only one systemd-repart adds partitions to.
+    """
+    if facts.initrd is Initrd.SHELL:
+        return (
+            "this initrd has no systemd-repart to make one: create the state partition "
+            "when the disk is made, see docs/repart.md"
+        )
+    shipped = f"/usr/lib/repart.d/{DEFINITION}"
+    if root_disk is not None and root_disk != disk:
+        return (
+            f"systemd-repart adds partitions only to the root file system's disk {root_disk}: "
+            f"create the state partition on {disk} when the disk is made, or name one with "
+            "pystate.state=PARTUUID=…"
+        )
+    if facts.definition is None:
+        return (
+            f"systemd-repart makes it only from {shipped} in the OS image, and "
+            f"{facts.sysroot} has none: install pystate in the OS image, or create the "
+            "partition when the disk is made"
+        )
+    if facts.masked:
+        return (
+            f"systemd-repart would make it from {shipped}, but {facts.definition} masks "
+            "it: remove that file, or create the partition when the disk is made"
+        )
+    if facts.size_min is not None and free < facts.size_min:
+        return (
+            f"systemd-repart makes it from {facts.definition} only with "
+            f"SizeMinBytes={human_size(facts.size_min)} free in one piece, so it touched "
+            "nothing: free or add disk space, or lower SizeMinBytes=, see docs/repart.md"
+        )
+    return (
+        f"systemd-repart should have made it from {facts.definition}: see "
+        "journalctl -b -u systemd-repart; it must run after sysroot.mount and before "
+        "pystate.service, see docs/repart.md"
+    )
+
+
+def _on_disk(
+    disk: DiskInfo,
+    rule: Rule,
+    why: str,
+    facts: RepartFacts | None = None,
+    root_disk: str | None = None,
+) -> StateChoice:
     """The one auto-discoverable state partition on the disk a rule chose."""
     found = _candidates(disk)
     if len(found) == 1:
@@ -144,8 +231,14 @@ def _on_disk(disk: DiskInfo, rule: Rule, why: str) -> StateChoice:
     if not found:
         ignored = [_describe(disk, p) for p in disk.table.partitions if p.is_state and p.no_auto]
         extra = f"; ignored with the no-auto bit (63): {', '.join(ignored)}" if ignored else ""
+        extent = largest_free_extent(disk.table)
+        hint = None
+        if facts is not None:
+            hint = repart_hint(facts, disk.device, extent.size if extent else 0, root_disk)
         raise StateNotFoundError(
-            f"no partition of type {STATE_TYPE_GUID} on {disk.device}, {why}{extra}"
+            f"no partition of type {STATE_TYPE_GUID} on {disk.device}, {why}{extra}; "
+            f"{free_space_text(disk.table)}",
+            hint=hint,
         )
     raise DiscoverError(
         f"{len(found)} state partitions on {disk.device} ({why}): "
@@ -215,11 +308,13 @@ def find_state_partition(
     root_disk: str | None,
     fs_uuid: Callable[[str], uuid.UUID | None] | None = None,
     skipped: Sequence[str] = (),
+    repart: RepartFacts | None = None,
 ) -> StateChoice:
     """Apply the rules of SPEC §2 to `disks`; raise DiscoverError rather than guess.
 
     `fs_uuid(node)` reads a partition's file-system UUID (for `UUID=`);
-    `skipped` describes disks left out (no GPT…), for the error messages.
+    `skipped` describes disks left out (no GPT…), for the error messages; `repart`, when
+    given, lets a chosen disk without a state partition say what to do about it.
     """
     if cmdline_state:
         return _by_cmdline(cmdline_state, disks, fs_uuid, skipped)
@@ -239,15 +334,28 @@ def find_state_partition(
                 f"{', '.join(d.device for d in holders)}; refusing to guess",
                 hint="cloned disks? name the state partition with pystate.state=PARTUUID=…",
             )
-        return _on_disk(holders[0], Rule.LOADER, "the disk of the boot loader's partition")
+        return _on_disk(
+            holders[0], Rule.LOADER, "the disk of the boot loader's partition", repart, root_disk
+        )
 
     if root_disk is not None:
         for disk in disks:
             if disk.device == root_disk:
-                return _on_disk(disk, Rule.ROOT_DISK, "the disk of the root file system")
+                return _on_disk(
+                    disk, Rule.ROOT_DISK, "the disk of the root file system", repart, root_disk
+                )
+        hint = None
+        if repart is not None and repart.initrd is Initrd.SHELL:
+            hint = repart_hint(repart, root_disk, 0, root_disk)
+        elif repart is not None:
+            hint = (
+                "systemd-repart adds partitions only to a disk that has a GPT already "
+                "(--empty=refuse): create the GPT and the state partition when the disk is made"
+            )
         raise StateNotFoundError(
             f"the root file system's disk {root_disk} has no GPT with a state partition; "
-            f"disks: {_disk_list(disks, skipped)}"
+            f"disks: {_disk_list(disks, skipped)}",
+            hint=hint,
         )
 
     found = [(d, p) for d in disks for p in _candidates(d)]
@@ -392,6 +500,34 @@ def read_fs_uuid(device: str | Path) -> uuid.UUID | None:
         return None
 
 
+def initrd_kind(systemd_dir: str | Path = SYSTEMD_RUNTIME_DIR) -> Initrd:
+    """systemd's initrd when its runtime directory exists (sd_booted(3)), else dracut's shell."""
+    return Initrd.SYSTEMD if os.path.isdir(systemd_dir) else Initrd.SHELL
+
+
+def repart_facts(sysroot: str | Path, initrd: Initrd) -> RepartFacts:
+    """The definition systemd-repart --root=SYSROOT reads: the first of that name on its
+    search path below `sysroot` (a file in /etc replaces the shipped one as a whole)."""
+    root = str(sysroot)
+    if initrd is Initrd.SHELL:
+        return RepartFacts(initrd, root)
+    for directory in SEARCH_DIRS:
+        path = Path(root, directory, DEFINITION)
+        try:
+            if path.is_symlink() and os.readlink(path) == "/dev/null":
+                return RepartFacts(initrd, root, str(path), masked=True)
+            with path.open("rb") as f:
+                text = f.read(_DEFINITION_MAX).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            continue
+        except OSError:  # there, but unreadable: systemd-repart may still have read it
+            return RepartFacts(initrd, root, str(path))
+        if not text.strip():
+            return RepartFacts(initrd, root, str(path), masked=True)
+        return RepartFacts(initrd, root, str(path), size_min=size_min(text))
+    return RepartFacts(initrd, root)
+
+
 def scan_disks(
     sys_dir: str | Path = "/sys", *, include_virtual: bool = False, also: Sequence[str] = ()
 ) -> tuple[list[DiskInfo], list[str]]:
@@ -422,8 +558,13 @@ def discover_state(
     efivars: str | Path = "/sys/firmware/efi/efivars",
     mountinfo_path: str | Path = mountinfo.MOUNTINFO,
     include_virtual: bool = False,
+    initrd: Initrd | None = None,
 ) -> StateChoice:
-    """Find the state partition on this machine: scan, then apply the rules."""
+    """Find the state partition on this machine: scan, then apply the rules.
+
+    `initrd`: the kind this runs in (`initrd_kind()`), for the message when the chosen disk
+    has no state partition; None says nothing about systemd-repart.
+    """
     if state and state.startswith("/") and os.path.exists(state):
         state = os.path.realpath(state)  # /dev/disk/by-… links, where something made them
     root_disk = (
@@ -448,4 +589,5 @@ def discover_state(
         root_disk=root_disk,
         fs_uuid=read_fs_uuid,
         skipped=skipped,
+        repart=repart_facts(sysroot, initrd) if initrd is not None and not state else None,
     )
