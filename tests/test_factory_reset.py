@@ -397,16 +397,16 @@ def test_the_requested_entry_resets_once(machine: Machine, seams: Seams) -> None
     assert_erased(machine)
     assert machine.listing() == AFTER_RESET
     assert machine.variables() == ["LoaderEntrySelected"]  # request and one-shot consumed
-    assert [s.name for s in r.steps] == ["reset-begin", "crypto-erase", "delete-plain", "reset-end"]
+    assert [s.name for s in r.steps] == ["reset-begin", "factory-reset", "reset-end"]
     steps = {s.name: s.detail for s in r.steps}
     assert steps["reset-begin"] == (
         f"marker .pystate/factory-reset written; request {efivar.FACTORY_RESET_REQUEST} "
         f"deleted; {efivar.LOADER_ENTRY_ONESHOT} deleted"
     )
-    assert steps["crypto-erase"] == (
-        "encrypted.img: every keyslot destroyed (cryptsetup erase), deleted"
+    assert steps["factory-reset"] == (
+        "encrypted.img: every keyslot destroyed (cryptsetup erase), deleted; "
+        "plain entries removed: home, srv"
     )
-    assert steps["delete-plain"] == "removed home, srv"
     assert steps["reset-end"] == "marker .pystate/factory-reset removed: factory reset complete"
     assert r.facts["factory_reset"] == {
         "action": "reset",
@@ -427,7 +427,7 @@ def test_the_requested_entry_resets_once(machine: Machine, seams: Seams) -> None
     log = machine.log()
     reason = "<5>pystate: factory reset: pystate.factory-reset=1 and the request for boot entry"
     assert any(line.startswith(reason) for line in log)
-    assert any(line.startswith("<6>pystate: crypto-erase done in ") for line in log)
+    assert any(line.startswith("<6>pystate: factory-reset done in ") for line in log)
     # One-shot: the same command line at the next boot is only the warning.
     (machine.state / "home").mkdir()
     r = machine.boot(WORD)
@@ -514,7 +514,7 @@ def test_a_reset_cut_short_is_finished(machine: Machine, seams: Seams, how: str)
         image.write_bytes(bytes(MiB))  # (never made by pystate; nothing to keep either)
     r = machine.boot("quiet")
     assert machine.listing() == AFTER_RESET
-    assert [s.name for s in r.steps] == ["reset-begin", "crypto-erase", "delete-plain", "reset-end"]
+    assert [s.name for s in r.steps] == ["reset-begin", "factory-reset", "reset-end"]
     assert r.steps[0].detail.startswith("marker .pystate/factory-reset found: finishing the reset")
     facts = r.facts["factory_reset"]
     assert isinstance(facts, dict) and facts["action"] == "finish" and facts["complete"]

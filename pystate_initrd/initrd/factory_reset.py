@@ -10,9 +10,9 @@ next boot finishes or leaves alone, and never one that resets twice from one req
 - ``reset-begin``: (a) the marker ``/state/.pystate/factory-reset`` (file and directories
   fsynced), then (b) the request variable deleted, and ``LoaderEntryOneShot`` too if it still
   names the reset entry: from here on the request is consumed;
-- ``crypto-erase``: (c) ``cryptsetup erase`` of encrypted.img (every keyslot destroyed: no key,
-  not the recovery key either, opens its data again), then the file deleted;
-- ``delete-plain``: (d) every plain entry on /state deleted;
+- ``factory-reset``: (c) ``cryptsetup erase`` of encrypted.img (every keyslot destroyed: no
+  key, not the recovery key either, opens its data again), then the file deleted; (d) every
+  plain entry on /state deleted;
 - provisioning (initrd/provision.py: encrypted.img.new, then the rename) — (e);
 - ``reset-end``: (f) the marker removed.
 
@@ -320,12 +320,12 @@ def delete_plain(state_dir: Path) -> list[str]:
 
 
 def destroy(state_dir: Path, report: BootReport) -> list[str]:
-    """(c) and (d), as the steps ``crypto-erase`` and ``delete-plain``; the names removed."""
-    with report.step("crypto-erase") as s:
-        s.detail = crypto_erase(state_dir)
-    with report.step("delete-plain") as s:
+    """(c) and (d), as the step ``factory-reset`` (the name it has always had in boot.json);
+    the plain entries removed."""
+    with report.step("factory-reset") as s:
+        erased = crypto_erase(state_dir)
         gone = delete_plain(state_dir)
-        s.detail = "removed " + (", ".join(gone) or "nothing")
+        s.detail = f"{erased}; plain entries removed: " + (", ".join(gone) or "none")
     return gone
 
 
