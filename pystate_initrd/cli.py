@@ -16,6 +16,8 @@ from pathlib import Path
 from pystate_initrd import __version__
 from pystate_initrd.errors import PystateError
 
+EFIVARS = "/sys/firmware/efi/efivars"
+
 
 def _cmd_boot(args: argparse.Namespace) -> int:
     from pystate_initrd.initrd.boot import BootPaths, run_boot
@@ -26,6 +28,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         cmdline=Path(args.cmdline),
         run_dir=Path(args.run_dir),
         log=Path(args.log),
+        efivars=Path(args.efivars),
     )
     return run_boot(paths)
 
@@ -83,7 +86,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pystate_initrd.booted import status
 
     info = status.collect(
-        Path(args.boot_json), Path(args.root), tcti=args.tcti, event_log=args.event_log
+        Path(args.boot_json),
+        Path(args.root),
+        tcti=args.tcti,
+        event_log=args.event_log,
+        efivars=Path(args.efivars) if args.efivars else None,
     )
     print(json.dumps(info, indent=2) if args.json else status.render(info))
     return 0 if info.get("outcome") == "ok" else 1
@@ -99,6 +106,12 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     from pystate_initrd.booted import resized
 
     return resized.cmd_resize(args)
+
+
+def _cmd_factory_reset(args: argparse.Namespace) -> int:
+    from pystate_initrd.booted import factory_reset
+
+    return factory_reset.cmd_factory_reset(args)
 
 
 def _resize_options(p: argparse.ArgumentParser) -> None:
@@ -128,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file")
     p.add_argument("--run-dir", default="/run/pystate", help="where boot.json goes")
     p.add_argument("--log", default="/dev/kmsg", help="log device or file (default /dev/kmsg)")
+    p.add_argument("--efivars", default=EFIVARS, help=f"efivarfs (default {EFIVARS})")
     p.set_defaults(func=_cmd_boot)
 
     p = sub.add_parser("plan", help="show the mount plan for a state tree")
@@ -144,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="/", help="the booted system's root (default /)")
     p.add_argument("--tcti", help="TPM2 TCTI for reading PCRs (default device:/dev/tpmrm0)")
     p.add_argument("--event-log", help="firmware event log (default: the kernel's, securityfs)")
+    p.add_argument("--efivars", help="efivarfs, for a pending reset (default: under --root)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("resized", help="the resize service: grow/shrink encrypted.img as needed")
@@ -160,6 +175,26 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--auto", action="store_true", help="one step of the policy")
     hooks.add_resize_options(p)  # a test build's crash tests; nothing in production
     p.set_defaults(func=_cmd_resize)
+
+    p = sub.add_parser(
+        "factory-reset",
+        help="request a factory reset at the next boot (a one-shot boot entry)",
+        description="Request a factory reset for the next boot: the boot loader starts the "
+        "reset entry once, and pystate in the initrd crypto-erases encrypted.img, deletes the "
+        "plain entries and provisions afresh. Without --yes nothing is changed (exit status "
+        "2). docs/factory-reset.md.",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--yes", action="store_true", help="really request it")
+    what.add_argument("--cancel", action="store_true", help="withdraw a pending request")
+    p.add_argument(
+        "--entry",
+        default="pystate-factory-reset.efi",
+        help="the reset entry's id (default pystate-factory-reset.efi: "
+        "/EFI/Linux/pystate-factory-reset.efi)",
+    )
+    p.add_argument("--efivars", default=EFIVARS, help=f"efivarfs (default {EFIVARS})")
+    p.set_defaults(func=_cmd_factory_reset)
 
     p = sub.add_parser("gpt", help="list a disk's GPT partitions, state partitions marked")
     p.add_argument("image", help="disk image file or block device")

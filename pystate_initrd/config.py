@@ -27,6 +27,7 @@ from pystate_initrd.formats.escape import NAME_MAX, EscapeError, escape_path
 from pystate_initrd.formats.plan import Area as Area  # noqa: PLC0414
 from pystate_initrd.formats.plan import MountMode as MountMode  # noqa: PLC0414
 from pystate_initrd.formats.plan import target_refusal
+from pystate_initrd.formats.reset_decision import RequestSource as RequestSource  # noqa: PLC0414
 
 if TYPE_CHECKING:
     from configparser import ConfigParser
@@ -342,7 +343,10 @@ SETTINGS: tuple[Setting, ...] = (
         parse=parse_bool,
         show=format_bool,
         accepted="1 (or yes/true/on; 0 to cancel)",
-        doc="Crypto-erase the image and delete the plain entries, then provision afresh (SPEC §6). "
+        doc="Crypto-erase the image and delete the plain entries, then provision afresh (SPEC §6), "
+        "once: only with a request made by `pystate factory-reset` in the booted system, from "
+        "the one-shot boot entry it names (SPEC §11.6, docs/factory-reset.md); the word alone is "
+        "a warning and nothing is erased (unless `[state] factory-reset-request = none`). "
         "Needs an explicit value: a bare word is refused.",
         cmdline="pystate.factory-reset",
     ),
@@ -380,6 +384,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Only turn off if the initrd cannot carry the fsck tool.",
         section="state",
         key="check-fs",
+    ),
+    Setting(
+        field="factory_reset_request",
+        default=RequestSource.EFI_VARIABLE,
+        parse=_choice(RequestSource),
+        show=str,
+        accepted=_choices(RequestSource),
+        doc="What `pystate.factory-reset=1` needs besides itself (SPEC §11.6, "
+        "docs/factory-reset.md). `efi-variable`: a request made by `pystate factory-reset` (the "
+        "EFI variable PystateFactoryReset) and, where the boot loader says which entry it booted "
+        "(LoaderEntrySelected), that entry being the one the request names; "
+        "the word alone is a warning and nothing is erased. `none`: the word alone resets, for a "
+        "boot loader with its own one-shot entries (grub-reboot) on a machine without EFI "
+        "variables; a command line that keeps the word then erases the state at every boot: "
+        "the distributor's risk. Not on the command line, which it guards.",
+        section="state",
+        key="factory-reset-request",
     ),
     Setting(
         field="inner_fs",
@@ -604,6 +625,7 @@ class Config:
     enabled: bool = _DEFAULTS["enabled"]
     state_device: str | None = _DEFAULTS["state_device"]
     factory_reset: bool = _DEFAULTS["factory_reset"]
+    factory_reset_request: RequestSource = _DEFAULTS["factory_reset_request"]
     debug: bool = _DEFAULTS["debug"]
     layout: tuple[LayoutEntry, ...] = DEFAULT_LAYOUT
     plain_allowlist: frozenset[str] = _DEFAULTS["plain_allowlist"]

@@ -295,6 +295,7 @@ def test_defaults() -> None:
     config = load_config(None, "")
     assert config == Config()
     assert config.enabled and not config.factory_reset and not config.debug
+    assert config.factory_reset_request == "efi-variable"
     assert config.state_device is None
     assert config.layout == DEFAULT_LAYOUT
     assert [(e.target, e.area, e.mode, e.seed) for e in config.layout] == [
@@ -418,6 +419,27 @@ LOAD_CASES: list[tuple[str | None, str, Any]] = [
     ("[resize]\nreserve = 2\n", "", f'{F}:2: [resize] reserve = "2": "2" is not a percentage'),
     ("[resize]\nweights = 0:1\n", "", f"{F}:2: [resize] weights"),
     ("[state]\ncheck-fs = no\n", "", {"check_outer_fs": False}),
+    # Factory reset: the request it needs (SPEC §11.6); never from the command line it guards.
+    ("", "", {"factory_reset_request": "efi-variable"}),
+    ("[state]\nfactory-reset-request = none\n", "", {"factory_reset_request": "none"}),
+    ("[state]\nfactory-reset-request = None\n", "", {"factory_reset_request": "none"}),
+    (
+        "[state]\nfactory-reset-request = no\n",
+        "",
+        f'{F}:2: [state] factory-reset-request = "no": "no" is not one of the choices; '
+        "accepted: efi-variable | none",
+    ),
+    (
+        None,
+        "pystate.factory-reset=1 pystate.factory-reset-request=none",
+        {
+            "factory_reset": True,
+            "factory_reset_request": "efi-variable",
+            "warnings": (
+                "kernel command line: unknown option pystate.factory-reset-request=none ignored",
+            ),
+        },
+    ),
     (
         "[state]\nplain-allowlist = /home /srv\n  /var/lib/flatpak\n",
         "",

@@ -177,12 +177,29 @@ def test_nocow_is_refused_on_a_file_with_data_on_btrfs(tmp_path: Path) -> None:
 
 
 def test_leftover_new_image_is_removed(tmp_path: Path) -> None:
-    assert provision.remove_leftover(tmp_path) is False
+    assert provision.remove_leftover(tmp_path) is None
     (tmp_path / "encrypted.img.new").write_bytes(b"half")
     (tmp_path / "encrypted.img").write_bytes(b"whole")
-    assert provision.remove_leftover(tmp_path) is True
+    detail = provision.remove_leftover(tmp_path)
+    assert detail == "deleted encrypted.img.new of an interrupted first boot"
     assert not (tmp_path / "encrypted.img.new").exists()
     assert (tmp_path / "encrypted.img").read_bytes() == b"whole"
+
+
+def test_leftover_new_image_with_keyslots_is_crypto_erased(tmp_path: Path) -> None:
+    """A provisioning cut after luks-format leaves keyslots: erased before the file goes."""
+    new = tmp_path / "state/encrypted.img.new"
+    new.parent.mkdir()
+    new.write_bytes(bytes(20 * MIB))
+    luks.format(new, key=b"k" * 32)
+    kept = tmp_path / "kept.img"  # the same inode, outside /state
+    os.link(new, kept)
+    detail = provision.remove_leftover(new.parent)
+    assert detail == "crypto-erased and deleted encrypted.img.new of an interrupted first boot"
+    assert not new.exists()
+    assert luks.keyslots(kept) == {}
+    with pytest.raises(luks.NoKeyslot):
+        luks.check_key(kept, key=b"k" * 32, key_slot=0)
 
 
 def test_leftover_symlink_is_removed_not_followed(tmp_path: Path) -> None:
@@ -470,27 +487,6 @@ def test_first_boot_without_tpm_stops_and_creates_nothing(tmp_path: Path) -> Non
     assert "encrypted" not in r.facts
 
 
-def test_factory_reset_without_tpm_erases_nothing(tmp_path: Path) -> None:
-    """A reset that could not provision afresh (no TPM, required by default) is refused
-    before the crypto-erase: the image and the plain entries stay as they were."""
-    (tmp_path / "home/alice").mkdir(parents=True)
-    (tmp_path / "home/alice/notes").write_text("kept\n")
-    (tmp_path / "encrypted.img").write_bytes(b"an image that must not be erased")
-    r = report()
-    with pytest.raises(encrypted.NoTpmAtFirstBoot, match="nothing was erased"):
-        encrypted.setup(
-            Config(factory_reset=True),
-            tmp_path,
-            tmp_path / "sysroot",
-            r,
-            "quiet",
-            tcti="device:/dev/nonexistent-tpm",
-        )
-    assert (tmp_path / "home/alice/notes").read_text() == "kept\n"
-    assert (tmp_path / "encrypted.img").read_bytes() == b"an image that must not be erased"
-    assert r.steps == []
-
-
 def test_no_tpm_stop_names_the_encrypted_targets(tmp_path: Path) -> None:
     image = tmp_path / "encrypted.img"
     assert "(/etc, /var would stay" in str(encrypted.no_tpm_at_first_boot(Config(), image))
@@ -520,28 +516,6 @@ def test_setup_refuses_an_image_that_is_not_a_file(tmp_path: Path) -> None:
     (tmp_path / "encrypted.img").mkdir()
     with pytest.raises(encrypted.EncryptedError, match="not a regular file"):
         encrypted.setup(Config(), tmp_path, tmp_path, report(), "", tcti="device:/dev/none")
-
-
-def test_factory_reset_erases_keyslots_and_plain_entries(tmp_path: Path) -> None:
-    image = tmp_path / "encrypted.img"
-    image.write_bytes(bytes(8 * MIB))
-    luks.format(image, key=b"k" * 32)
-    (tmp_path / "home/alice").mkdir(parents=True)
-    (tmp_path / ".pystate").mkdir()
-    (tmp_path / "encrypted").mkdir()
-    copy = tmp_path / "copy.img"
-    shutil.copy(image, copy)
-    gone = encrypted.factory_reset(tmp_path)
-    assert gone == ["copy.img", "encrypted.img", "home"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".pystate", "encrypted"]
-
-
-def test_factory_reset_crypto_erases_before_deleting(tmp_path: Path) -> None:
-    image = tmp_path / "encrypted.img"
-    image.write_bytes(bytes(8 * MIB))
-    luks.format(image, key=b"k" * 32)
-    luks.erase(image)  # what factory_reset runs first: no keyslot left
-    assert luks.keyslots(image) == {}
 
 
 def test_config_layout_default_is_what_provisioning_makes() -> None:

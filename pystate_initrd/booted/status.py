@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pystate_initrd.booted import resized
+from pystate_initrd.booted import factory_reset, resized
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import luks2, mountinfo, names, pcr_diagnosis
 from pystate_initrd.formats.resize_policy import human_size
@@ -125,8 +125,10 @@ def collect(
     *,
     tcti: str | None = None,
     event_log: str | None = None,
+    efivars: Path | None = None,
 ) -> dict[str, Any]:
-    """Everything `pystate status` shows, as one JSON-able dict."""
+    """Everything `pystate status` shows, as one JSON-able dict. ``efivars``: efivarfs
+    (default: under root), for a pending factory-reset request."""
     status: dict[str, Any] = {"boot_json": str(boot_json)}
     try:
         report: dict[str, Any] = json.loads(boot_json.read_text())
@@ -167,7 +169,44 @@ def collect(
         if isinstance(m, dict)
     ]
     status["rejected"] = report.get("rejected", [])
+    status["factory_reset"] = _factory_reset(
+        report.get("factory_reset"), efivars or root / "sys/firmware/efi/efivars"
+    )
     return status
+
+
+def _factory_reset(this_boot: Any, efivars: Path) -> dict[str, Any]:
+    """This boot's factory-reset decision (boot.json) and a request pending for the next."""
+    info: dict[str, Any] = {"boot": this_boot if isinstance(this_boot, dict) else None}
+    if efivars.is_dir():
+        info.update(factory_reset.read_pending(efivars).to_json())
+    return info
+
+
+def _factory_reset_lines(info: dict[str, Any]) -> list[str]:
+    out = []
+    boot = info.get("boot") or {}
+    if boot.get("complete"):
+        out.append(f"factory reset: done at this boot ({boot.get('reason')})")
+    elif boot.get("action") in ("reset", "finish"):
+        out.append(f"factory reset: NOT finished at this boot ({boot.get('reason')})")
+    out.extend(f"this boot: {line}" for line in boot.get("warnings", []))
+    out.extend(f"this boot: {line}" for line in boot.get("notes", []))
+    request = info.get("request")
+    if request is not None:
+        oneshot = info.get("oneshot")
+        how = (
+            "the boot loader starts it once"
+            if oneshot is not None and oneshot.casefold() == str(request).casefold()
+            else "no one-shot entry set: pick it in the boot menu"
+        )
+        out.append(
+            f"factory reset: REQUESTED for boot entry {request!r} ({how}): that boot "
+            "crypto-erases encrypted.img and deletes the plain entries; "
+            "`pystate factory-reset --cancel` withdraws it"
+        )
+    out.extend(f"factory reset: {error}" for error in info.get("errors", []))
+    return out
 
 
 def _size_line(space: dict[str, Any]) -> str:
@@ -231,5 +270,6 @@ def render(status: dict[str, Any]) -> str:
         out.append(f"mount: {m['area']:<9} {m['name']:<20} -> {m['target']}{mark}")
     for r in status.get("rejected", []):
         out.append(f"rejected: {r.get('area')} {r.get('name')!r}: {r.get('reason')}")
+    out.extend(_factory_reset_lines(status.get("factory_reset") or {}))
     out.append("steps (ms): " + ", ".join(f"{s['name']} {s['ms']}" for s in status["steps"]))
     return "\n".join(out)

@@ -116,6 +116,14 @@ def _copy_at(data: bytes, offset: int, magic: bytes) -> tuple[int, int, dict[str
     return seqid, hdr_size, metadata
 
 
+def has_luks_magic(data: bytes) -> bool:
+    """Whether data starts like a LUKS header (LUKS1 or LUKS2), or holds a LUKS2 secondary
+    header's magic at one of the offsets it can have: a header, even a damaged one."""
+    if data[:6] == _MAGIC_PRIMARY:
+        return True
+    return any(data[o : o + 6] == _MAGIC_SECONDARY for o in HEADER_SIZES)
+
+
 def parse_luks2_header(data: bytes, name: str = "image") -> Luks2Header:
     """The LUKS2 header at the start of data (pure).
 
@@ -135,8 +143,7 @@ def parse_luks2_header(data: bytes, name: str = "image") -> Luks2Header:
     if primary is None and secondary is None:
         if data[:6] == _MAGIC_PRIMARY and data[6:8] == b"\0\1":
             raise NotLuks(f"{name} is a LUKS1 image, not LUKS2")
-        magics = [data[o : o + 6] for o in (0, *HEADER_SIZES)]
-        if _MAGIC_PRIMARY not in magics and _MAGIC_SECONDARY not in magics:
+        if not has_luks_magic(data):
             raise NotLuks(f"{name} is not a LUKS2 image (no LUKS2 header)")
         raise NotLuks(
             f"{name}: both copies of the LUKS2 header are damaged",

@@ -39,6 +39,7 @@ class BootPaths:
     cmdline: Path = Path("/proc/cmdline")
     run_dir: Path = RUN_DIR
     log: Path = Path("/dev/kmsg")
+    efivars: Path = Path("/sys/firmware/efi/efivars")
     # Present when systemd is PID 1: the initrd may have run systemd-repart (discover's
     # message when the disk has no state partition); absent in dracut's shell initrd.
     systemd_dir: Path = Path(discover.SYSTEMD_RUNTIME_DIR)
@@ -118,6 +119,7 @@ def find_state_partition(b: Boot) -> None:
         b.choice = discover.discover_state(
             b.cfg.state_device,
             sysroot=b.paths.sysroot,
+            efivars=b.paths.efivars,
             initrd=discover.initrd_kind(b.paths.systemd_dir),
         )
         s.detail = f"{b.choice.device} (PARTUUID {b.choice.part_uuid}, {b.choice.reason})"
@@ -178,10 +180,17 @@ def grow_state_fs(b: Boot) -> None:
 
 
 def open_encrypted_area(b: Boot) -> None:
-    """Provision or unlock encrypted.img (its own steps: encrypted.py)."""
+    """Factory-reset if requested, then provision or unlock encrypted.img (its own steps:
+    encrypted.py, factory_reset.py)."""
     assert b.state_dir is not None
     b.encrypted_dir = encrypted.setup(
-        b.cfg, b.state_dir, b.paths.sysroot, b.report, b.cmdline, read_only=b.read_only
+        b.cfg,
+        b.state_dir,
+        b.paths.sysroot,
+        b.report,
+        b.cmdline,
+        read_only=b.read_only,
+        efivars_dir=b.paths.efivars,
     )
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import mountinfo
+from pystate_initrd.formats import efivar, mountinfo
 from pystate_initrd.formats.gpt import (
     STATE_TYPE_GUID,
     GptError,
@@ -46,8 +46,9 @@ from pystate_initrd.formats.gpt import (
 from pystate_initrd.formats.repart import DEFINITION, SEARCH_DIRS, size_min
 from pystate_initrd.formats.resize_policy import human_size
 from pystate_initrd.system import block
+from pystate_initrd.system import efivars as efivars_io
 
-LOADER_PARTUUID_VARIABLE = "LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+LOADER_PARTUUID_VARIABLE = efivar.LOADER_DEVICE_PART_UUID
 _VIRTUAL_PREFIXES = ("loop", "ram", "zram")
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"  # exists iff systemd is PID 1 (sd_booted(3))
 _DEFINITION_MAX = 64 * 1024
@@ -433,12 +434,10 @@ def read_loader_partuuid(
 ) -> uuid.UUID | None:
     """The boot loader's partition, or None when not booted by a loader that sets it."""
     try:
-        raw = (Path(efivars) / LOADER_PARTUUID_VARIABLE).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise DiscoverError(f"cannot read EFI variable {LOADER_PARTUUID_VARIABLE}: {exc}") from exc
-    return parse_loader_variable(raw)
+        raw = efivars_io.read_raw(Path(efivars), LOADER_PARTUUID_VARIABLE)
+    except efivars_io.EfiVarsError as exc:
+        raise DiscoverError(str(exc)) from None
+    return None if raw is None else parse_loader_variable(raw)
 
 
 def disk_of_devnum(major: int, minor: int, sys_dir: str | Path = "/sys") -> str | None:

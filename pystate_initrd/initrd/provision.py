@@ -3,7 +3,7 @@
 Everything is made in ``encrypted.img.new``; only when it is complete and on
 disk is it renamed to ``encrypted.img`` (and the directory fsynced). A power
 cut at any point therefore leaves either no image or a complete one; a
-leftover ``.new`` is an interrupted run, deleted at the next boot.
+leftover ``.new`` is an interrupted run, crypto-erased and deleted at the next boot.
 
 The steps, in order (each a ``report`` step, so boot.json times them):
 seal (a random 32-byte secret sealed by the TPM, before anything touches the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,17 +66,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_leftover(state_dir: Path) -> bool:
-    """Delete an interrupted provisioning's encrypted.img.new; whether there was one."""
+def crypto_erase(path: Path) -> bool:
+    """``cryptsetup erase`` of a LUKS file: every keyslot destroyed, so that no key, the
+    recovery key included, opens its data again; False when it is not LUKS (nothing to do)."""
+    try:
+        luks.erase(path)
+    except luks.NotLuks:
+        return False
+    return True
+
+
+def remove_leftover(state_dir: Path) -> str | None:
+    """Delete an interrupted provisioning's encrypted.img.new; what was done, None: nothing.
+
+    A leftover may already carry keyslots (TPM and recovery: luksFormat and luksAddKey ran),
+    so a LUKS one is crypto-erased first, as a factory reset erases encrypted.img: deleting
+    the file alone would leave its header on the disk's free blocks.
+    """
     new = state_dir / NEW_IMAGE
     try:
-        os.unlink(new)  # a file, a symlink: the name goes, nothing is followed
+        st = os.lstat(new)
     except FileNotFoundError:
-        return False
+        return None
+    erased = stat.S_ISREG(st.st_mode) and crypto_erase(new)
+    try:
+        os.unlink(new)  # a file, a symlink: the name goes, nothing is followed
     except IsADirectoryError:
         shutil.rmtree(new)
     fsync_dir(state_dir)
-    return True
+    how = "crypto-erased and deleted" if erased else "deleted"
+    return f"{how} {NEW_IMAGE} of an interrupted first boot"
 
 
 def allocate(path: Path, size: int, allocation: Allocation) -> bool:
