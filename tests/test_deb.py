@@ -97,11 +97,14 @@ def test_repart_definition_is_in_repart_d_and_not_in_the_dracut_module(
     """systemd-repart reads /usr/lib/repart.d of the OS image; the dracut module's directory
     is no place for it (dracut would not install it, and nothing reads it there)."""
     listing = _listing(package)
-    assert [p for p in listing if "repart" in p and p.startswith("./usr/lib/")] == [
-        "./usr/lib/repart.d/",
+    assert [p for p in listing if "50-pystate-state.conf" in p] == [
         "./usr/lib/repart.d/50-pystate-state.conf",
     ]
-    assert not any(p.startswith("./usr/lib/dracut/") and "repart" in p for p in listing)
+    assert "./usr/lib/repart.d/" in listing
+    # the module holds repart's ordering drop-in for the initrd, never the definition
+    assert [p for p in listing if p.startswith("./usr/lib/dracut/") and "repart" in p] == [
+        "./usr/lib/dracut/modules.d/90pystate/systemd-repart-pystate.conf"
+    ]
     assert _run("dpkg-deb", "-x", str(package), str(tmp_path)).returncode == 0
     shipped = tmp_path / "usr/lib/repart.d/50-pystate-state.conf"
     assert (
