@@ -105,9 +105,9 @@ for word in $(cat /proc/cmdline); do
 	testroot.run=*)
 		run="${word#*=}"
 		if [ -r "$run" ]; then
-			sh "$run" >/tmp/testroot.run 2>&1
+			sh "$run" >/run/testroot.run 2>&1
 			rc=$?
-			sed 's/^/PYSTATE-RUN-OUT /' /tmp/testroot.run
+			sed 's/^/PYSTATE-RUN-OUT /' /run/testroot.run
 			echo "PYSTATE-RUN $rc"
 			rm -f "$run"
 			sync
