@@ -81,7 +81,7 @@ def describe_table(layout: DiskLayout, when: str) -> str:
     lines = [f"── partition table {when} ──"]
     for p in reread_layout(layout).partitions:
         lines.append(
-            f"  {p.number}  {p.name or '-':<6} {kinds.get(p.role, p.type_uuid):<14} "
+            f"  {p.number}  {p.name or '-':<12} {kinds.get(p.role, p.type_uuid):<14} "
             f"{p.size / 2**20:>8.0f} MiB at {p.start / 2**20:.0f} MiB  PARTUUID {p.uuid}"
         )
     return "\n".join(lines)
