@@ -46,7 +46,7 @@ from pystate_initrd.formats.reset_decision import (
 from pystate_initrd.initrd import provision
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
-from pystate_initrd.system import efivars
+from pystate_initrd.system import beneath, efivars
 
 # Enough bytes for both copies of any LUKS2 header (formats/luks2.py: 16 KiB to 4 MiB each).
 _HEADER_BYTES = 2 * luks2.HEADER_SIZES[-1] + luks2.BINARY_SIZE
@@ -60,36 +60,16 @@ class FactoryResetError(PystateError):
 
 
 def _meta_fd(state_dir: Path, *, create: bool) -> int | None:
-    state_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        made = False
-        if create:
-            try:
-                os.mkdir(names.META_DIR, 0o700, dir_fd=state_fd)
-                made = True
-            except FileExistsError:
-                pass
-        try:
-            fd = os.open(
-                names.META_DIR,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=state_fd,
-            )
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if not create:
-                return None  # not a directory pystate made: it holds no marker of pystate's
-            raise FactoryResetError(
-                f"{state_dir / names.META_DIR} is not a directory ({exc.strerror}); "
-                "refusing to use it for the factory-reset marker; nothing was erased",
-                hint="remove it from the emergency shell and reboot",
-            ) from None
-        if made:
-            os.fsync(state_fd)  # the new directory's entry
-        return fd
-    finally:
-        os.close(state_fd)
+        return beneath.open_subdir(state_dir, names.META_DIR, create=create)
+    except OSError as exc:
+        if not create:
+            return None  # not a directory pystate made: it holds no marker of pystate's
+        raise FactoryResetError(
+            f"{state_dir / names.META_DIR} is not a directory ({exc.strerror}); "
+            "refusing to use it for the factory-reset marker; nothing was erased",
+            hint="remove it from the emergency shell and reboot",
+        ) from None
 
 
 def marker_exists(state_dir: Path) -> bool:

@@ -165,3 +165,30 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
         return False
+
+
+def open_subdir(parent: str | os.PathLike[str], name: str, *, create: bool) -> int | None:
+    """An fd of the directory ``parent/name``, never through a symlink (O_NOFOLLOW), created
+    (mode 0700, the parent fsync'd for its new entry) when ``create``; None when it does not
+    exist. Anything else there (a symlink, a file) raises the OSError of the open (ELOOP,
+    ENOTDIR): the caller says what it refuses and why."""
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        made = False
+        if create:
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+                made = True
+            except FileExistsError:
+                pass
+        try:
+            fd = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
+            )
+        except FileNotFoundError:
+            return None
+        if made:
+            os.fsync(parent_fd)  # the new directory's entry
+        return fd
+    finally:
+        os.close(parent_fd)

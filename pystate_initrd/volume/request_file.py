@@ -18,30 +18,18 @@ from pystate_initrd.formats.shrink_request import (
     ShrinkRequest,
     parse_request,
 )
+from pystate_initrd.system import beneath
 from pystate_initrd.volume.resize import ResizeError
 
 
 def _meta_dir_fd(state_dir: Path, create: bool) -> int | None:
     """An fd of <state>/.pystate, never through a symlink (the partition is untrusted)."""
-    state_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(META_DIR, 0o700, dir_fd=state_fd)
-        try:
-            return os.open(
-                META_DIR,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=state_fd,
-            )
-        except FileNotFoundError:
-            return None
-        except (NotADirectoryError, OSError) as exc:
-            raise ResizeError(
-                f"{state_dir / META_DIR} is not a directory ({exc.strerror}); refusing it"
-            ) from None
-    finally:
-        os.close(state_fd)
+        return beneath.open_subdir(state_dir, META_DIR, create=create)
+    except OSError as exc:
+        raise ResizeError(
+            f"{state_dir / META_DIR} is not a directory ({exc.strerror}); refusing it"
+        ) from None
 
 
 def write_request(state_dir: Path, req: ShrinkRequest) -> Path:
