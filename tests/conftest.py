@@ -13,6 +13,17 @@ REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for mounts and loop devices")
 
+
+def has_cap(bit: int) -> bool:
+    """Whether this process's effective capability set has capability number ``bit``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+CAP_SYS_RESOURCE = 24  # ext4 online resize needs it
+
 # The initrd builders the systemd-initrd QEMU tests run with (dracut's shell initrd has no
 # mkosi twin). The mkosi initrds are built once per session, on first use: the production one
 # and, for the tests that cut the power or extend a PCR, a test build (--test-hooks).

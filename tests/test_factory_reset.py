@@ -21,13 +21,13 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import swtpm as swtpm_helper
+from test_luks import cryptsetup, opens
 
 from pystate_initrd.config import Config, load_config
 from pystate_initrd.formats import efivar
@@ -164,22 +164,6 @@ def test_the_warning_for_the_word_alone() -> None:
 
 
 # --- real images -------------------------------------------------------------------------------
-
-
-def cryptsetup(*args: str, key: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """The oracle: cryptsetup run the ordinary way, not through pystate."""
-    return subprocess.run(
-        ["cryptsetup", *args],
-        input=key,
-        stdin=None if key is not None else subprocess.DEVNULL,
-        capture_output=True,
-        check=False,
-    )
-
-
-def opens(image: Path, key: bytes, slot: int) -> bool:
-    args = ["open", "--test-passphrase", "--key-slot", str(slot), "--key-file=-", str(image)]
-    return cryptsetup(*args, key=key).returncode == 0
 
 
 @pytest.fixture(scope="module")

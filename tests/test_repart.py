@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, needs_root
+from conftest import CAP_SYS_RESOURCE, REPO, has_cap, needs_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pystate_build.disk import data_segments
 from pystate_initrd.formats import resize_policy, superblock
 from pystate_initrd.formats.gpt import (
     GROW_FS,
@@ -143,16 +144,8 @@ def digest(path: Path) -> str:
     so a 64 GiB sparse image is hashed in milliseconds; any write shows)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
-        fd = f.fileno()
-        end = os.fstat(fd).st_size
-        h.update(end.to_bytes(8, "little"))
-        pos = 0
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        h.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+        for data, hole in data_segments(f.fileno()):
             h.update(data.to_bytes(8, "little"))
             f.seek(data)
             left = hole - data
@@ -160,7 +153,6 @@ def digest(path: Path) -> str:
                 chunk = f.read(min(left, 8 * MiB))
                 h.update(chunk)
                 left -= len(chunk)
-            pos = hole
     return h.hexdigest()
 
 
@@ -593,16 +585,6 @@ def test_existing_state_partition_below_the_minimum_fails_untouched(tmp_path: Pa
     assert digest(image) == was
     override = definition_with(SizeMinBytes="256M")
     assert repart(image, sysroot(tmp_path / "o", override)).returncode == 0
-
-
-def has_cap(bit: int) -> bool:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> bit & 1)
-    return False
-
-
-CAP_SYS_RESOURCE = 24
 
 
 def test_disk_made_larger_grows_partition_then_pystate_grows_ext4(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import CAP_SYS_RESOURCE, has_cap, needs_root
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,14 +39,6 @@ from pystate_initrd.volume import request_file, resize
 UUID = "0b0e7ab4-8a3c-4b8e-9d5a-3f0b7c9e1a2d"
 
 
-def has_cap(bit: int) -> bool:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> bit & 1)
-    return False
-
-
-CAP_SYS_RESOURCE = 24
 needs_online_ext4 = pytest.mark.skipif(
     not has_cap(CAP_SYS_RESOURCE),
     reason="ext4 online resize needs CAP_SYS_RESOURCE, which this host lacks (QEMU tests it)",
