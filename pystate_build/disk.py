@@ -19,7 +19,7 @@ import re
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -244,24 +244,33 @@ def write_xfs_protofile(src: Path, workdir: Path) -> tuple[Path, list[tuple[str,
 # --- layout and assembly ----------------------------------------------------------------------
 
 
+def data_segments(fd: int, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """The (first, past-the-end) byte ranges of a sparse file between start and end (default:
+    its size) that hold data, from SEEK_DATA/SEEK_HOLE: holes are skipped without reading."""
+    end = os.fstat(fd).st_size if end is None else end
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
 def _copy_into(src: Path, dst_fd: int, offset: int) -> None:
     """Copy src into dst at offset, only its data segments (holes stay holes)."""
     with open(src, "rb") as f:
         fd = f.fileno()
-        end = os.fstat(fd).st_size
-        pos = 0
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        for data, hole in data_segments(fd):
             while data < hole:
                 copied = os.copy_file_range(fd, dst_fd, hole - data, data, offset + data)
                 if copied == 0:
                     raise DiskError(f"short copy of {src} into the disk image")
                 data += copied
-            pos = hole
 
 
 def _sfdisk_script(layout: DiskLayout) -> str:

@@ -20,7 +20,6 @@ About 5 UEFI boots of 60-90 s each under TCG.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from test_encrypted_qemu import KEY_FILE, report_of, state_fs, steps
 from pystate_build import REPO, secureboot
 from pystate_build import qemu_harness as harness
 from pystate_build.bench_unlock import build_initrd_in
-from pystate_build.disk import DiskLayout, build_disk, read_layout, reread_layout
+from pystate_build.disk import DiskLayout, build_disk, data_segments, read_layout, reread_layout
 from pystate_build.qemu_machine import FAIL_FAST, Machine
 from pystate_build.roots import (
     TESTROOT_MARKER,
@@ -142,25 +141,6 @@ def mounts_by_target(console: str) -> dict[str, list[str]]:
     return {row[1]: row for row in mounts}
 
 
-def data_extents(path: Path, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The byte ranges of a sparse file between start and end that hold data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        at = start
-        while at < end:
-            try:
-                data = os.lseek(fd, at, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after at
-                return
-            if data >= end:
-                return
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            yield data, hole
-            at = hole
-    finally:
-        os.close(fd)
-
-
 def luks_headers_opened_by(layout: DiskLayout, key: str, work: Path) -> int:
     """How many LUKS2 headers anywhere on the state partition (in a file or in blocks a
     deleted file freed) the recovery key ``key`` opens: every 4 KiB-aligned primary header
@@ -170,7 +150,7 @@ def luks_headers_opened_by(layout: DiskLayout, key: str, work: Path) -> int:
     passphrase = recovery.recovery_passphrase(key)
     opened = 0
     with open(layout.path, "rb") as f:
-        for first, last in data_extents(layout.path, state.start, state.start + state.size):
+        for first, last in data_segments(f.fileno(), state.start, state.start + state.size):
             for block in range(first - (first - state.start) % 4096, last, 4096):
                 f.seek(block)
                 if f.read(len(LUKS2_MAGIC)) != LUKS2_MAGIC:
