@@ -433,16 +433,10 @@ def reread_layout(layout: DiskLayout) -> DiskLayout:
     """``layout`` as its disk's GPT says now, read with pystate's own parser: what a boot
     changed (a state partition systemd-repart made shows up with role "state" and fs "ext4",
     the format repart's definition asks for). Partitions the layout knew keep their role."""
-    from pystate_initrd.formats import gpt
+    from pystate_initrd.system.block import read_gpt
 
     known = {p.uuid: p for p in layout.partitions}
-    with open(layout.path, "rb") as f:
-
-        def read_at(offset: int, length: int) -> bytes:
-            f.seek(offset)
-            return f.read(length)
-
-        table = gpt.parse_gpt(read_at, layout.path.stat().st_size, layout.sector_size)
+    table = read_gpt(layout.path, layout.sector_size)
     parts = []
     for p in table.partitions:
         uid = str(p.part_guid)
