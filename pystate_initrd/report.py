@@ -16,8 +16,19 @@ from pathlib import Path
 
 from pystate_initrd import __version__
 from pystate_initrd.log import Log
+from pystate_initrd.system import run as _run
 
 REPORT_VERSION = 1
+
+
+def peak_kib() -> dict[str, int]:
+    """Peak resident memory so far (KiB): this process's (VmHWM) and its largest child's."""
+    import resource
+
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    }
 
 
 @dataclass
@@ -26,6 +37,7 @@ class Step:
     ms: float
     ok: bool
     detail: str = ""
+    processes: int = 0  # external commands the step started
 
 
 @dataclass
@@ -41,15 +53,17 @@ class BootReport:
     def step(self, name: str) -> Iterator[Step]:
         """Time the body; the body may set ``.detail`` on the yielded step."""
         record = Step(name, 0.0, False)
-        begin = time.monotonic()
+        begin, spawned = time.monotonic(), _run.spawned()
         try:
             yield record
         except BaseException:
             record.ms = round((time.monotonic() - begin) * 1000, 1)
+            record.processes = _run.spawned() - spawned
             self.steps.append(record)
             self.log.error(f"step {name} failed after {record.ms:.1f} ms")
             raise
         record.ms = round((time.monotonic() - begin) * 1000, 1)
+        record.processes = _run.spawned() - spawned
         record.ok = True
         self.steps.append(record)
         suffix = f": {record.detail}" if record.detail else ""
@@ -65,8 +79,17 @@ class BootReport:
             "outcome": self.outcome,
             "error": self.error,
             "total_ms": self.total_ms(),
+            "processes": _run.spawned(),
+            "peak_kib": peak_kib(),
             "steps": [
-                {"name": s.name, "ms": s.ms, "ok": s.ok, "detail": s.detail} for s in self.steps
+                {
+                    "name": s.name,
+                    "ms": s.ms,
+                    "ok": s.ok,
+                    "detail": s.detail,
+                    "processes": s.processes,
+                }
+                for s in self.steps
             ],
             **self.facts,
         }
