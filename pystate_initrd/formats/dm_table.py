@@ -9,6 +9,7 @@ system/devmapper.py makes the ioctl.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats.names import DM_NAME
@@ -63,3 +64,103 @@ def dm_table_key(buf: bytearray, name: str = DM_NAME) -> bytearray:
             raise DmTableError(f"device-mapper table of {name} holds no hex key")
         key[(i - start) // 2] |= value << (4 * (1 - (i - start) % 2))
     return key
+
+
+# --- reloading the one crypt target with another length (a resize without a freeze) ----------
+
+# _IOWR(0xfd, nr, struct dm_ioctl): DM_DEV_SUSPEND 6 (also resumes), DM_TABLE_LOAD 9,
+# DM_TABLE_CLEAR 10.
+DM_DEV_SUSPEND = (3 << 30) | (312 << 16) | (0xFD << 8) | 6
+DM_TABLE_LOAD = (3 << 30) | (312 << 16) | (0xFD << 8) | 9
+DM_TABLE_CLEAR = (3 << 30) | (312 << 16) | (0xFD << 8) | 10
+_DM_READONLY_FLAG = 1 << 0
+# Resume without freezing the file system: a table swap that only moves the mapping's end
+# needs no consistent file-system image, and the freeze (the writer's dirty pages flushed
+# through dm-crypt first) is what made a grow under load take seconds.
+DM_SKIP_LOCKFS_FLAG = 1 << 10
+_HEADER = 312
+_SPEC = 40
+_NAME_MAX = 127
+
+
+@dataclass(frozen=True)
+class CryptTarget:
+    """The one target of a DM_TABLE_STATUS reply: where its parameters are in the buffer."""
+
+    start: int  # sectors
+    length: int  # sectors
+    readonly: bool
+    params: slice  # the parameter text in the reply buffer (it holds the key)
+
+    def offset_sectors(self, buf: bytearray) -> int:
+        """The crypt target's offset on its device (its fifth parameter), in sectors."""
+        fields = bytes(buf[self.params]).split(b" ")
+        try:
+            return int(fields[4])
+        except (IndexError, ValueError):
+            raise DmTableError("crypt target parameters without an offset") from None
+
+
+def _header(buf: bytearray, name: str, data_size: int, flags: int, count: int) -> None:
+    encoded = name.encode()
+    if not encoded or len(encoded) > _NAME_MAX or b"\0" in encoded:
+        raise DmTableError(f"{name!r} is not a device-mapper name")
+    struct.pack_into("=3IIIII", buf, 0, 4, 0, 0, data_size, _HEADER, count, 0)
+    struct.pack_into("=I", buf, 28, flags)
+    buf[48 : 48 + len(encoded)] = encoded
+
+
+def dm_crypt_target(buf: bytearray, name: str = DM_NAME) -> CryptTarget:
+    """The crypt target of a DM_TABLE_STATUS reply (STATUS_TABLE), located, not copied."""
+    try:
+        data_start, count = struct.unpack_from("=II", buf, 16)
+        flags = struct.unpack_from("=I", buf, 28)[0]
+        if count != 1 or flags & DM_BUFFER_FULL_FLAG or data_start + _SPEC > len(buf):
+            raise DmTableError(f"device-mapper table of {name}: {count} targets")
+        start, length = struct.unpack_from("=QQ", buf, data_start)
+        target = bytes(buf[data_start + 24 : data_start + _SPEC]).split(b"\0", 1)[0]
+        if target != b"crypt":
+            raise DmTableError(f"device-mapper table of {name} is {target!r}, not crypt")
+        end = buf.index(b"\0", data_start + _SPEC)
+    except (struct.error, ValueError):
+        raise DmTableError(f"device-mapper table of {name} is malformed") from None
+    if length == 0 or end == data_start + _SPEC:
+        raise DmTableError(f"device-mapper table of {name} is empty")
+    return CryptTarget(
+        start, length, bool(flags & _DM_READONLY_FLAG), slice(data_start + _SPEC, end)
+    )
+
+
+def dm_table_load_request(
+    name: str, target: CryptTarget, reply: bytearray, length: int
+) -> bytearray:
+    """A DM_TABLE_LOAD of the reply's crypt target with a new length in sectors (pure).
+
+    The parameters (the key among them) are copied between the two buffers, never into an
+    immutable object; DM_SECURE_DATA makes the kernel wipe its copies. Caller wipes both.
+    """
+    if length <= 0:
+        raise DmTableError(f"a mapping of {length} sectors")
+    params = target.params.stop - target.params.start
+    spec_size = (_SPEC + params + 1 + 7) // 8 * 8
+    buf = bytearray(max(DM_BUFFER, _HEADER + spec_size))
+    flags = _DM_SECURE_DATA_FLAG | (_DM_READONLY_FLAG if target.readonly else 0)
+    _header(buf, name, _HEADER + spec_size, flags, 1)
+    struct.pack_into("=QQiI", buf, _HEADER, target.start, length, 0, spec_size)
+    buf[_HEADER + 24 : _HEADER + 29] = b"crypt"
+    buf[_HEADER + _SPEC : _HEADER + _SPEC + params] = reply[target.params]
+    return buf
+
+
+def dm_resume_request(name: str) -> bytearray:
+    """DM_DEV_SUSPEND without DM_SUSPEND_FLAG: resume, swapping in the loaded table (pure)."""
+    buf = bytearray(DM_BUFFER)
+    _header(buf, name, DM_BUFFER, DM_SKIP_LOCKFS_FLAG, 0)
+    return buf
+
+
+def dm_clear_request(name: str) -> bytearray:
+    """DM_TABLE_CLEAR: drop a loaded table that could not be swapped in (pure)."""
+    buf = bytearray(DM_BUFFER)
+    _header(buf, name, DM_BUFFER, 0, 0)
+    return buf

@@ -36,9 +36,11 @@ from pathlib import Path
 
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import mountinfo, superblock
+from pystate_initrd.formats.dm_table import DmTableError
 from pystate_initrd.formats.names import DM_NAME, IMAGE, MOUNT_DIR
 from pystate_initrd.formats.resize_policy import FS_BLOCK, MIB, Space, human_size
-from pystate_initrd.system import block, loopdev
+from pystate_initrd.log import installed as installed_log
+from pystate_initrd.system import block, devmapper, loopdev
 from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume.hooks import Hook, no_hook
 
@@ -288,8 +290,18 @@ def crypt_resize_argv(name: str, size: int | None = None) -> list[str]:
 
 
 def _crypt_resize(vol: Volume, size: int | None) -> None:
+    """The mapping to size bytes, or to its loop device's end: a table reload by ioctl with
+    no file-system freeze (devmapper.resize_crypt); ``cryptsetup resize`` where the ioctls
+    fail (a kernel or table pystate does not know), which freezes but works."""
     if vol.crypt_name is None:
         return
+    try:
+        devmapper.resize_crypt(vol.crypt_name, block.block_size_bytes(vol.loop), size=size)
+        return
+    except (DmTableError, OSError) as exc:
+        log = installed_log()
+        if log is not None:
+            log.warning(f"table reload of {vol.crypt_name} failed ({exc}); cryptsetup resize")
     try:
         run(crypt_resize_argv(vol.crypt_name, size))
     except CommandError as exc:
