@@ -89,6 +89,7 @@ int crypt_load(struct crypt_device *cd, const char *requested_type, void *params
 int crypt_volume_key_keyring(struct crypt_device *cd, int enable);
 void crypt_token_external_disable(void);
 int crypt_get_volume_key_size(struct crypt_device *cd);
+int crypt_keyslot_status(struct crypt_device *cd, int keyslot);  /* crypt_keyslot_info */
 int crypt_activate_by_passphrase(struct crypt_device *cd, const char *name, int keyslot,
     const char *passphrase, size_t passphrase_size, uint32_t flags);
 int crypt_volume_key_get(struct crypt_device *cd, int keyslot, char *volume_key,

@@ -53,6 +53,7 @@ MODES = ("auto", "cli", "library")
 CRYPT_LUKS2 = b"LUKS2"
 CRYPT_ANY_SLOT = -1
 CRYPT_LOG_ERROR = 1
+CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST = 2, 3  # enum crypt_keyslot_info
 CRYPT_ACTIVATE_READONLY = 1 << 0
 CRYPT_ACTIVATE_ALLOW_DISCARDS = 1 << 3
 CRYPT_ACTIVATE_KEYRING_KEY = 1 << 11
@@ -66,8 +67,12 @@ class CallError(LuksError):
 
     def __init__(self, call: str, device: str, err: int, messages: list[str]) -> None:
         self.call, self.device, self.errno, self.messages = call, device, err, messages
-        last = messages[-1] if messages else os.strerror(err)
-        super().__init__(f"libcryptsetup {call} on {device} failed ({-err}): {last}")
+        super().__init__(f"libcryptsetup {call} on {device} failed ({-err}): {self.text}")
+
+    @property
+    def text(self) -> str:
+        """The library's error messages on one line (the cause comes first), or strerror."""
+        return " ".join(self.messages[-3:]) if self.messages else os.strerror(-self.errno)
 
 
 class _Lib:
@@ -224,6 +229,12 @@ def volume_key(device: str, *, key: Key, key_slot: int) -> bytearray:
     h = _lib()
     ffi, lib = h.ffi, h.lib
     with _luks2(h, device) as cd:
+        if lib.crypt_keyslot_status(cd, key_slot) not in (
+            CRYPT_SLOT_ACTIVE,
+            CRYPT_SLOT_ACTIVE_LAST,
+        ):
+            # crypt_volume_key_get says EINVAL for an empty slot; activation says ENOENT.
+            raise CallError("crypt_keyslot_status", device, -_errno.ENOENT, [])
         size = lib.crypt_get_volume_key_size(cd)
         if size <= 0:
             raise CallError("crypt_get_volume_key_size", device, -_errno.EINVAL, list(h.messages))

@@ -125,7 +125,7 @@ def _library_error(
 ) -> LuksError:
     """The one-line error for a failed libcryptsetup call: the same types as _error's."""
     which = f"keyslot {slot}" if slot is not None else "any keyslot"
-    last = exc.messages[-1] if exc.messages else os.strerror(-exc.errno)
+    last = exc.text
     if exc.call.startswith("crypt_init("):
         return LuksError(f"{action}: {image} does not exist or cannot be opened ({last})")
     if exc.call.startswith("crypt_load") and exc.errno == -errno.EINVAL:
