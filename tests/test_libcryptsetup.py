@@ -325,3 +325,44 @@ def test_loading_sets_dm_disable_udev() -> None:
     # into the environment first, as run.py puts it into every command's.
     assert not isinstance(libcryptsetup._load(), str)
     assert os.environ.get("DM_DISABLE_UDEV") == "1"
+
+
+def test_initrd_python_checks_a_key_in_process(image: Path, tmp_path: Path) -> None:
+    """As in the initrd: Debian's python3 -I -S, only _cffi_backend (no cffi, no pycparser),
+    the generated _linux_ffi module: dlopen, the log callback and the calls all work."""
+    from pystate_initrd.system import _ffi_build
+
+    python = Path("/usr/bin/python3.11")
+    backend = Path("/usr/lib/python3/dist-packages/_cffi_backend.cpython-311-x86_64-linux-gnu.so")
+    if not python.exists() or not backend.exists():
+        pytest.skip("needs Debian's python3.11 and python3-cffi-backend")
+    pkg = tmp_path / "root/pystate_initrd"
+    shutil.copytree(Path(luks.__file__).parents[1], pkg, ignore=shutil.ignore_patterns("_*ffi*"))
+    _ffi_build.generate(pkg / "system")
+    shutil.copy(backend, tmp_path / "root")
+    script = f"""
+import sys
+sys.path[:0] = [{str(tmp_path / "root")!r}]
+from pystate_initrd.system import libcryptsetup, luks
+assert libcryptsetup.available(), libcryptsetup.why_not()
+luks.check_key({str(image)!r}, key=bytearray({KEY!r}), key_slot=0)
+try:
+    luks.check_key({str(image)!r}, key=bytearray(b"wrong"), key_slot=0)
+except luks.BadKey as exc:
+    print("BadKey", exc)
+print(len(luks.volume_key({str(image)!r}, key={KEY!r}, key_slot=0)))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("cffi", "pycparser")))
+"""
+    env = {"PATH": "/usr/sbin:/usr/bin", "PYSTATE_CRYPTSETUP": "library"}
+    done = subprocess.run(
+        [str(python), "-I", "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("BadKey the key does not open keyslot 0 of ")
+    assert lines[1:] == ["64", "[]"]
+    assert done.stderr == ""  # the library's messages go to the callback, not to stderr
