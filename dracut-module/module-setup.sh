@@ -39,6 +39,8 @@ install() {
 		tpm2_load tpm2_unseal tpm2_pcrread tpm2_pcrextend tpm2_flushcontext
 	# tpm2-tools dlopen() their TCTI; dracut cannot see that dependency.
 	inst_libdir_file "libtss2-tcti-device.so*"
+	# pystate dlopen()s libcryptsetup (system/libcryptsetup.py); cryptsetup links it too.
+	inst_libdir_file "libcryptsetup.so.12*"
 
 	local conf="${PYSTATE_CONF:-/etc/pystate/pystate.conf}"
 	[[ -e "$conf" ]] && inst_simple "$conf" /etc/pystate/pystate.conf

@@ -369,6 +369,20 @@ def test_known_dlopen_table(binary: str, expected: tuple[str, ...]) -> None:
     assert known_dlopen(f"/usr/bin/{binary}") == expected
 
 
+def test_cryptsetup_brings_the_library_pystate_dlopens() -> None:
+    # system/libcryptsetup.py dlopen()s this SONAME; the initrd has it wherever it has the
+    # cryptsetup binary (dracut's inst_multiple, mkosi's cryptsetup-bin), by the same name.
+    from pystate_initrd.system import libcryptsetup
+
+    binary = shutil.which("cryptsetup", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if binary is None:
+        pytest.skip("cryptsetup not installed")
+    names = {p.name for p in library_closure([binary], use_known_dlopen=False)}
+    assert libcryptsetup.LIBRARY in names
+    module_setup = (REPO / "dracut-module/module-setup.sh").read_text()
+    assert f'inst_libdir_file "{libcryptsetup.LIBRARY}*"' in module_setup
+
+
 def test_closure_with_dlopen() -> None:
     tpm2 = shutil.which("tpm2_unseal")
     if tpm2 is None:

@@ -458,8 +458,12 @@ def test_format_argv() -> None:
     assert argv[-2:] == ["--key-file=-", "x.img"]
 
 
-def test_keys_never_in_argv(image: Path, tmp_path: Path) -> None:
-    # The debug log shows every command line (pystate.debug): no key may be in one.
+@pytest.mark.parametrize("mode", ["cli", "library"])
+def test_keys_never_in_argv(
+    image: Path, tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The debug log shows every command line and library call (pystate.debug): no key in one.
+    monkeypatch.setenv("PYSTATE_CRYPTSETUP", mode)
     log_file = tmp_path / "log"
     log_file.touch()
     log = Log(kmsg_path=str(log_file), debug=True).install()
@@ -471,7 +475,9 @@ def test_keys_never_in_argv(image: Path, tmp_path: Path) -> None:
     finally:
         log.close()
     logged = log_file.read_text()
-    assert logged.count("<7>pystate: run: cryptsetup") == 3
+    # luksAddKey always runs the binary; check_key and volume_key only with mode=cli.
+    assert logged.count("<7>pystate: run: cryptsetup") == (3 if mode == "cli" else 1)
+    assert logged.count("<7>pystate: libcryptsetup: ") == (0 if mode == "cli" else 6)
     assert "NEW-SECRET" not in logged
     assert "--new-keyfile /dev/fd/" in logged and "--key-file=-" in logged
 

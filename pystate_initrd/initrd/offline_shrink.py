@@ -6,7 +6,7 @@ image is unlocked and checked and before its file system is mounted, the boot ca
 ``apply_pending_shrink()``:
 
   validate (form, LUKS UUID, sizes against the image) -> e2fsck -f -> used + margin,
-  measured offline -> resize2fs -> cryptsetup resize --size -> truncate -> loop capacity
+  measured offline -> resize2fs -> crypt_resize (size) -> truncate -> loop capacity
   -> remove the request.
 
 The request lies on the unencrypted partition, so it is untrusted: anything that does
@@ -45,7 +45,7 @@ from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume.hooks import Hook, offline_shrink_hook
 from pystate_initrd.volume.policy import params_from_config
 from pystate_initrd.volume.request_file import read_request, remove_request
-from pystate_initrd.volume.resize import crypt_resize_argv
+from pystate_initrd.volume.resize import crypt_resize
 
 OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")
 
@@ -210,7 +210,7 @@ def _apply(
 
     t0 = time.monotonic()
     if crypt_name is not None:
-        run(crypt_resize_argv(crypt_name, req.fs_size))
+        crypt_resize(crypt_name, req.fs_size)
     timed("crypt-resize", t0)
     t0 = time.monotonic()
     os.sync()  # the shrunk file system reaches the image before the image loses its tail

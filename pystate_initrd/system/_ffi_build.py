@@ -1,14 +1,18 @@
-"""The C declarations behind system/libc.py and its users, for cffi's out-of-line ABI mode.
+"""The C declarations behind system/libc.py, system/libcryptsetup.py and their users,
+for cffi's out-of-line ABI mode.
 
 At build time this file turns the declarations below into ``_linux_ffi.py``, a
 pure-Python module that imports only ``_cffi_backend``: the initrd then needs
 the backend (Debian's python3-cffi-backend) but neither cffi's parser nor
-pycparser. Nothing is compiled; libc is opened at run time with dlopen().
+pycparser. Nothing is compiled; libc and libcryptsetup.so.12 are opened at run
+time with dlopen() (one ffi object serves both).
 
     python3 -m pystate_initrd.system._ffi_build [OUTDIR]    # default: next to this file
 
 Structures are copied from the kernel's UAPI headers (linux/loop.h,
 linux/openat2.h, linux/mount.h); their sizes are checked by the tests. The
+libcryptsetup functions are copied from cryptsetup 2.6's lib/libcryptsetup.h
+(the ABI of libcryptsetup.so.12: only functions, the device handle stays opaque). The
 declarations assume an LP64 target (x86_64, aarch64): ``long`` and ``off_t``
 are 64 bits wide there, which is what fallocate() and syscall() are given.
 """
@@ -73,6 +77,24 @@ struct loop_config {
     struct loop_info64 info;
     uint64_t __reserved[8];
 };
+
+/* libcryptsetup.h (cryptsetup 2.6, libcryptsetup.so.12) */
+struct crypt_device;
+int crypt_init(struct crypt_device **cd, const char *device);
+int crypt_init_by_name(struct crypt_device **cd, const char *name);
+void crypt_free(struct crypt_device *cd);
+void crypt_set_log_callback(struct crypt_device *cd,
+    void (*log)(int level, const char *msg, void *usrptr), void *usrptr);
+int crypt_load(struct crypt_device *cd, const char *requested_type, void *params);
+int crypt_volume_key_keyring(struct crypt_device *cd, int enable);
+void crypt_token_external_disable(void);
+int crypt_get_volume_key_size(struct crypt_device *cd);
+int crypt_keyslot_status(struct crypt_device *cd, int keyslot);  /* crypt_keyslot_info */
+int crypt_activate_by_passphrase(struct crypt_device *cd, const char *name, int keyslot,
+    const char *passphrase, size_t passphrase_size, uint32_t flags);
+int crypt_volume_key_get(struct crypt_device *cd, int keyslot, char *volume_key,
+    size_t *volume_key_size, const char *passphrase, size_t passphrase_size);
+int crypt_resize(struct crypt_device *cd, const char *name, uint64_t new_size);
 """
 
 # Written into the generated module so libc.py can notice a stale file in a dev checkout.

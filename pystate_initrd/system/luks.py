@@ -1,6 +1,11 @@
 """LUKS2 on encrypted.img: cryptsetup 2.6 for every change, a header reader for lookups.
 
-Commands (format, add/kill keyslot, erase, tokens, open/close, volume key) run
+The unlock path (open, check_key, volume_key) calls libcryptsetup.so.12 in process
+(system/libcryptsetup.py: no process, SPEC §10) when it loads, else the cryptsetup
+binary with the same options; ``libcryptsetup.available()`` decides, and
+``PYSTATE_CRYPTSETUP=cli`` forces the binary. Both give the same errors.
+
+The other commands (format, add/kill keyslot, erase, tokens, close) run
 cryptsetup with argument lists. Keys never appear in argv or on disk: the first
 key goes on stdin (``--key-file=-``), a second one through a pipe named as
 ``/dev/fd/N``. Both pipes are filled before cryptsetup starts (a key is at most
@@ -14,6 +19,7 @@ the unlock path (SPEC §10). docs/luks.md explains every parameter chosen here.
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +38,7 @@ from pystate_initrd.formats.luks2 import LuksError as LuksError  # noqa: PLC0414
 from pystate_initrd.formats.luks2 import NotLuks as NotLuks  # noqa: PLC0414
 from pystate_initrd.formats.names import DM_NAME
 from pystate_initrd.secret import wipe as _wipe
+from pystate_initrd.system import libcryptsetup
 from pystate_initrd.system.run import CommandError, run
 
 CRYPTSETUP = "cryptsetup"
@@ -111,6 +118,26 @@ def _error(image: str, action: str, status: int, stderr: str, slot: int | None) 
     if status == 4:
         return LuksError(f"cryptsetup {action}: {image} does not exist or cannot be opened")
     return LuksError(f"cryptsetup {action} failed on {image} with status {status}: {last}")
+
+
+def _library_error(
+    image: str, action: str, exc: libcryptsetup.CallError, slot: int | None
+) -> LuksError:
+    """The one-line error for a failed libcryptsetup call: the same types as _error's."""
+    which = f"keyslot {slot}" if slot is not None else "any keyslot"
+    last = exc.text
+    if exc.call.startswith("crypt_init("):
+        return LuksError(f"{action}: {image} does not exist or cannot be opened ({last})")
+    if exc.call.startswith("crypt_load") and exc.errno == -errno.EINVAL:
+        return NotLuks(
+            f"{image} is not a LUKS2 image or its header is damaged",
+            hint="nothing was changed; restore the header from a backup",
+        )
+    if exc.errno == -errno.EPERM:
+        return BadKey(f"the key does not open {which} of {image}")
+    if exc.errno == -errno.ENOENT:
+        return NoKeyslot(f"{image} has no usable {which}")
+    return LuksError(f"{action} failed on {image} ({exc.call}: {-exc.errno}): {last}")
 
 
 def _cryptsetup(image: str, action: str, args: Sequence[str], *, data: bytes | None = None) -> str:
@@ -405,6 +432,23 @@ def open(
 ) -> None:
     """Activate /dev/mapper/name from device (a loop device or the image) with one keyslot."""
     path = os.fspath(device)
+    if libcryptsetup.available():
+        if not name:
+            raise LuksError("cryptsetup open needs a device-mapper name")
+        _check_key(key, "key")
+        try:
+            libcryptsetup.activate(
+                path,
+                name,
+                key=key,
+                key_slot=key_slot,
+                keyring=keyring,
+                readonly=readonly,
+                discards=discards,
+            )
+        except libcryptsetup.CallError as exc:
+            raise _library_error(path, "open", exc, key_slot) from None
+        return
     argv = open_argv(
         path, name, key_slot=key_slot, keyring=keyring, readonly=readonly, discards=discards
     )
@@ -414,6 +458,13 @@ def open(
 def check_key(image: str | os.PathLike[str], *, key: Key, key_slot: int) -> None:
     """Raise BadKey/NoKeyslot unless key opens key_slot (no activation, no device-mapper)."""
     path = os.fspath(image)
+    if libcryptsetup.available():
+        _check_key(key, "key")
+        try:
+            libcryptsetup.activate(path, None, key=key, key_slot=key_slot)
+        except libcryptsetup.CallError as exc:
+            raise _library_error(path, "open --test-passphrase", exc, key_slot) from None
+        return
     argv = open_argv(path, None, key_slot=key_slot, test=True)
     _with_keys(path, "open --test-passphrase", lambda _fd: argv, key=key, slot=key_slot)
 
@@ -439,10 +490,18 @@ def volume_key_argv(image: str, *, key_slot: int) -> list[str]:
 def volume_key(image: str | os.PathLike[str], *, key: Key, key_slot: int) -> bytearray:
     """The volume key (64 bytes) from key in key_slot; caller wipes it.
 
-    ``luksDump --dump-volume-key`` prints it in hex on stdout, which arrives in
-    a bytearray and is wiped after decoding: the key is never on disk.
+    In process: crypt_volume_key_get writes it straight into the returned bytearray,
+    and only key_slot is tried. The binary: ``luksDump --dump-volume-key`` prints it in
+    hex on stdout, which arrives in a bytearray and is wiped after decoding (the key is
+    never on disk); luksDump ignores --key-slot and tries every keyslot.
     """
     path = os.fspath(image)
+    if libcryptsetup.available():
+        _check_key(key, "key")
+        try:
+            return libcryptsetup.volume_key(path, key=key, key_slot=key_slot)
+        except libcryptsetup.CallError as exc:
+            raise _library_error(path, "luksDump --dump-volume-key", exc, key_slot) from None
     out = _with_keys(
         path,
         "luksDump --dump-volume-key",

@@ -12,7 +12,7 @@ file system no larger than its device, and ``reconcile()`` finishes or undoes th
 grow (online, ext4 and btrfs)       shrink (online, btrfs)
   1 allocate  file: fallocate         1 fs-shrink     btrfs filesystem resize SIZE
   2 loop-capacity LOOP_SET_CAPACITY   2 sync          the smaller fs on the disk first
-  3 crypt-resize cryptsetup resize    3 crypt-resize  cryptsetup resize --size
+  3 crypt-resize DM table reload     3 crypt-resize  DM table reload (size)
   4 fs-grow   resize2fs / btrfs max   4 truncate      file: ftruncate + fsync
                                       5 loop-capacity LOOP_SET_CAPACITY
 
@@ -20,8 +20,10 @@ An ext4 shrink is offline: ``write_request()`` leaves a request in ``<state>/.py
 and the initrd carries it out before mounting (offline_shrink.py). docs/resize.md has
 the crash table for every step and why ``cryptsetup resize`` needs no key here.
 
-Every external command goes through run.py; ``hook(step)`` is called after each step
-(a test build's crash tests cut the power there: volume/hooks.py).
+The mapping is resized by reloading its table (system/devmapper.py: no file-system freeze);
+where that fails, crypt_resize(): libcryptsetup's in process when it loads, else
+``cryptsetup resize`` (system/libcryptsetup.py). Every external command goes through run.py; ``hook(step)``
+is called after each step (a test build's crash tests cut the power there: volume/hooks.py).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from pathlib import Path
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import mountinfo, superblock
 from pystate_initrd.formats.dm_table import DmTableError
+from pystate_initrd.formats.luks2 import LuksError
 from pystate_initrd.formats.names import DM_NAME, IMAGE, MOUNT_DIR
 from pystate_initrd.formats.resize_policy import FS_BLOCK, MIB, Space, human_size
 from pystate_initrd.log import installed as installed_log
-from pystate_initrd.system import block, devmapper, loopdev
+from pystate_initrd.system import block, devmapper, libcryptsetup, loopdev
 from pystate_initrd.system.run import CommandError, run
 from pystate_initrd.volume.hooks import Hook, no_hook
 
@@ -283,16 +286,32 @@ def crypt_resize_argv(name: str, size: int | None = None) -> list[str]:
     """
     argv = ["cryptsetup", "resize", "--batch-mode"]
     if size is not None:
-        if size % FS_BLOCK:
-            raise ResizeError(f"mapping size {size} is not a multiple of {FS_BLOCK}")
-        argv += ["--size", str(size // SECTOR)]
+        argv += ["--size", str(_mapping_sectors(size))]
     return [*argv, name]
+
+
+def _mapping_sectors(size: int) -> int:
+    if size % FS_BLOCK:
+        raise ResizeError(f"mapping size {size} is not a multiple of {FS_BLOCK}")
+    return size // SECTOR
+
+
+def crypt_resize(name: str, size: int | None = None) -> None:
+    """Resize the mapping name to size bytes (None: its device's end), without a key.
+
+    libcryptsetup in process (crypt_init_by_name + crypt_resize) when it loads, else
+    ``crypt_resize_argv``'s command; system/libcryptsetup.available() decides.
+    """
+    if not libcryptsetup.available():
+        run(crypt_resize_argv(name, size))
+        return
+    libcryptsetup.resize(name, 0 if size is None else _mapping_sectors(size))
 
 
 def _crypt_resize(vol: Volume, size: int | None) -> None:
     """The mapping to size bytes, or to its loop device's end: a table reload by ioctl with
-    no file-system freeze (devmapper.resize_crypt); ``cryptsetup resize`` where the ioctls
-    fail (a kernel or table pystate does not know), which freezes but works."""
+    no file-system freeze (devmapper.resize_crypt); crypt_resize() where the ioctls fail (a
+    kernel or table pystate does not know), which freezes but works."""
     if vol.crypt_name is None:
         return
     try:
@@ -301,10 +320,10 @@ def _crypt_resize(vol: Volume, size: int | None) -> None:
     except (DmTableError, OSError) as exc:
         log = installed_log()
         if log is not None:
-            log.warning(f"table reload of {vol.crypt_name} failed ({exc}); cryptsetup resize")
+            log.warning(f"table reload of {vol.crypt_name} failed ({exc}); crypt_resize")
     try:
-        run(crypt_resize_argv(vol.crypt_name, size))
-    except CommandError as exc:
+        crypt_resize(vol.crypt_name, size)
+    except (CommandError, LuksError) as exc:
         raise ResizeError(
             f"resizing the dm-crypt mapping {vol.crypt_name} failed: {exc}",
             hint="was it opened with its key in the kernel keyring? pystate opens it with "
