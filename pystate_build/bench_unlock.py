@@ -15,9 +15,11 @@ from other builds running in the same checkout.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import OUT
@@ -47,17 +49,27 @@ def build_initrd_in(
     systemd: bool = True,
     test_hooks: bool = False,
     conf: Path | None = None,
+    extra_modules: tuple[str, ...] = (),
+    include: Path | None = None,
+    install: tuple[str, ...] = (),
 ) -> Path:
     """build.py initrd, with its work and freeze directories under work (not OUT);
     ``test_hooks``: build.py initrd --test-hooks (the crash tests); ``conf``: the initrd's
-    pystate.conf."""
+    pystate.conf; the rest as initrd.build_initrd."""
     from . import initrd
 
     saved = initrd.OUT
     initrd.OUT = work  # build_initrd/build_payload keep their work files under OUT
     try:
         return initrd.build_initrd(
-            out, with_pystate=with_pystate, systemd=systemd, test_hooks=test_hooks, conf=conf
+            out,
+            with_pystate=with_pystate,
+            systemd=systemd,
+            test_hooks=test_hooks,
+            conf=conf,
+            extra_modules=extra_modules,
+            include=include,
+            install=install,
         )
     finally:
         initrd.OUT = saved
@@ -67,6 +79,14 @@ def step_times(report: dict[str, object]) -> dict[str, float]:
     steps = report.get("steps", [])
     assert isinstance(steps, list)
     return {s["name"]: float(s["ms"]) for s in steps if isinstance(s, dict)}
+
+
+def step_processes(report: dict[str, object], names: tuple[str, ...]) -> int:
+    steps = report.get("steps", [])
+    assert isinstance(steps, list)
+    return sum(
+        int(s.get("processes", 0)) for s in steps if isinstance(s, dict) and s["name"] in names
+    )
 
 
 def medians(reports: list[dict[str, object]]) -> dict[str, float]:
@@ -82,49 +102,285 @@ def medians(reports: list[dict[str, object]]) -> dict[str, float]:
     return result
 
 
+# A's unlock, as the issue defines it: the TPM unseal up to the dm-crypt mapping being active,
+# with the header read that precedes the unseal (systemd-cryptsetup's time includes its own).
+A_UNLOCK_STEPS = ("luks-header", "unseal", "loop-attach", "luks-open")
+
+
+@dataclass
+class Row:
+    """One configuration's figures over its timed boots."""
+
+    name: str
+    size_bytes: int
+    unlock_ms: list[float] = field(default_factory=list)
+    initrd_ms: list[float] = field(default_factory=list)
+    peak_kib: list[float] = field(default_factory=list)
+    processes: list[int] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        def med(values: list[float] | list[int]) -> float | None:
+            return round(statistics.median(values), 1) if values else None
+
+        return {
+            "unlock_ms": med(self.unlock_ms),
+            "initrd_ms": med(self.initrd_ms),
+            "size_bytes": self.size_bytes,
+            "peak_kib": med(self.peak_kib),
+            "processes": med(self.processes),
+            "boots": len(self.unlock_ms),
+            "unlock_ms_all": self.unlock_ms,
+            "initrd_ms_all": self.initrd_ms,
+            **self.extra,
+        }
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):8.1f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def _a_figures(row: Row, console: str, report: dict[str, object]) -> None:
+    from .bench_systemd import A_UNIT, SWITCH_ROOT, parse_bench_lines
+
+    units, peaks = parse_bench_lines(console)
+    times = step_times(report)
+    row.unlock_ms.append(round(sum(times.get(n, 0.0) for n in A_UNLOCK_STEPS), 1))
+    row.initrd_ms.append(units[SWITCH_ROOT].active_enter / 1000)
+    peak = peaks.get(A_UNIT.removesuffix(".service"))
+    if peak is not None:
+        row.peak_kib.append(peak.memory / 1024)
+    # pystate itself plus the commands its unlock steps ran (counted by system/run.py)
+    row.processes.append(1 + step_processes(report, A_UNLOCK_STEPS))
+    row.steps.append(times)
+
+
+def _b_figures(row: Row, console: str) -> None:
+    from .bench_systemd import B_UNIT, SWITCH_ROOT, parse_bench_lines
+
+    units, peaks = parse_bench_lines(console)
+    unit = units[B_UNIT]
+    row.unlock_ms.append((unit.main_exit - unit.main_start) / 1000)
+    row.initrd_ms.append(units[SWITCH_ROOT].active_enter / 1000)
+    peak = peaks.get(B_UNIT.removesuffix(".service"))
+    if peak is not None:
+        row.peak_kib.append(peak.memory / 1024)
+        # PIDs allocated while it ran: an upper bound (kernel threads and udev count too)
+        row.processes.append(peak.pids)
+
+
+def _b_mounted(console: str) -> bool:
+    from .bench_systemd import B_NAME
+    from .roots import parse_report
+
+    mounts, _, _ = parse_report(console)
+    return any(m[:2] == [f"/dev/mapper/{B_NAME}", "/etc"] for m in mounts)
+
+
+def _build_all(work: Path, t: Path, reuse: bool) -> dict[str, Path]:
+    from . import bench_systemd as bs
+
+    crypt = ("crypt", "tpm2-tss")
+    a_tree = bs.bench_tree(t / "tree-a", unit=bs.A_UNIT)
+    b_tree = bs.systemd_tree(t / "tree-b")
+    b0_tree = bs.systemd_tree(t / "tree-b0", provision=True)
+    names = ("a", "b", "b0", "crypt", "crypt+pystate")
+    kept = {n: work / f"initrd-{n.replace('+', '-')}.img" for n in names}
+    if reuse and all(p.exists() for p in kept.values()):
+        return kept
+    return {
+        "a": build_initrd_in(work, work / "initrd-a.img", include=a_tree),
+        "b": build_initrd_in(
+            work, work / "initrd-b.img", with_pystate=False, extra_modules=crypt, include=b_tree
+        ),
+        "b0": build_initrd_in(
+            work,
+            work / "initrd-b0.img",
+            with_pystate=False,
+            extra_modules=crypt,
+            include=b0_tree,
+            install=bs.PROVISION_PROGRAMS,
+        ),
+        "crypt": build_initrd_in(
+            work, work / "initrd-crypt.img", with_pystate=False, extra_modules=crypt
+        ),
+        "crypt+pystate": build_initrd_in(
+            work, work / "initrd-crypt-pystate.img", extra_modules=crypt
+        ),
+    }
+
+
+def _b_image(path: Path) -> None:
+    """B's encrypted.img: luks.format's parameters (pystate's), a passphrase keyslot."""
+    from pystate_initrd.system import luks
+
+    from .bench_systemd import B_IMAGE_SIZE, B_PASSPHRASE
+
+    with open(path, "wb") as f:
+        f.truncate(B_IMAGE_SIZE)
+    luks.format(path, key=bytearray(B_PASSPHRASE.encode()), key_slot=0)
+
+
 def _cmd(args: argparse.Namespace) -> int:
+    from .bench_systemd import PRINT_SCRIPT
     from .disk import build_disk
     from .roots import boot_json, build_testroot
 
     work = OUT / "bench-unlock"
     work.mkdir(parents=True, exist_ok=True)
-    with_ = build_initrd_in(work, work / "initrd-pystate.img")
-    without = build_initrd_in(work, work / "initrd-none.img", with_pystate=False)
-    added = with_.stat().st_size - without.stat().st_size
-    print(
-        f"initrd: {with_.stat().st_size / 2**20:.1f} MiB with pystate, "
-        f"{without.stat().st_size / 2**20:.1f} MiB without: pystate adds {added / 2**20:.1f} MiB"
-        " (zstd)"
-    )
     with tempfile.TemporaryDirectory(prefix="bench-unlock.", dir=work) as tmp:
         t = Path(tmp)
         root = build_testroot(t / "root")
-        (t / "state/home").mkdir(parents=True)
-        layout = build_disk(t / "disk.img", root, t / "state", state_size=STATE_SIZE)
-        assert layout.root is not None
-        append = f"root=PARTUUID={layout.root.uuid} rootfstype=erofs ro quiet {FAIL_FAST}"
-        reports = []
-        for i in range(args.boots + 1):
-            result = harness.boot(
-                layout.path, initrd=with_, append=append, tpm_state=t / "tpm", timeout=300
+        disks = {}
+        for kind in ("a", "b"):
+            (t / f"state-{kind}/home").mkdir(parents=True)
+            if kind == "b":
+                _b_image(t / "state-b/encrypted.img")
+            disks[kind] = build_disk(
+                t / f"disk-{kind}.img", root, t / f"state-{kind}", state_size=STATE_SIZE
             )
+        initrds = _build_all(work, t, args.reuse_initrds)
+        sizes = {k: p.stat().st_size for k, p in initrds.items()}
+
+        logs = work / "logs"
+        logs.mkdir(exist_ok=True)
+        count = [0]
+
+        def boot(kind: str, initrd: Path) -> tuple[str, dict[str, object] | None] | None:
+            layout = disks[kind]
+            count[0] += 1
+            assert layout.root is not None
+            append = (
+                f"root=PARTUUID={layout.root.uuid} rootfstype=erofs ro quiet {FAIL_FAST}"
+                f" testroot.run={PRINT_SCRIPT}"
+            )
+            result = harness.boot(
+                layout.path, initrd=initrd, append=append, tpm_state=t / f"tpm-{kind}",
+                timeout=300, log=logs / f"{count[0]:02d}-{initrd.stem}.log",
+            )  # fmt: skip
             report = boot_json(result.console)
-            if not result.ok or report is None or report.get("outcome") != "ok":
+            ok = result.ok and (
+                _b_mounted(result.console)
+                if kind == "b"
+                else report is not None and report.get("outcome") == "ok"
+            )
+            if not ok:
                 print(harness.describe(result), file=sys.stderr)
-                return 1
-            kind = "provision" if i == 0 else "unlock"
-            print(f"boot {i} ({kind}): {result.duration:.1f} s, pystate {report['total_ms']} ms")
-            if i > 0:
-                reports.append(report)
-    print(f"median of {len(reports)} unlocking boots (ms, from boot.json):")
-    for name, ms in medians(reports).items():
-        print(f"  {name:<16} {ms:8.1f}")
+                print(f"console: {logs / f'{count[0]:02d}-{initrd.stem}.log'}", file=sys.stderr)
+                return None
+            return result.console, report
+
+        a = Row("a", sizes["a"])
+        b = Row("b", sizes["b"])
+        first = boot("a", initrds["a"])
+        provisioned = boot("b", initrds["b0"])
+        if first is None or provisioned is None or first[1] is None:
+            return 1
+        a.extra["provision_ms"] = first[1]["total_ms"]
+        a.extra["provision_steps"] = step_times(first[1])
+        print(f"provisioning boots done: pystate {first[1]['total_ms']} ms", file=sys.stderr)
+        for i in range(args.boots):
+            for kind, row in (("a", a), ("b", b)):
+                got = boot(kind, initrds[kind])
+                if got is None:
+                    return 1
+                console, report = got
+                if kind == "a":
+                    assert report is not None
+                    _a_figures(row, console, report)
+                else:
+                    _b_figures(row, console)
+                print(
+                    f"boot {i + 1} {kind}: unlock {row.unlock_ms[-1]:.0f} ms,"
+                    f" initrd {row.initrd_ms[-1]:.0f} ms",
+                    file=sys.stderr,
+                )
+    figures = _figures(a, b, sizes)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        _print_table(figures, a)
     return 0
+
+
+def _ratio(x: object, y: object) -> float | None:
+    if isinstance(x, int | float) and isinstance(y, int | float) and y:
+        return round(x / y, 3)
+    return None
+
+
+def _pairwise(xs: list[float], ys: list[float]) -> list[float]:
+    return [round(x / y, 3) for x, y in zip(xs, ys, strict=False) if y]
+
+
+def _figures(a: Row, b: Row, sizes: dict[str, int]) -> dict[str, object]:
+    sa, sb = a.summary(), b.summary()
+    pairs = _pairwise(a.unlock_ms, b.unlock_ms)
+    pairs_initrd = _pairwise(a.initrd_ms, b.initrd_ms)
+    return {
+        "ratio_unlock": round(statistics.median(pairs), 3) if pairs else None,
+        "ratio_initrd_time": round(statistics.median(pairs_initrd), 3) if pairs_initrd else None,
+        "ratio_size": _ratio(sa["size_bytes"], sb["size_bytes"]),
+        "ratio_unlock_pairs": pairs,
+        "ratio_initrd_time_pairs": pairs_initrd,
+        "added_to_crypt_initrd_bytes": sizes["crypt+pystate"] - sizes["crypt"],
+        "a": sa,
+        "b": sb,
+        "a_steps_ms": medians_of(a.steps),
+    }
+
+
+def medians_of(rows: list[dict[str, float]]) -> dict[str, float]:
+    names = [n for n in UNLOCK_STEPS if any(n in r for r in rows)]
+    return {n: statistics.median([r[n] for r in rows if n in r]) for n in names}
+
+
+def _print_table(f: dict[str, object], a: Row) -> None:
+    sa, sb = f["a"], f["b"]
+    assert isinstance(sa, dict) and isinstance(sb, dict)
+    rows = (
+        ("unlock, ms (min-max)", _spread_of(sa, "unlock_ms"), _spread_of(sb, "unlock_ms"),
+         f["ratio_unlock"]),
+        ("whole initrd, ms (min-max)", _spread_of(sa, "initrd_ms"), _spread_of(sb, "initrd_ms"),
+         f["ratio_initrd_time"]),
+        ("initrd size, MiB (zstd)", f"{int(sa['size_bytes']) / 2**20:.2f}",
+         f"{int(sb['size_bytes']) / 2**20:.2f}", f["ratio_size"]),
+        ("peak memory of the unlock, KiB", sa["peak_kib"], sb["peak_kib"], None),
+        ("processes of the unlock", sa["processes"], sb["processes"], None),
+    )  # fmt: skip
+    print(f"{'figure':<32} {'A pystate':>24} {'B systemd-cryptsetup':>24} {'A/B':>7}")
+    for label, x, y, ratio in rows:
+        print(f"{label:<32} {x!s:>24} {y!s:>24} {'' if ratio is None else ratio!s:>7}")
+    added = f["added_to_crypt_initrd_bytes"]
+    assert isinstance(added, int)
+    print(f"pystate added to an initrd with crypt + tpm2-tss: {added / 2**20:.2f} MiB")
+    print(f"pystate's first boot (provisioning): {sa.get('provision_ms')} ms")
+    print("A's steps, median ms:")
+    steps = f["a_steps_ms"]
+    assert isinstance(steps, dict)
+    for name, ms in steps.items():
+        print(f"  {name:<16} {ms:8.1f}")
+
+
+def _spread_of(s: dict[str, object], key: str) -> str:
+    values = s.get(f"{key}_all")
+    return _spread(values).strip() if isinstance(values, list) else "-"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "bench-unlock", help="median unlock step timings over N boots, initrd size added"
     )
-    p.add_argument("--boots", type=int, default=5, help="unlocking boots to measure (default 5)")
+    p.add_argument(
+        "--boots", type=int, default=5, help="timed boots of each row, alternating (default 5)"
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument(
+        "--reuse-initrds",
+        action="store_true",
+        help="use the initrds an earlier run left in out/bench-unlock/ (developing the bench)",
+    )
     p.set_defaults(func=_cmd)

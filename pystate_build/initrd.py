@@ -104,12 +104,16 @@ def build_initrd(
     extra_modules: tuple[str, ...] = (),
     compress: bool = True,
     test_hooks: bool = False,
+    include: Path | None = None,
+    install: tuple[str, ...] = (),
 ) -> Path:
     """Build a dracut initrd for the harness kernel; returns out.
 
     ``compress=False`` leaves it uncompressed: larger, but the kernel unpacks it faster
     under TCG (the plain harness initrd of initrd_plain.py). ``test_hooks``: the package's
-    module with a test-hooks payload (the crash tests)."""
+    module with a test-hooks payload (the crash tests). ``include``: a directory whose tree
+    is copied over the initrd's root (dracut --include; the benchmarks' units);
+    ``install``: more programs by name (dracut --install)."""
     kernel = kernel or ensure_kernel()
     work = OUT / "initrd-work"
     work.mkdir(parents=True, exist_ok=True)
@@ -143,6 +147,10 @@ def build_initrd(
     ]  # fmt: skip
     if not systemd:
         argv += ["--omit", "systemd systemd-initrd dracut-systemd"]
+    if include is not None:
+        argv += ["--include", str(include), "/"]
+    if install:
+        argv += ["--install", " ".join(install)]
     argv.append(str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     (work / "no-conf.d").mkdir(exist_ok=True)

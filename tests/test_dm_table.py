@@ -124,7 +124,7 @@ def test_any_reply_is_parsed_or_refused_with_dm_table_error(data: bytes) -> None
         target = dm_table.dm_crypt_target(buf, NAME)
     except dm_table.DmTableError:
         return
-    assert 0 < target.length and target.params.stop <= len(buf)
+    assert target.length > 0 and target.params.stop <= len(buf)
 
 
 @pytest.mark.parametrize("name", ["", "x" * 128, "a\0b"])

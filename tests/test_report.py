@@ -33,4 +33,4 @@ def test_the_report_holds_the_peak_memory_of_pystate_and_its_largest_child() -> 
     peak = report.to_json()["peak_kib"]
     assert isinstance(peak, dict)
     assert peak["children"] >= 64 * 1024
-    assert 0 < peak["self"]
+    assert peak["self"] > 0

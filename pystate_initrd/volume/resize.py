@@ -22,8 +22,9 @@ the crash table for every step and why ``cryptsetup resize`` needs no key here.
 
 The mapping is resized by reloading its table (system/devmapper.py: no file-system freeze);
 where that fails, crypt_resize(): libcryptsetup's in process when it loads, else
-``cryptsetup resize`` (system/libcryptsetup.py). Every external command goes through run.py; ``hook(step)``
-is called after each step (a test build's crash tests cut the power there: volume/hooks.py).
+``cryptsetup resize`` (system/libcryptsetup.py). Every external command goes through
+run.py; ``hook(step)`` is called after each step (a test build's crash tests cut the power
+there: volume/hooks.py).
 """
 
 from __future__ import annotations
