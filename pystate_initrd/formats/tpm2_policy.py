@@ -59,6 +59,21 @@ class BadBlob(Tpm2Error):
     kind = "bad-blob"
 
 
+class DaLockout(Tpm2Error):
+    """The TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT) and refuses authorizations
+    with DA-protected objects: not a PCR change, and nothing pystate's own noda objects
+    should ever meet (docs/tpm2.md, "Dictionary-attack lockout")."""
+
+    kind = "da-lockout"
+
+
+class TpmBusy(Tpm2Error):
+    """The TPM kept answering TPM_RC_RETRY, _YIELDED or _TESTING (self test still running)
+    after tpm2-tss resubmitted the command."""
+
+    kind = "tpm-busy"
+
+
 @dataclass(frozen=True)
 class LoggedEvent:
     """One firmware event-log entry as the token records it (formats/pcr_diagnosis.py)."""

@@ -32,9 +32,11 @@ from pathlib import Path
 
 from pystate_initrd.formats import pcr_diagnosis, tcg_eventlog, tpm2_policy
 from pystate_initrd.formats.tpm2_policy import BadBlob as BadBlob  # noqa: PLC0414 (re-exported)
+from pystate_initrd.formats.tpm2_policy import DaLockout as DaLockout  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import NoTpm as NoTpm  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import PcrMismatch as PcrMismatch  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import Tpm2Error as Tpm2Error  # noqa: PLC0414
+from pystate_initrd.formats.tpm2_policy import TpmBusy as TpmBusy  # noqa: PLC0414
 from pystate_initrd.system import run as _run
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
@@ -73,6 +75,11 @@ def _is_policy_failure(rc: int) -> bool:
     return (rc & 0x80 and rc & 0x3F == 0x1D) or rc == 0x128
 
 
+# Warnings (format 0, TPM_RC_WARN | TPM_RC_VER1) that say "not now", not "not this key".
+TPM_RC_LOCKOUT = 0x921
+_TPM_RC_BUSY = {0x922: "TPM_RC_RETRY", 0x908: "TPM_RC_YIELDED", 0x90A: "TPM_RC_TESTING"}
+
+
 def _reason(stderr: str) -> str:
     """tpm2-tools' own one-line reason: its last `ERROR: X(0x…) - …` line, or the last line.
 
@@ -109,6 +116,19 @@ def classify(step: str, tcti: str, stderr: str, what: str) -> Tpm2Error:
         return NoTpm(f"no TPM2 on {tcti}: {detail}")
     rc, where = _tpm_rc(stderr) or (0, "")
     tpm_layer, mu_layer = rc >> 16 == 0, rc >> 16 == 0x09
+    # Before the policy check: in lockout the TPM refuses before it looks at the PCRs, and
+    # a lockout must never read as "the PCRs changed" (nor send anyone hunting for one).
+    if tpm_layer and rc == TPM_RC_LOCKOUT:
+        return DaLockout(
+            f"TPM2 on {tcti} is in dictionary-attack lockout and refused the {step} of {what} "
+            f"(TPM_RC_LOCKOUT {rc:#x}): wait for the lockout to expire, or clear it with "
+            "tpm2_dictionarylockout --clear-lockout"
+        )
+    if tpm_layer and rc in _TPM_RC_BUSY:
+        return TpmBusy(
+            f"TPM2 on {tcti} is busy and refused the {step} of {what} "
+            f"({_TPM_RC_BUSY[rc]} {rc:#x}, still after tpm2-tss resubmitted it)"
+        )
     if step == "unseal" and rc and tpm_layer and _is_policy_failure(rc):
         return PcrMismatch(
             f"TPM2 on {tcti} refused to unseal {what}: PCR policy check failed, the PCRs "
