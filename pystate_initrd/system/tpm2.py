@@ -16,10 +16,14 @@ Objects (docs/tpm2.md explains each choice):
 - sealed object: keyedhash, nameAlg sha256, fixedtpm|fixedparent|adminwithpolicy
   |noda, no userwithauth: only a policy session satisfying PolicyPCR unseals it.
 
-Unseal is two tpm2-tools processes: `tpm2_load -r <TSS2 PEM>` (creates the
-primary and loads the blob in one process) and `tpm2_unseal -p pcr:…` (runs the
-policy session itself). On a TCTI without a resource manager (swtpm, /dev/tpm0)
-a third, `tpm2_flushcontext -t`, frees the transient object slots.
+Parent (issue 13): the persistent SRK at 0x81000001 when srk_refusal accepts it,
+else the transient primary above; the token records which, and the parent's name.
+
+Unseal on /dev/tpmrm0 is two tpm2-tools processes: `tpm2_load` (with `-r <TSS2 PEM>`
+it also creates the primary) and `tpm2_unseal -p pcr:…` (runs the policy session
+itself). Without a resource manager (swtpm, /dev/tpm0) the secret travels in a session
+salted with the parent (`tpm2_startauthsession -c`, `tpm2_unseal -S`), which the kernel
+RM would flush between processes; `tpm2_flushcontext` then frees what is left.
 """
 
 from __future__ import annotations
