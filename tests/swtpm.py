@@ -47,11 +47,12 @@ def _free_port_pair() -> int:
 class Swtpm:
     """One swtpm process with its state directory; `tcti` is what tpm2-tools needs."""
 
-    def __init__(self, *, tcp: bool = False) -> None:
+    def __init__(self, *, tcp: bool = False, log_level: int = 1) -> None:
         # A short directory: AF_UNIX paths are limited to 108 bytes.
         self.dir = Path(tempfile.mkdtemp(prefix="swtpm."))
         (self.dir / "state").mkdir()
         self.tcp = tcp
+        self.log_level = log_level  # 20 and up: every command and response in hex
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.tcti = ""
@@ -72,7 +73,7 @@ class Swtpm:
                 "swtpm", "socket", "--tpm2", "--server", server, "--ctrl", ctrl,
                 "--tpmstate", f"dir={self.dir / 'state'}",
                 "--flags", "startup-clear,not-need-init",
-                "--log", f"file={self.dir / 'log'},level=1",
+                "--log", f"file={self.dir / 'log'},level={self.log_level}",
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

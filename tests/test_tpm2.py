@@ -21,7 +21,15 @@ import swtpm as swtpm_helper
 from swtpm import Swtpm, needs_swtpm
 
 from pystate_initrd.formats import tpm2_policy
-from pystate_initrd.formats.tpm2_policy import BadBlob, NoTpm, PcrMismatch, SealedKey, Tpm2Error
+from pystate_initrd.formats.tpm2_policy import (
+    BadBlob,
+    DaLockout,
+    NoTpm,
+    PcrMismatch,
+    SealedKey,
+    Tpm2Error,
+    TpmBusy,
+)
 from pystate_initrd.system import run as run_module
 from pystate_initrd.system import tpm2
 
@@ -234,11 +242,34 @@ ERROR: Eys_Load(0x9000B) - mu:A parameter has a bad value"""
 OWNER_AUTH = """\
 ERROR:esys:Esys_CreatePrimary.c:134:Esys_CreatePrimary() Esys Finish ErrorCode (0x000009a2)
 ERROR: Unable to create parent using createprimary"""
+LOAD_LOCKOUT = """\
+WARNING:esys:src/tss2-esys/api/Esys_Load.c:324:Esys_Load_Finish() Received TPM Error
+ERROR:esys:src/tss2-esys/api/Esys_Load.c:112:Esys_Load() Esys Finish ErrorCode (0x00000921)
+ERROR: Eys_Load(0x921) - tpm:warn(2.0): authorizations for objects subject to DA protection are \
+not allowed at this time because the TPM is in DA lockout mode
+ERROR: Unable to run tpm2_load"""
+UNSEAL_LOCKOUT = """\
+WARNING:esys:src/tss2-esys/api/Esys_Unseal.c:295:Esys_Unseal_Finish() Received TPM Error
+ERROR:esys:src/tss2-esys/api/Esys_Unseal.c:98:Esys_Unseal() Esys Finish ErrorCode (0x00000921)
+ERROR: Esys_Unseal(0x921) - tpm:warn(2.0): authorizations for objects subject to DA protection \
+are not allowed at this time because the TPM is in DA lockout mode
+ERROR: Unable to run tpm2_unseal"""
+
+
+def _warning(rc: int) -> str:
+    return f"ERROR:esys:Esys_Unseal.c:98:Esys_Unseal() Esys Finish ErrorCode (0x{rc:08x})"
 
 
 @pytest.mark.parametrize(
     ("step", "stderr", "kind", "fragment"),
     [
+        ("load", LOAD_LOCKOUT, DaLockout, "dictionary-attack lockout"),
+        ("unseal", UNSEAL_LOCKOUT, DaLockout, "TPM_RC_LOCKOUT 0x921"),
+        ("createprimary", UNSEAL_LOCKOUT, DaLockout, "refused the createprimary"),
+        ("unseal", _warning(0x922), TpmBusy, "TPM_RC_RETRY"),
+        ("unseal", _warning(0x908), TpmBusy, "TPM_RC_YIELDED"),
+        ("load", _warning(0x90A), TpmBusy, "TPM_RC_TESTING"),
+        ("unseal", _warning(0x80921), Tpm2Error, "ErrorCode"),  # another layer: not the TPM's
         ("unseal", POLICY_FAIL, PcrMismatch, "PCR policy check failed"),
         ("unseal", PCR_CHANGED, PcrMismatch, "PCRs changed"),
         ("load", INTEGRITY, BadBlob, "integrity check failed"),
@@ -258,6 +289,8 @@ def test_classify(step: str, stderr: str, kind: type[Tpm2Error], fragment: str) 
     err = tpm2.classify(step, "device:/dev/tpmrm0", stderr, "the key")
     assert type(err) is kind
     assert fragment in str(err)
+    if kind in (DaLockout, TpmBusy):
+        assert "PCR" not in str(err)
     assert "device:/dev/tpmrm0" in str(err)
     assert "\n" not in str(err)
 
@@ -283,12 +316,10 @@ def test_round_trip_and_spawn_count(tpm: Swtpm, spawns: list[str]) -> None:
     for i in range(len(secret)):  # what callers do (secret.wipe)
         secret[i] = 0
     assert secret == bytearray(32)
-    # Two tpm2-tools processes; the flush exists only because swtpm has no resource manager.
-    assert spawns == ["tpm2_load", "tpm2_unseal", "tpm2_flushcontext"]
-    assert seal_calls == [
-        "tpm2_pcrread", "tpm2_createpolicy", "tpm2_createprimary", "tpm2_create",
-        "tpm2_flushcontext", "tpm2_flushcontext",
-    ]  # fmt: skip
+    # swtpm has no resource manager: the salted form (tests/test_tpm2_session.py has the
+    # lists); on /dev/tpmrm0 two processes, load and unseal.
+    assert spawns[-3:] == ["tpm2_unseal", "tpm2_flushcontext", "tpm2_flushcontext"]
+    assert seal_calls[:3] == ["tpm2_pcrread", "tpm2_createpolicy", "tpm2_readpublic"]
     print(f"unseal: {len(spawns)} processes, {elapsed * 1000:.1f} ms")
 
 
@@ -411,8 +442,12 @@ def test_blob_of_another_tpm_is_bad(tpm: Swtpm) -> None:
         key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=stranger.tcti)
     finally:
         stranger.cleanup()
-    with pytest.raises(BadBlob, match="integrity check failed"):
+    with pytest.raises(BadBlob, match="parent key whose name is not the one recorded"):
         tpm2.unseal(key, tcti=tpm.tcti)
+    # A token without the name (before issue 13): the TPM itself refuses the blob.
+    old = SealedKey(**{**key.__dict__, "parent_name": None})
+    with pytest.raises(BadBlob, match="integrity check failed"):
+        tpm2.unseal(old, tcti=tpm.tcti)
 
 
 @pytest.mark.parametrize(
@@ -476,3 +511,81 @@ def test_work_files_on_tmpfs_and_removed(tpm: Swtpm) -> None:
     key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tpm.tcti)
     tpm2.unseal(key, tcti=tpm.tcti)
     assert set(os.listdir("/dev/shm")) == before
+
+
+def test_da_lockout_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TPM really in dictionary-attack lockout: what pystate reports, and what still works.
+
+    Own swtpm: the lockout is persistent state, a power cycle does not clear it.
+    """
+    emu = Swtpm()
+    try:
+        emu.start()
+        tcti, work = emu.tcti, emu.dir
+
+        def da_state() -> tuple[int, int]:
+            out = tools(["tpm2_getcap", "properties-variable"], tcti).stdout.decode()
+            props = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
+            return int(props["  inLockout"]), int(props["TPM2_PT_LOCKOUT_COUNTER"], 16)
+
+        key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tcti)
+        with monkeypatch.context() as m:  # a policy-only sealed object without noda
+            m.setattr(tpm2, "SEALED_ATTRIBUTES", "fixedtpm|fixedparent|adminwithpolicy")
+            key_da = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tcti)
+        # A DA-protected storage parent (no noda, empty password) and a child with a password.
+        tools(
+            ["tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb",
+             "-a", tpm2.PRIMARY_ATTRIBUTES.replace("|noda", ""), "-c", str(work / "da.ctx")],
+            tcti,
+        )  # fmt: skip
+        tools(
+            ["tpm2_create", "-Q", "-C", str(work / "da.ctx"), "-p", "good", "-i", "-",
+             "-u", str(work / "c.pub"), "-r", str(work / "c.priv")],
+            tcti, input=b"password-protected",
+        )  # fmt: skip
+        tools(["tpm2_flushcontext", "-t"], tcti)
+        load = ["tpm2_load", "-Q", "-C", str(work / "da.ctx"), "-u", str(work / "c.pub"),
+                "-r", str(work / "c.priv"), "-c", str(work / "c.ctx")]  # fmt: skip
+        tools(load, tcti)
+        tools(["tpm2_flushcontext", "-t"], tcti)
+        tools(["tpm2_dictionarylockout", "-s", "-n", "1", "-t", "600", "-l", "600"], tcti)
+        # A PCR policy failure does not count, even for an object without noda.
+        tools(["tpm2_pcrextend", f"7:sha256={'11' * 32}"], tcti)
+        for _ in range(2):
+            with pytest.raises(PcrMismatch):
+                tpm2.unseal(key_da, tcti=tcti)
+        assert da_state() == (0, 0)
+        # One wrong password: maxTries 1, so lockout.
+        failed = subprocess.run(
+            ["tpm2_unseal", "-c", str(work / "c.ctx"), "-p", "wrong"],
+            env={**os.environ, "TPM2TOOLS_TCTI": tcti}, capture_output=True, check=False,
+        )  # fmt: skip
+        assert b"0x98E" in failed.stderr
+        tools(["tpm2_flushcontext", "-t"], tcti)
+        assert da_state() == (1, 1)
+
+        with pytest.raises(DaLockout) as info:
+            tpm2._tool(load, tcti, step="load", what="the DA-protected child")
+        assert "PCR" not in str(info.value)
+        assert info.value.kind == "da-lockout"
+        tools(["tpm2_flushcontext", "-t"], tcti)
+        with pytest.raises(DaLockout, match="TPM_RC_LOCKOUT 0x921"):
+            tpm2._tool(
+                ["tpm2_unseal", "-c", str(work / "c.ctx"), "-p", "good"],
+                tcti, step="unseal", what="the child",
+            )  # fmt: skip
+        tools(["tpm2_flushcontext", "-t"], tcti)
+
+        # pystate's objects (noda, policy-only) and its primary (owner hierarchy) still work:
+        # the TPM is reset to PCR 7 = 0 by a power cycle, which keeps the lockout.
+        emu.restart()
+        assert da_state()[0] == 1
+        assert tpm2.unseal(key, tcti=tcti) == SECRET
+        assert tpm2.unseal(key_da, tcti=tcti) == SECRET  # lockout gates authValue, not policy
+        again = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tcti)
+        assert tpm2.unseal(again, tcti=tcti) == SECRET
+        assert da_state()[0] == 1
+        tools(["tpm2_dictionarylockout", "--clear-lockout"], tcti)
+        assert da_state() == (0, 0)
+    finally:
+        emu.cleanup()

@@ -21,10 +21,12 @@ from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import pcr_diagnosis, tcg_eventlog
 from pystate_initrd.formats.tpm2_policy import (
     BANKS,
+    NAME_SIZE,
     PCR_COUNT,
     PCR_VOLUME,
     POLICY_HASH_SIZE,
     PRIMARY_ALG,
+    SRK_HANDLE,
     LoggedEvent,
     PcrLog,
     SealedKey,
@@ -57,6 +59,9 @@ FIELDS = (
 # Optional: absent in tokens of pystate before issue 10; strictly checked when present.
 PCR_VALUES = "pystate-pcr-values"
 PCR_EVENTS = "pystate-pcr-events"
+# Optional (issue 13): absent = the transient ECC primary sealed it, name not recorded.
+PARENT = "pystate-parent"  # "0x81000001": sealed under the persistent SRK
+PARENT_NAME = "pystate-parent-name"  # the parent's TPM name at sealing, hex
 # A PCR's event count in the token: tokens written while the log cap was 65536 stay valid.
 MAX_LOGGED_COUNT = 65536
 
@@ -81,6 +86,10 @@ def encode_token(key: SealedKey, keyslot: int) -> dict[str, Any]:
         "tpm2-policy-hash": key.policy_hash.hex(),
         "pystate-pcr15": key.pcr15_zero,
     }
+    if key.parent is not None:
+        token[PARENT] = f"{key.parent:#010x}"
+    if key.parent_name is not None:
+        token[PARENT_NAME] = key.parent_name.hex()
     if key.pcr_values is not None:
         token[PCR_VALUES] = {str(i): v.hex() for i, v in key.pcr_values}
     if key.pcr_logs:
@@ -224,6 +233,16 @@ def _decode_object(obj: Mapping[str, Any]) -> tuple[SealedKey, int]:
     values = None
     if PCR_VALUES in obj:
         values = _pcr_values(obj[PCR_VALUES], bank, measured, pcr15, policy_hash)
+    parent = None
+    if PARENT in obj:
+        if obj[PARENT] != f"{SRK_HANDLE:#010x}":
+            raise TokenError(f"{PARENT} {_show(obj[PARENT])} is not {SRK_HANDLE:#010x}")
+        parent = SRK_HANDLE
+    parent_name = None
+    if PARENT_NAME in obj:
+        parent_name = _hex(obj[PARENT_NAME], NAME_SIZE, PARENT_NAME)
+        if parent_name[:2] != b"\x00\x0b":
+            raise TokenError(f"{PARENT_NAME} is not a sha256 name (000b…)")
     logs: tuple[PcrLog, ...] = ()
     if PCR_EVENTS in obj:
         if values is None:
@@ -237,6 +256,8 @@ def _decode_object(obj: Mapping[str, Any]) -> tuple[SealedKey, int]:
         policy_hash=policy_hash,
         pcr15_zero=pcr15,
         primary_alg=PRIMARY_ALG,
+        parent=parent,
+        parent_name=parent_name,
         pcr_values=values,
         pcr_logs=logs,
     )

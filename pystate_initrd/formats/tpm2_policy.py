@@ -33,6 +33,30 @@ PCR_COUNT = 24
 PCR_VOLUME = 15
 PRIMARY_ALG = "ecc"
 _TPM_RH_OWNER = 0x40000001
+# The TCG's persistent storage root key handle (TCG TPM v2.0 Provisioning Guidance; systemd
+# >= 254 and Windows keep their SRK there): the only persistent parent pystate uses.
+SRK_HANDLE = 0x81000001
+NAME_SIZE = 2 + 32  # a sha256 object's name: nameAlg ‖ sha256(TPMT_PUBLIC)
+
+# TPMA_OBJECT bits (TPM 2.0 Part 2, 8.3)
+_FIXED_TPM = 1 << 1
+_FIXED_PARENT = 1 << 4
+_SENSITIVE_DATA_ORIGIN = 1 << 5
+_USER_WITH_AUTH = 1 << 6
+_NO_DA = 1 << 10
+_RESTRICTED = 1 << 16
+_DECRYPT = 1 << 17
+_SIGN = 1 << 18
+_SRK_REQUIRED = {
+    _FIXED_TPM: "fixedtpm",
+    _FIXED_PARENT: "fixedparent",
+    _SENSITIVE_DATA_ORIGIN: "sensitivedataorigin",
+    _USER_WITH_AUTH: "userwithauth",
+    _NO_DA: "noda",
+    _RESTRICTED: "restricted",
+    _DECRYPT: "decrypt",
+}
+_TPM_ALG_RSA, _TPM_ALG_ECC, _TPM_ALG_SHA256 = 0x0001, 0x0023, 0x000B
 
 
 class Tpm2Error(PystateError):
@@ -57,6 +81,21 @@ class BadBlob(Tpm2Error):
     """The sealed blob is malformed or does not belong to this TPM."""
 
     kind = "bad-blob"
+
+
+class DaLockout(Tpm2Error):
+    """The TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT) and refuses authorizations
+    with DA-protected objects: not a PCR change, and nothing pystate's own noda objects
+    should ever meet (docs/tpm2.md, "Dictionary-attack lockout")."""
+
+    kind = "da-lockout"
+
+
+class TpmBusy(Tpm2Error):
+    """The TPM kept answering TPM_RC_RETRY, _YIELDED or _TESTING (self test still running)
+    after tpm2-tss resubmitted the command."""
+
+    kind = "tpm-busy"
 
 
 @dataclass(frozen=True)
@@ -98,6 +137,11 @@ class SealedKey:
     policy_hash: bytes  # sha256 PolicyPCR digest, the object's authPolicy
     pcr15_zero: bool  # PCR 15 sealed as all zeros, the volume measured into it
     primary_alg: str = PRIMARY_ALG
+    # The parent that sealed it: None = the transient ECC primary (every token before issue
+    # 13), SRK_HANDLE = the persistent SRK. parent_name = the parent's TPM name at sealing,
+    # which the salted session's key must have at unseal (None in older tokens: not checked).
+    parent: int | None = None
+    parent_name: bytes | None = None
     pcr_values: tuple[tuple[int, bytes], ...] | None = None  # sorted by PCR
     pcr_logs: tuple[PcrLog, ...] = ()  # sorted by PCR, a subset of pcr_values' PCRs
 
@@ -245,6 +289,42 @@ def tss2_pem(public: bytes, private: bytes) -> str:
         + "\n".join(lines)
         + "\n-----END TSS2 PRIVATE KEY-----\n"
     )
+
+
+def object_name(public: bytes) -> bytes:
+    """The TPM name of an object from its TPM2B_PUBLIC: nameAlg ‖ H_nameAlg(TPMT_PUBLIC).
+
+    Only sha256 names (all pystate makes or accepts); BadBlob for anything else.
+    """
+    check_tpm2b(public, "public")
+    if len(public) < 6 or int.from_bytes(public[4:6], "big") != _TPM_ALG_SHA256:
+        raise BadBlob("TPM2 public area without a sha256 name algorithm")
+    return public[4:6] + hashlib.sha256(public[2:]).digest()
+
+
+def srk_refusal(public: bytes) -> str | None:
+    """Why the public area (TPM2B_PUBLIC) read at SRK_HANDLE is no SRK for pystate, or None.
+
+    It must be an ECC or RSA restricted decryption (storage) key that never left the TPM
+    (fixedtpm|fixedparent|sensitivedataorigin: TPM2_Import cannot make fixedTPM objects, so
+    nobody knows its private part), used with its (empty) password (userwithauth), exempt
+    from dictionary-attack lockout (noda: else a lockout would block every unseal), sha256.
+    """
+    if len(public) < 10 or int.from_bytes(public[:2], "big") != len(public) - 2:
+        return f"public area of {len(public)} bytes has an inconsistent size"
+    kind = int.from_bytes(public[2:4], "big")
+    name_alg = int.from_bytes(public[4:6], "big")
+    attrs = int.from_bytes(public[6:10], "big")
+    if kind not in (_TPM_ALG_ECC, _TPM_ALG_RSA):
+        return f"type {kind:#06x} is not an ECC or RSA key"
+    if name_alg != _TPM_ALG_SHA256:
+        return f"name algorithm {name_alg:#06x} is not sha256"
+    missing = [name for bit, name in _SRK_REQUIRED.items() if not attrs & bit]
+    if missing:
+        return f"attributes {attrs:#010x} lack {'|'.join(missing)}"
+    if attrs & _SIGN:
+        return f"attributes {attrs:#010x} include sign: not a storage key"
+    return None
 
 
 def check_tpm2b(blob: bytes, name: str) -> bytes:

@@ -16,10 +16,14 @@ Objects (docs/tpm2.md explains each choice):
 - sealed object: keyedhash, nameAlg sha256, fixedtpm|fixedparent|adminwithpolicy
   |noda, no userwithauth: only a policy session satisfying PolicyPCR unseals it.
 
-Unseal is two tpm2-tools processes: `tpm2_load -r <TSS2 PEM>` (creates the
-primary and loads the blob in one process) and `tpm2_unseal -p pcr:…` (runs the
-policy session itself). On a TCTI without a resource manager (swtpm, /dev/tpm0)
-a third, `tpm2_flushcontext -t`, frees the transient object slots.
+Parent (issue 13): the persistent SRK at 0x81000001 when srk_refusal accepts it,
+else the transient primary above; the token records which, and the parent's name.
+
+Unseal on /dev/tpmrm0 is two tpm2-tools processes: `tpm2_load` (with `-r <TSS2 PEM>`
+it also creates the primary) and `tpm2_unseal -p pcr:…` (runs the policy session
+itself). Without a resource manager (swtpm, /dev/tpm0) the secret travels in a session
+salted with the parent (`tpm2_startauthsession -c`, `tpm2_unseal -S`), which the kernel
+RM would flush between processes; `tpm2_flushcontext` then frees what is left.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from pathlib import Path
 
 from pystate_initrd.formats import pcr_diagnosis, tcg_eventlog, tpm2_policy
 from pystate_initrd.formats.tpm2_policy import BadBlob as BadBlob  # noqa: PLC0414 (re-exported)
+from pystate_initrd.formats.tpm2_policy import DaLockout as DaLockout  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import NoTpm as NoTpm  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import PcrMismatch as PcrMismatch  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import Tpm2Error as Tpm2Error  # noqa: PLC0414
+from pystate_initrd.formats.tpm2_policy import TpmBusy as TpmBusy  # noqa: PLC0414
 from pystate_initrd.system import run as _run
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
@@ -73,6 +79,11 @@ def _is_policy_failure(rc: int) -> bool:
     return (rc & 0x80 and rc & 0x3F == 0x1D) or rc == 0x128
 
 
+# Warnings (format 0, TPM_RC_WARN | TPM_RC_VER1) that say "not now", not "not this key".
+TPM_RC_LOCKOUT = 0x921
+_TPM_RC_BUSY = {0x922: "TPM_RC_RETRY", 0x908: "TPM_RC_YIELDED", 0x90A: "TPM_RC_TESTING"}
+
+
 def _reason(stderr: str) -> str:
     """tpm2-tools' own one-line reason: its last `ERROR: X(0x…) - …` line, or the last line.
 
@@ -107,8 +118,27 @@ def classify(step: str, tcti: str, stderr: str, what: str) -> Tpm2Error:
             reason,
         )
         return NoTpm(f"no TPM2 on {tcti}: {detail}")
+    if "Expected name does not match" in stderr:  # tpm2_startauthsession -n
+        return BadBlob(
+            f"TPM2 on {tcti} has a parent key whose name is not the one recorded when {what} "
+            "was sealed: the TPM was cleared or is another TPM (or something between the CPU "
+            "and the TPM answers for it)"
+        )
     rc, where = _tpm_rc(stderr) or (0, "")
     tpm_layer, mu_layer = rc >> 16 == 0, rc >> 16 == 0x09
+    # Before the policy check: in lockout the TPM refuses before it looks at the PCRs, and
+    # a lockout must never read as "the PCRs changed" (nor send anyone hunting for one).
+    if tpm_layer and rc == TPM_RC_LOCKOUT:
+        return DaLockout(
+            f"TPM2 on {tcti} is in dictionary-attack lockout and refused the {step} of {what} "
+            f"(TPM_RC_LOCKOUT {rc:#x}): wait for the lockout to expire, or clear it with "
+            "tpm2_dictionarylockout --clear-lockout"
+        )
+    if tpm_layer and rc in _TPM_RC_BUSY:
+        return TpmBusy(
+            f"TPM2 on {tcti} is busy and refused the {step} of {what} "
+            f"({_TPM_RC_BUSY[rc]} {rc:#x}, still after tpm2-tss resubmitted it)"
+        )
     if step == "unseal" and rc and tpm_layer and _is_policy_failure(rc):
         return PcrMismatch(
             f"TPM2 on {tcti} refused to unseal {what}: PCR policy check failed, the PCRs "
@@ -162,16 +192,18 @@ def _tool(
         raise classify(step, tcti, e.stderr, what) from None
 
 
-def _flush(tcti: str, *, sessions: bool = False) -> None:
+def _flush(tcti: str, *, sessions: str = "") -> None:
     """Free what tpm2-tools leaves loaded on a TCTI without resource manager; best effort.
 
-    Transient objects: every tool that loads a context leaves it loaded. Sessions:
-    tpm2_createpolicy 5.4 leaves its trial session loaded. Two calls, because
-    `tpm2_flushcontext -t -l` in 5.4 flushes a wrong handle list when both are non-empty.
+    Transient objects: every tool that loads a context leaves it loaded. Sessions
+    (`sessions`: "l" loaded, "s" saved, "ls" both):
+    tpm2_createpolicy 5.4 leaves its trial session loaded, a salted session is left saved
+    (ContextSave) in its file. One call per kind, because `tpm2_flushcontext -t -l` in 5.4
+    flushes a wrong handle list when both are non-empty.
     """
     if resource_managed(tcti):
         return
-    for flag in ("-t", "-l") if sessions else ("-t",):
+    for flag in ("-t", *(f"-{kind}" for kind in sessions)):
         with contextlib.suppress(_run.CommandError):
             _run.run(["tpm2_flushcontext", flag], env={"TPM2TOOLS_TCTI": tcti})
 
@@ -320,25 +352,26 @@ def seal(
                 f"TPM2 on {tcti} computed policy {digest.hex()} for {spec}, "
                 f"pystate computed {expected.hex()}; refusing to seal"
             )
+        parent, parent_name = _seal_parent(tcti, work)
+        parent_arg = str(work / "primary.ctx") if parent is None else f"{parent:#x}"
+        # The secret goes in TPM2_Create's inSensitive: encrypted (decrypt attribute) in a
+        # session salted with the parent's public key, where tpm2-tools 5.4 can do it.
+        encrypt: list[str] = []
+        if salted_by_default(tcti):
+            _salted_session(tcti, work, parent_arg, parent_name, what)
+            encrypt = ["-S", str(work / "enc.ctx")]
         _tool(
             [
-                "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb",
-                "-a", PRIMARY_ATTRIBUTES, "-c", str(work / "primary.ctx"),
-            ],
-            tcti, step="createprimary", what="the ECC P-256 primary key",
-        )  # fmt: skip
-        _tool(
-            [
-                "tpm2_create", "-Q", "-C", str(work / "primary.ctx"), "-g", "sha256",
+                "tpm2_create", "-Q", "-C", parent_arg, "-g", "sha256",
                 "-a", SEALED_ATTRIBUTES, "-L", str(work / "policy.digest"), "-i", "-",
-                "-u", str(work / "sealed.pub"), "-r", str(work / "sealed.priv"),
+                "-u", str(work / "sealed.pub"), "-r", str(work / "sealed.priv"), *encrypt,
             ],
             tcti, step="create", what=what, input=secret,
         )  # fmt: skip
         public = tpm2_policy.check_tpm2b((work / "sealed.pub").read_bytes(), "public")
         private = tpm2_policy.check_tpm2b((work / "sealed.priv").read_bytes(), "private")
     finally:
-        _flush(tcti, sessions=True)
+        _flush(tcti, sessions="ls")
         _remove(work)
     return tpm2_policy.SealedKey(
         public=public,
@@ -347,14 +380,83 @@ def seal(
         pcrs=indices,
         policy_hash=expected,
         pcr15_zero=pcr15_zero,
+        parent=parent,
+        parent_name=parent_name,
         pcr_values=sealed_values,
         pcr_logs=pcr_logs,
     )
 
 
-def unseal(key: tpm2_policy.SealedKey, *, tcti: str | None) -> bytearray:
-    """The sealed secret, if the TPM's PCRs satisfy the key's policy. Caller wipes it."""
+def _seal_parent(tcti: str, work: Path) -> tuple[int | None, bytes]:
+    """The parent to seal under and its name: the persistent SRK at SRK_HANDLE when there
+    is one that srk_refusal accepts, else a new transient primary (work/primary.ctx)."""
+    try:
+        _tool(
+            ["tpm2_readpublic", "-Q", "-c", f"{tpm2_policy.SRK_HANDLE:#x}",
+             "-o", str(work / "srk.pub")],
+            tcti, step="readpublic", what=f"the SRK at {tpm2_policy.SRK_HANDLE:#x}",
+        )  # fmt: skip
+    except NoTpm:
+        raise
+    except Tpm2Error:
+        pass  # no persistent key there (TPM_RC_HANDLE): today's transient primary
+    else:
+        srk = (work / "srk.pub").read_bytes()
+        if tpm2_policy.srk_refusal(srk) is None:
+            return tpm2_policy.SRK_HANDLE, tpm2_policy.object_name(srk)
+    _tool(
+        [
+            "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb",
+            "-a", PRIMARY_ATTRIBUTES, "-c", str(work / "primary.ctx"),
+            "-o", str(work / "primary.pub"),
+        ],
+        tcti, step="createprimary", what="the ECC P-256 primary key",
+    )  # fmt: skip
+    return None, tpm2_policy.object_name((work / "primary.pub").read_bytes())
+
+
+def _salted_session(
+    tcti: str, work: Path, parent_arg: str, parent_name: bytes | None, what: str
+) -> None:
+    """work/enc.ctx: an HMAC session salted with (and bound to) the parent key, with the
+    encrypt and decrypt attributes, for one command's secret parameter (tpm2-tools'
+    `tpm2_startauthsession -c`). With `parent_name`, tpm2-tools refuses a parent whose name
+    differs (a key swapped in by someone between the CPU and the TPM)."""
+    argv = [
+        "tpm2_startauthsession",
+        "--hmac-session",
+        "-c",
+        parent_arg,
+        "-S",
+        str(work / "enc.ctx"),
+    ]
+    if parent_name is not None:
+        (work / "parent.name").write_bytes(parent_name)
+        argv += ["-n", str(work / "parent.name")]
+    _tool(argv, tcti, step="startauthsession", what=f"the session salted for {what}")
+    if parent_arg.endswith(".ctx"):
+        _flush(tcti)  # the copy of the primary it loaded (no resource manager only)
+
+
+def salted_by_default(tcti: str) -> bool:
+    """Whether seal and unseal use a salted session on this TCTI (docs/tpm2.md, "Salted
+    sessions"): only without a resource manager. tpm2-tools 5.4 can only salt a session that
+    `tpm2_startauthsession` saved to a file for the next process, and the kernel's resource
+    manager (/dev/tpmrm0) flushes a client's sessions when that process exits."""
+    return not resource_managed(tcti)
+
+
+def unseal(
+    key: tpm2_policy.SealedKey, *, tcti: str | None, salted: bool | None = None
+) -> bytearray:
+    """The sealed secret, if the TPM's PCRs satisfy the key's policy. Caller wipes it.
+
+    `salted` (default: salted_by_default(tcti)): the secret comes back encrypted in a
+    session salted with the parent key, so nobody listening between the CPU and the TPM
+    sees it; else `tpm2_unseal`'s own unsalted policy session returns it in the clear.
+    """
     tcti = tcti or DEFAULT_TCTI
+    salted = salted_by_default(tcti) if salted is None else salted
     if key.primary_alg != tpm2_policy.PRIMARY_ALG:
         raise BadBlob(f"sealed key has primary algorithm {key.primary_alg!r}, only ecc is used")
     spec = tpm2_policy.pcr_selection(key.bank, key.pcrs)
@@ -363,16 +465,33 @@ def unseal(key: tpm2_policy.SealedKey, *, tcti: str | None) -> bytearray:
     tpm2_policy.check_tpm2b(key.private, "private")
     work = _workdir()
     try:
-        pem = work / "sealed.pem"
-        pem.write_text(tpm2_policy.tss2_pem(key.public, key.private), encoding="ascii")
-        _tool(
-            ["tpm2_load", "-Q", "-r", str(pem), "-c", str(work / "sealed.ctx")],
-            tcti,
-            step="load",
-            what=what,
-        )
+        parent_arg = str(work / "primary.ctx") if key.parent is None else f"{key.parent:#x}"
+        if key.parent is None and not salted:
+            # One process creates the primary and loads the blob (the TSS2 PEM's parent).
+            pem = work / "sealed.pem"
+            pem.write_text(tpm2_policy.tss2_pem(key.public, key.private), encoding="ascii")
+            load = ["tpm2_load", "-Q", "-r", str(pem), "-c", str(work / "sealed.ctx")]
+        else:
+            if key.parent is None:
+                _tool(
+                    [
+                        "tpm2_createprimary", "-Q", "-C", "o", "-g", "sha256",
+                        "-G", "ecc256:aes128cfb", "-a", PRIMARY_ATTRIBUTES, "-c", parent_arg,
+                    ],
+                    tcti, step="createprimary", what="the ECC P-256 primary key",
+                )  # fmt: skip
+            (work / "sealed.pub").write_bytes(key.public)
+            (work / "sealed.priv").write_bytes(key.private)
+            load = [
+                "tpm2_load", "-Q", "-C", parent_arg, "-u", str(work / "sealed.pub"),
+                "-r", str(work / "sealed.priv"), "-c", str(work / "sealed.ctx"),
+            ]  # fmt: skip
+        if salted:
+            _salted_session(tcti, work, parent_arg, key.parent_name, what)
+        _tool(load, tcti, step="load", what=what)
+        encrypt = ["-S", str(work / "enc.ctx")] if salted else []
         out = _tool(
-            ["tpm2_unseal", "-c", str(work / "sealed.ctx"), "-p", f"pcr:{spec}"],
+            ["tpm2_unseal", "-c", str(work / "sealed.ctx"), "-p", f"pcr:{spec}", *encrypt],
             tcti,
             step="unseal",
             what=what,
@@ -380,7 +499,7 @@ def unseal(key: tpm2_policy.SealedKey, *, tcti: str | None) -> bytearray:
         )
         return out.secret
     finally:
-        _flush(tcti)
+        _flush(tcti, sessions="s" if salted else "")
         _remove(work)
 
 
