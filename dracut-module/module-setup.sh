@@ -36,7 +36,8 @@ install() {
 	inst_multiple e2fsck resize2fs cryptsetup mkfs.ext4 cp
 	inst_multiple -o btrfs mkfs.btrfs xfs_growfs fsck.ext4 /etc/mke2fs.conf \
 		systemd-ask-password tpm2_createprimary tpm2_createpolicy tpm2_create \
-		tpm2_load tpm2_unseal tpm2_pcrread tpm2_pcrextend tpm2_flushcontext
+		tpm2_load tpm2_unseal tpm2_pcrread tpm2_pcrextend tpm2_flushcontext tpm2_readpublic \
+		tpm2_startauthsession
 	# tpm2-tools dlopen() their TCTI; dracut cannot see that dependency.
 	inst_libdir_file "libtss2-tcti-device.so*"
 	# pystate dlopen()s libcryptsetup (system/libcryptsetup.py); cryptsetup links it too.
