@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import OUT
@@ -172,26 +172,49 @@ def _b_figures(row: Row, console: str) -> None:
         row.processes.append(peak.pids)
 
 
-def _b_mounted(console: str) -> bool:
-    from .bench_systemd import B_NAME
+def _c_figures(row: Row, console: str) -> None:
+    """C: systemd-cryptsetup waits for clevis-luks-askpass's answer; its PIDs include
+    clevis's processes, which run meanwhile; the memory peak is the larger service's."""
+    from .bench_systemd import C_ASKPASS, C_UNIT, SWITCH_ROOT, parse_bench_lines
+
+    units, peaks = parse_bench_lines(console)
+    unit = units[C_UNIT]
+    row.unlock_ms.append((unit.main_exit - unit.main_start) / 1000)
+    row.initrd_ms.append(units[SWITCH_ROOT].active_enter / 1000)
+    crypt = peaks.get(C_UNIT.removesuffix(".service"))
+    askpass = peaks.get(C_ASKPASS.removesuffix(".service"))
+    if crypt is not None:
+        row.peak_kib.append(max(crypt.memory, askpass.memory if askpass else 0) / 1024)
+        row.processes.append(crypt.pids)
+
+
+def _mounted(console: str, name: str) -> bool:
     from .roots import parse_report
 
     mounts, _, _ = parse_report(console)
-    return any(m[:2] == [f"/dev/mapper/{B_NAME}", "/etc"] for m in mounts)
+    return any(m[:2] == [f"/dev/mapper/{name}", "/etc"] for m in mounts)
 
 
-def _build_all(work: Path, t: Path, reuse: bool) -> dict[str, Path]:
+def _build_all(work: Path, t: Path, reuse: bool, with_c: bool) -> dict[str, Path]:
     from . import bench_systemd as bs
 
     crypt = ("crypt", "tpm2-tss")
     a_tree = bs.bench_tree(t / "tree-a", unit=bs.A_UNIT)
     b_tree = bs.systemd_tree(t / "tree-b")
     b0_tree = bs.systemd_tree(t / "tree-b0", provision=True)
-    names = ("a", "b", "b0", "crypt", "crypt+pystate")
+    names = ("a", "b", "b0", "crypt", "crypt+pystate") + (("c",) if with_c else ())
     kept = {n: work / f"initrd-{n.replace('+', '-')}.img" for n in names}
     if reuse and all(p.exists() for p in kept.values()):
         return kept
-    return {
+    built = {}
+    if with_c:
+        from .bench_clevis import MODULES
+
+        c_tree = bs.systemd_tree(t / "tree-c", name=bs.C_NAME)
+        built["c"] = build_initrd_in(
+            work, kept["c"], with_pystate=False, extra_modules=MODULES, include=c_tree
+        )
+    return built | {
         "a": build_initrd_in(work, work / "initrd-a.img", include=a_tree),
         "b": build_initrd_in(
             work, work / "initrd-b.img", with_pystate=False, extra_modules=crypt, include=b_tree
@@ -225,7 +248,7 @@ def _b_image(path: Path) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from .bench_systemd import PRINT_SCRIPT
+    from .bench_systemd import B_NAME, C_NAME, PRINT_SCRIPT, PROVISIONED
     from .disk import build_disk
     from .roots import boot_json, build_testroot
 
@@ -242,7 +265,12 @@ def _cmd(args: argparse.Namespace) -> int:
             disks[kind] = build_disk(
                 t / f"disk-{kind}.img", root, t / f"state-{kind}", state_size=STATE_SIZE
             )
-        initrds = _build_all(work, t, args.reuse_initrds)
+        from . import bench_clevis
+
+        no_c = bench_clevis.missing()
+        if no_c is not None:
+            print(f"row C (clevis) left out: {no_c}", file=sys.stderr)
+        initrds = _build_all(work, t, args.reuse_initrds, no_c is None)
         sizes = {k: p.stat().st_size for k, p in initrds.items()}
 
         logs = work / "logs"
@@ -262,11 +290,15 @@ def _cmd(args: argparse.Namespace) -> int:
                 timeout=300, log=logs / f"{count[0]:02d}-{initrd.stem}.log",
             )  # fmt: skip
             report = boot_json(result.console)
-            ok = result.ok and (
-                _b_mounted(result.console)
-                if kind == "b"
-                else report is not None and report.get("outcome") == "ok"
-            )
+            if kind == "a":
+                ok = report is not None and report.get("outcome") == "ok"
+            elif kind == "b":
+                ok = _mounted(result.console, B_NAME) and (
+                    initrd != initrds["b0"] or PROVISIONED in result.console
+                )
+            else:
+                ok = _mounted(result.console, C_NAME)
+            ok = ok and result.ok
             if not ok:
                 print(harness.describe(result), file=sys.stderr)
                 print(f"console: {logs / f'{count[0]:02d}-{initrd.stem}.log'}", file=sys.stderr)
@@ -275,15 +307,26 @@ def _cmd(args: argparse.Namespace) -> int:
 
         a = Row("a", sizes["a"])
         b = Row("b", sizes["b"])
+        c = Row("c", sizes.get("c", 0))
         first = boot("a", initrds["a"])
         provisioned = boot("b", initrds["b0"])
         if first is None or provisioned is None or first[1] is None:
             return 1
+        rows: list[tuple[str, Row]] = [("a", a), ("b", b)]
+        pcr7 = bench_clevis.pcr7_of(provisioned[0])
+        if "c" in initrds and pcr7 is not None:
+            disks["c"] = replace(
+                disks["b"],
+                path=bench_clevis.make_c_disk(
+                    disks["b"].path, disks["b"], t / "disk-c.img", t / "tpm-c", pcr7
+                ),
+            )
+            rows.append(("c", c))
         a.extra["provision_ms"] = first[1]["total_ms"]
         a.extra["provision_steps"] = step_times(first[1])
         print(f"provisioning boots done: pystate {first[1]['total_ms']} ms", file=sys.stderr)
         for i in range(args.boots):
-            for kind, row in (("a", a), ("b", b)):
+            for kind, row in rows:
                 got = boot(kind, initrds[kind])
                 if got is None:
                     return 1
@@ -291,14 +334,19 @@ def _cmd(args: argparse.Namespace) -> int:
                 if kind == "a":
                     assert report is not None
                     _a_figures(row, console, report)
-                else:
+                elif kind == "b":
                     _b_figures(row, console)
+                else:
+                    _c_figures(row, console)
                 print(
                     f"boot {i + 1} {kind}: unlock {row.unlock_ms[-1]:.0f} ms,"
                     f" initrd {row.initrd_ms[-1]:.0f} ms",
                     file=sys.stderr,
                 )
     figures = _figures(a, b, sizes)
+    if c.unlock_ms:
+        figures["c"] = c.summary()
+        figures["ratio_unlock_a_c"] = _ratio(figures["a"]["unlock_ms"], figures["c"]["unlock_ms"])  # type: ignore[index]
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -339,24 +387,34 @@ def medians_of(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _print_table(f: dict[str, object], a: Row) -> None:
-    sa, sb = f["a"], f["b"]
-    assert isinstance(sa, dict) and isinstance(sb, dict)
+    cols = [("A pystate", f["a"]), ("B systemd-cryptsetup", f["b"])]
+    if "c" in f:
+        cols.append(("C clevis", f["c"]))
+    summaries = [s for _, s in cols]
+    assert all(isinstance(s, dict) for s in summaries)
+
+    def mib(s: object) -> str:
+        assert isinstance(s, dict)
+        return f"{int(s['size_bytes']) / 2**20:.2f}"
+
     rows = (
-        ("unlock, ms (min-max)", _spread_of(sa, "unlock_ms"), _spread_of(sb, "unlock_ms"),
+        ("unlock, ms (min-max)", [_spread_of(s, "unlock_ms") for s in summaries],
          f["ratio_unlock"]),
-        ("whole initrd, ms (min-max)", _spread_of(sa, "initrd_ms"), _spread_of(sb, "initrd_ms"),
+        ("whole initrd, ms (min-max)", [_spread_of(s, "initrd_ms") for s in summaries],
          f["ratio_initrd_time"]),
-        ("initrd size, MiB (zstd)", f"{int(sa['size_bytes']) / 2**20:.2f}",
-         f"{int(sb['size_bytes']) / 2**20:.2f}", f["ratio_size"]),
-        ("peak memory of the unlock, KiB", sa["peak_kib"], sb["peak_kib"], None),
-        ("processes of the unlock", sa["processes"], sb["processes"], None),
+        ("initrd size, MiB (zstd)", [mib(s) for s in summaries], f["ratio_size"]),
+        ("peak memory of the unlock, KiB", [s["peak_kib"] for s in summaries], None),  # type: ignore[index]
+        ("processes (A: exact; B, C: PIDs)", [s["processes"] for s in summaries], None),  # type: ignore[index]
     )  # fmt: skip
-    print(f"{'figure':<32} {'A pystate':>24} {'B systemd-cryptsetup':>24} {'A/B':>7}")
-    for label, x, y, ratio in rows:
-        print(f"{label:<32} {x!s:>24} {y!s:>24} {'' if ratio is None else ratio!s:>7}")
+    print(f"{'figure':<34}" + "".join(f"{name:>24}" for name, _ in cols) + f"{'A/B':>8}")
+    for label, values, ratio in rows:
+        line = f"{label:<34}" + "".join(f"{v!s:>24}" for v in values)
+        print(line + f"{'' if ratio is None else ratio!s:>8}")
     added = f["added_to_crypt_initrd_bytes"]
     assert isinstance(added, int)
     print(f"pystate added to an initrd with crypt + tpm2-tss: {added / 2**20:.2f} MiB")
+    sa = f["a"]
+    assert isinstance(sa, dict)
     print(f"pystate's first boot (provisioning): {sa.get('provision_ms')} ms")
     print("A's steps, median ms:")
     steps = f["a_steps_ms"]
