@@ -171,9 +171,9 @@ def _wants(tree: Path, target: str, unit: str) -> None:
     link.symlink_to(f"../{unit}")
 
 
-def bench_tree(dest: Path, *, unit: str, more: tuple[str, ...] = ()) -> Path:
+def bench_tree(dest: Path, *, unit: str, more: tuple[str, ...] = (), environment: str = "") -> Path:
     """The bench-only files every row carries: the report unit, the peak drop-in on ``unit``
-    (and on each of ``more``)."""
+    (and on each of ``more``); ``environment``: NAME=VALUE for ``unit`` (a lever's row)."""
     units = dest / "etc/systemd/system"
     _write(dest / "usr/lib/bench/report.sh", _REPORT_SH, 0o755)
     _write(dest / "usr/lib/bench/peak.sh", _PEAK_SH, 0o755)
@@ -182,6 +182,8 @@ def bench_tree(dest: Path, *, unit: str, more: tuple[str, ...] = ()) -> Path:
     _wants(dest, SWITCH_ROOT, "bench-report.service")
     for name in (unit, *more):
         _write(units / f"{name}.d/90-bench-peak.conf", _PEAK_DROPIN)
+    if environment:
+        _write(units / f"{unit}.d/91-bench-env.conf", f"[Service]\nEnvironment={environment}\n")
     return dest
 
 

@@ -195,7 +195,9 @@ def _mounted(console: str, name: str) -> bool:
     return any(m[:2] == [f"/dev/mapper/{name}", "/etc"] for m in mounts)
 
 
-def _build_all(work: Path, t: Path, reuse: bool, with_c: bool) -> dict[str, Path]:
+def _build_all(
+    work: Path, t: Path, reuse: bool, with_c: bool, cli_row: bool = False
+) -> dict[str, Path]:
     from . import bench_systemd as bs
 
     crypt = ("crypt", "tpm2-tss")
@@ -203,10 +205,17 @@ def _build_all(work: Path, t: Path, reuse: bool, with_c: bool) -> dict[str, Path
     b_tree = bs.systemd_tree(t / "tree-b")
     b0_tree = bs.systemd_tree(t / "tree-b0", provision=True)
     names = ("a", "b", "b0", "crypt", "crypt+pystate") + (("c",) if with_c else ())
+    names += ("a-cli",) if cli_row else ()
     kept = {n: work / f"initrd-{n.replace('+', '-')}.img" for n in names}
     if reuse and all(p.exists() for p in kept.values()):
         return kept
     built = {}
+    if cli_row:
+        # the lever's baseline: the same A with the cryptsetup binary instead of libcryptsetup
+        cli_tree = bs.bench_tree(
+            t / "tree-a-cli", unit=bs.A_UNIT, environment="PYSTATE_CRYPTSETUP=cli"
+        )
+        built["a-cli"] = build_initrd_in(work, kept["a-cli"], include=cli_tree)
     if with_c:
         from .bench_clevis import MODULES
 
@@ -270,7 +279,7 @@ def _cmd(args: argparse.Namespace) -> int:
         no_c = bench_clevis.missing()
         if no_c is not None:
             print(f"row C (clevis) left out: {no_c}", file=sys.stderr)
-        initrds = _build_all(work, t, args.reuse_initrds, no_c is None)
+        initrds = _build_all(work, t, args.reuse_initrds, no_c is None, args.cli_row)
         sizes = {k: p.stat().st_size for k, p in initrds.items()}
 
         logs = work / "logs"
@@ -278,19 +287,20 @@ def _cmd(args: argparse.Namespace) -> int:
         count = [0]
 
         def boot(kind: str, initrd: Path) -> tuple[str, dict[str, object] | None] | None:
-            layout = disks[kind]
+            layout = disks[kind.removesuffix("-cli")]
             count[0] += 1
             assert layout.root is not None
             append = (
                 f"root=PARTUUID={layout.root.uuid} rootfstype=erofs ro quiet {FAIL_FAST}"
                 f" testroot.run={PRINT_SCRIPT}"
             )
+            machine = kind.removesuffix("-cli")  # A with the CLI boots A's disk and TPM
             result = harness.boot(
-                layout.path, initrd=initrd, append=append, tpm_state=t / f"tpm-{kind}",
+                layout.path, initrd=initrd, append=append, tpm_state=t / f"tpm-{machine}",
                 timeout=300, log=logs / f"{count[0]:02d}-{initrd.stem}.log",
             )  # fmt: skip
             report = boot_json(result.console)
-            if kind == "a":
+            if kind.startswith("a"):
                 ok = report is not None and report.get("outcome") == "ok"
             elif kind == "b":
                 ok = _mounted(result.console, B_NAME) and (
@@ -308,6 +318,7 @@ def _cmd(args: argparse.Namespace) -> int:
         a = Row("a", sizes["a"])
         b = Row("b", sizes["b"])
         c = Row("c", sizes.get("c", 0))
+        a_cli = Row("a-cli", sizes.get("a-cli", 0))
         first = boot("a", initrds["a"])
         provisioned = boot("b", initrds["b0"])
         if first is None or provisioned is None or first[1] is None:
@@ -322,6 +333,8 @@ def _cmd(args: argparse.Namespace) -> int:
                 ),
             )
             rows.append(("c", c))
+        if "a-cli" in initrds:
+            rows.append(("a-cli", a_cli))
         a.extra["provision_ms"] = first[1]["total_ms"]
         a.extra["provision_steps"] = step_times(first[1])
         print(f"provisioning boots done: pystate {first[1]['total_ms']} ms", file=sys.stderr)
@@ -331,7 +344,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 if got is None:
                     return 1
                 console, report = got
-                if kind == "a":
+                if kind.startswith("a"):
                     assert report is not None
                     _a_figures(row, console, report)
                 elif kind == "b":
@@ -344,6 +357,9 @@ def _cmd(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     figures = _figures(a, b, sizes)
+    if a_cli.unlock_ms:
+        figures["a_cli"] = a_cli.summary()
+        figures["a_cli_steps_ms"] = medians_of(a_cli.steps)
     if c.unlock_ms:
         figures["c"] = c.summary()
         figures["ratio_unlock_a_c"] = _ratio(figures["a"]["unlock_ms"], figures["c"]["unlock_ms"])  # type: ignore[index]
@@ -390,6 +406,8 @@ def _print_table(f: dict[str, object], a: Row) -> None:
     cols = [("A pystate", f["a"]), ("B systemd-cryptsetup", f["b"])]
     if "c" in f:
         cols.append(("C clevis", f["c"]))
+    if "a_cli" in f:
+        cols.append(("A, cryptsetup binary", f["a_cli"]))
     summaries = [s for _, s in cols]
     assert all(isinstance(s, dict) for s in summaries)
 
@@ -416,11 +434,11 @@ def _print_table(f: dict[str, object], a: Row) -> None:
     sa = f["a"]
     assert isinstance(sa, dict)
     print(f"pystate's first boot (provisioning): {sa.get('provision_ms')} ms")
-    print("A's steps, median ms:")
-    steps = f["a_steps_ms"]
-    assert isinstance(steps, dict)
+    print("A's steps, median ms" + (" (with the cryptsetup binary):" if "a_cli" in f else ":"))
+    steps, cli = f["a_steps_ms"], f.get("a_cli_steps_ms", {})
+    assert isinstance(steps, dict) and isinstance(cli, dict)
     for name, ms in steps.items():
-        print(f"  {name:<16} {ms:8.1f}")
+        print(f"  {name:<16} {ms:8.1f}" + (f" ({cli[name]:.1f})" if name in cli else ""))
 
 
 def _spread_of(s: dict[str, object], key: str) -> str:
@@ -436,6 +454,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--boots", type=int, default=5, help="timed boots of each row, alternating (default 5)"
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument(
+        "--cli-row",
+        action="store_true",
+        help="one more row: A with the cryptsetup binary (PYSTATE_CRYPTSETUP=cli), the lever's "
+        "baseline",
+    )
     p.add_argument(
         "--reuse-initrds",
         action="store_true",

@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pystate_initrd import report
 from pystate_initrd.errors import PystateError
 from pystate_initrd.log import installed as installed_log
 from pystate_initrd.secret import wipe as _wipe
@@ -32,16 +33,6 @@ from pystate_initrd.secret import wipe as _wipe
 # DM_DISABLE_UDEV: libdevmapper (cryptsetup) makes /dev/mapper nodes itself instead of
 # waiting for udev's confirmation, which never comes in an initrd without the dm rules.
 _BASE_ENV = {"LANG": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DM_DISABLE_UDEV": "1"}
-
-
-# Processes this program has started: the boot report's per-step count (SPEC §10: the unlock
-# path is judged by how many processes it costs as well as by time).
-_spawned = [0]  # a list: incremented in place, no global statement
-
-
-def spawned() -> int:
-    """How many external commands this process has started so far."""
-    return _spawned[0]
 
 
 class CommandError(PystateError):
@@ -83,7 +74,7 @@ def run(
     if env:
         full_env.update(env)
     begin = time.monotonic()
-    _spawned[0] += 1
+    report.process_started()  # the boot report's per-step count (SPEC §10)
     if secret_output:
         try:
             result = _run_secret(argv, input, full_env, check, ok_codes, pass_fds, secret_max)
