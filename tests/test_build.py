@@ -476,3 +476,29 @@ def test_zipapp_cli(tmp_path: Path) -> None:
         stamp = zf.infolist()[0].date_time
     utc = time.gmtime(EPOCH)
     assert stamp == (*utc[:5], utc[5] // 2 * 2)  # DOS time: 2-second resolution
+
+
+# --- build.py bench-start (the benchmark itself runs by hand: docs/build.md) ----------------
+
+
+def test_bench_start_summary() -> None:
+    from pystate_build.bench_start import BARE, BOOT, VERSION, Row, render, summarise
+
+    times = {BARE: [0.010, 0.008, 0.009], VERSION: [0.018, 0.016, 0.030], BOOT: [0.09, 0.09]}
+    rows = summarise(times)
+    assert rows == [
+        Row(BARE, 9.0, 8.0, 10.0, 1.0),
+        Row(VERSION, 18.0, 16.0, 30.0, 2.0),
+        Row(BOOT, 90.0, 90.0, 90.0, 10.0),
+    ]
+    text = render(rows, Path("/t"), 3).splitlines()
+    assert text[0] == "start time in a chroot of /t, 3 rounds, median (min-max):"
+    assert text[2].split() == ["pystate", "--version", "18.0", "ms", "(16.0-30.0)", "2.00x", "bare"]
+
+
+def test_bench_start_is_a_build_command() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "build.py"), "bench-start", "--help"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "--baseline" in proc.stdout, proc.stderr
