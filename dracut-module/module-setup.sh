@@ -3,12 +3,13 @@
 # dracut module "pystate": mounts the state partition and binds its entries
 # onto the new root before switch-root (see README.md and docs/).
 # The frozen program comes from a payload directory built by
-# `build.py payload DIR` (default /usr/lib/pystate): pystate, python311.zip, lib-dynload/.
+# `build.py payload DIR` (default /usr/lib/pystate): pystate (the launcher script),
+# pystate.zip (the package), python311.zip, lib-dynload/.
 
 # Only when asked for (dracut --add pystate), never by host-only autodetection.
 check() {
 	require_binaries python3.11 e2fsck cryptsetup mkfs.ext4 cp || return 1
-	[[ -e "${PYSTATE_PAYLOAD:-/usr/lib/pystate}/pystate" ]] || return 1
+	[[ -e "${PYSTATE_PAYLOAD:-/usr/lib/pystate}/pystate.zip" ]] || return 1
 	return 255
 }
 
@@ -27,7 +28,11 @@ install() {
 	inst_binary /usr/bin/python3.11
 	ln_r /usr/bin/python3.11 /usr/bin/python3
 	inst_simple "$payload/python311.zip" /usr/lib/python311.zip
-	inst_simple "$payload/pystate" /usr/bin/pystate
+	# The launcher finds pystate.zip beside its real path: both in /usr/lib/pystate, as in
+	# the booted system, and /usr/bin/pystate (pystate.service's ExecStart) a link to it.
+	inst_simple "$payload/pystate" /usr/lib/pystate/pystate
+	inst_simple "$payload/pystate.zip" /usr/lib/pystate/pystate.zip
+	ln_r /usr/lib/pystate/pystate /usr/bin/pystate
 	for so in "$payload"/lib-dynload/*.so; do
 		[[ -e "$so" ]] && inst_library "$so" "/usr/lib/python3.11/lib-dynload/${so##*/}"
 	done

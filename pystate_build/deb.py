@@ -2,10 +2,11 @@
 
 ``build_deb(out_dir)`` writes ``out_dir/pystate_<version>_<arch>.deb`` with dpkg-deb:
 
-- ``/usr/lib/pystate/``: the payload (the zipapp ``pystate``, the frozen stdlib
-  ``python311.zip``, ``lib-dynload/*.so``), the same freeze ``build.py payload`` makes;
-- ``/usr/bin/pystate``: a relative symlink to it (the program finds its stdlib beside its
-  real file, README step 6);
+- ``/usr/lib/pystate/``: the payload (the launcher script ``pystate``, the package
+  ``pystate.zip``, the frozen stdlib ``python311.zip``, ``lib-dynload/*.so``), the same
+  freeze ``build.py payload`` makes;
+- ``/usr/bin/pystate``: a relative symlink to the launcher (which finds pystate.zip and the
+  stdlib beside its real file, README step 6);
 - ``/usr/lib/dracut/modules.d/90pystate/``: the dracut module (``dracut-module/`` without
   the booted system's unit and the repart.d definition);
 - ``/usr/lib/repart.d/50-pystate-state.conf``: the state partition for systemd-repart, which
@@ -377,7 +378,7 @@ def _set_times(top: Path, epoch: int) -> None:
 def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None = None) -> Path:
     """Build ``out_dir/pystate_<version>_<arch>.deb``; ``payload``: an already built payload
     directory (``build.py payload``), else one is frozen from this checkout."""
-    from .freeze import default_epoch, has_test_hooks
+    from .freeze import APP_ZIP, LAUNCHER, default_epoch, has_test_hooks
 
     epoch = default_epoch() if epoch is None else epoch
     arch = architecture()
@@ -388,9 +389,9 @@ def build_deb(out_dir: Path, *, payload: Path | None = None, epoch: int | None =
     tree = work / "debian" / NAME
     if payload is None:
         payload = build_payload(work / "payload", freeze_dir=work / "freeze", epoch=epoch)
-    elif not (payload / "pystate").is_file():
-        raise DebError(f"{payload} is not a payload directory (no pystate in it).")
-    elif has_test_hooks(payload / "pystate"):
+    elif not ((payload / LAUNCHER).is_file() and (payload / APP_ZIP).is_file()):
+        raise DebError(f"{payload} is not a payload directory (no {LAUNCHER} and {APP_ZIP} in it).")
+    elif has_test_hooks(payload / APP_ZIP):
         raise DebError(
             f"{payload} is a test build (build.py payload --test-hooks): never packaged.",
             hint="build the payload without --test-hooks",

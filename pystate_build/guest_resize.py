@@ -411,7 +411,7 @@ COMMANDS = {
 
 
 def main():
-    sys.path.insert(0, "/usr/bin/pystate")  # the frozen program's modules (guest only)
+    sys.path.insert(0, "/usr/lib/pystate/pystate.zip")  # the frozen program's modules (guest only)
     for word in cmdline().split():
         if word.startswith("rt.run="):
             for command in word[len("rt.run=") :].split(";"):

@@ -3,8 +3,9 @@
 (``build.py initrd --builder mkosi`` hands over to mkosi.py.)
 
 The payload is what a distribution package installs in /usr/lib/pystate for
-the dracut module: the zipapp (``pystate``), the frozen stdlib
-(``python311.zip``) and the extension modules it needs (``lib-dynload/``).
+the dracut module: the launcher script (``pystate``), the package
+(``pystate.zip``), the frozen stdlib (``python311.zip``) and the extension
+modules it needs (``lib-dynload/``).
 It is the same freeze that ``build.py tree`` lays out and the chroot test
 runs, so the initrd runs exactly what was tested.
 
@@ -60,11 +61,12 @@ def build_payload(
     epoch: int | None = None,
     test_hooks: bool = False,
 ) -> Path:
-    """Lay out the payload in dest (replaced if present): the zipapp, the frozen stdlib and
-    the extension modules. ``freeze_dir`` keeps the freeze's work apart from other builds
-    running in the same checkout; ``epoch`` is SOURCE_DATE_EPOCH for the freeze;
+    """Lay out the payload in dest (replaced if present): the launcher ``pystate``, the
+    package ``pystate.zip``, the frozen stdlib and the extension modules. ``freeze_dir``
+    keeps the freeze's work apart from other builds running in the same checkout;
+    ``epoch`` is SOURCE_DATE_EPOCH for the freeze;
     ``test_hooks``: a test build (the crash tests' hooks; never shipped)."""
-    from .freeze import freeze
+    from .freeze import APP_ZIP, LAUNCHER, freeze
 
     default_dir = OUT / ("freeze-test-hooks" if test_hooks else "freeze")
     report = freeze(freeze_dir or default_dir, epoch=epoch, test_hooks=test_hooks)
@@ -72,8 +74,9 @@ def build_payload(
         shutil.rmtree(dest)
     (dest / "lib-dynload").mkdir(parents=True)
     # copyfile, not copy2: modes and times are the package's, not the build machine's.
-    shutil.copyfile(report.zipapp, dest / "pystate")
-    (dest / "pystate").chmod(0o755)
+    shutil.copyfile(report.launcher, dest / LAUNCHER)
+    (dest / LAUNCHER).chmod(0o755)
+    shutil.copyfile(report.app_zip, dest / APP_ZIP)
     shutil.copyfile(report.stdlib_zip, dest / "python311.zip")
     for so in sorted(report.extensions.values()):
         shutil.copyfile(so, dest / "lib-dynload" / so.name)
@@ -186,7 +189,9 @@ def _cmd_initrd(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("payload", help="the dracut module's payload (zipapp, stdlib, .so)")
+    p = subparsers.add_parser(
+        "payload", help="the dracut module's payload (launcher, pystate.zip, stdlib, .so)"
+    )
     p.add_argument("dir", help="destination, e.g. /usr/lib/pystate")
     add_test_hooks_option(p)
     p.set_defaults(func=_cmd_payload)

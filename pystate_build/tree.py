@@ -3,8 +3,10 @@
 Contents, and nothing else of any Python installation:
 
 - ``/usr/bin/python3.11`` and the ``python3`` symlink;
-- the frozen program as ``/usr/bin/pystate`` (0755) and its stdlib subset as
-  ``/usr/lib/python311.zip``: the first entry of the interpreter's default
+- the frozen program in ``/usr/lib/pystate/``: the launcher ``pystate`` (0755) and the
+  package ``pystate.zip`` beside it, ``/usr/bin/pystate`` a relative symlink to the
+  launcher (the layout of the Debian package and of the mkosi-initrd drop-in);
+- its stdlib subset as ``/usr/lib/python311.zip``: the first entry of the interpreter's default
   ``sys.path``. getpath (3.11) finds ``prefix`` by searching up from the
   executable for ``lib/python311.zip`` and ``exec_prefix`` by searching for the
   directory ``lib/python3.11/lib-dynload``, so both exist and the interpreter starts
@@ -30,10 +32,18 @@ from pathlib import Path, PurePosixPath
 
 from pystate_build import OUT
 from pystate_build.elfclosure import library_closure
-from pystate_build.freeze import TARGET_PYTHON, FreezeReport, format_size, freeze
+from pystate_build.freeze import (
+    APP_ZIP,
+    LAUNCHER,
+    TARGET_PYTHON,
+    FreezeReport,
+    format_size,
+    freeze,
+)
 from pystate_initrd.errors import PystateError
 
 _MAX_LINKS = 40  # like ELOOP
+PROGRAM_DIR = "/usr/lib/pystate"  # the launcher and pystate.zip; /usr/bin/pystate links here
 
 
 class TreeError(PystateError):
@@ -57,7 +67,7 @@ class TreeReport:
 
     def describe(self) -> str:
         return (
-            f"zipapp {format_size(self.freeze.zipapp_size)}, "
+            f"program {format_size(self.freeze.program_size)}, "
             f"stdlib {format_size(self.freeze.stdlib_size)}, "
             f"tree {format_size(self.size)} ({len(self.files)} files, "
             f"{len(self.symlinks)} symlinks, {len(self.libraries)} libraries)"
@@ -152,8 +162,11 @@ def build_tree(
     link = dest / bindir.relative_to("/") / short
     if not link.is_symlink():
         _make_link(dest, bindir.relative_to("/") / short, python.name, created)
-    created += install_path(report.zipapp, dest, "/usr/bin/pystate")
-    os.chmod(dest / "usr/bin/pystate", 0o755)
+    created += install_path(report.launcher, dest, f"{PROGRAM_DIR}/{LAUNCHER}")
+    os.chmod(dest / PROGRAM_DIR.lstrip("/") / LAUNCHER, 0o755)
+    created += install_path(report.app_zip, dest, f"{PROGRAM_DIR}/{APP_ZIP}")
+    os.chmod(dest / PROGRAM_DIR.lstrip("/") / APP_ZIP, 0o644)
+    _make_link(dest, PurePosixPath("usr/bin") / LAUNCHER, f"../lib/pystate/{LAUNCHER}", created)
     created += install_path(report.stdlib_zip, dest, f"/usr/lib/{target.stdlib_zip_name}")
     os.chmod(dest / "usr/lib" / target.stdlib_zip_name, 0o644)
     elves = [python]
@@ -202,7 +215,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "tree",
         help="lay out a minimal root that runs /usr/bin/pystate",
         description="Lay out DIR with the interpreter, its libraries, _cffi_backend, the frozen "
-        "stdlib and the zipapp, so that `chroot DIR /usr/bin/pystate --version` works.",
+        "stdlib and the program (launcher + pystate.zip), so that "
+        "`chroot DIR /usr/bin/pystate --version` works.",
     )
     parser.add_argument("dir", type=Path, metavar="DIR")
     parser.add_argument(

@@ -1,39 +1,70 @@
 """Argument parsing and error reporting for the pystate command.
 
-Subcommands import their modules lazily so that ``--version`` and the boot
-path start fast in the initrd. Library code raises PystateError; only main()
+What the initrd runs starts fast (docs/build.md, "Start time"): subcommands import
+their modules lazily, and exactly ``pystate --version`` and ``pystate boot`` (no
+options: pystate.service's command) skip argparse, whose imports (re, gettext,
+locale, shutil, textwrap) cost more than the rest of the start. Every other command
+line, ``boot`` with options included, goes through the parser, which is built from
+the same table of boot options. Library code raises PystateError; only main()
 turns it into one line on stderr and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
 from pystate_initrd import __version__
 from pystate_initrd.errors import PystateError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
+
 EFIVARS = "/sys/firmware/efi/efivars"
+# `pystate boot`'s options: (option, default, help). The parser and the fast path of a bare
+# `pystate boot` both take them from here; each names a field of initrd.boot.BootPaths.
+BOOT_OPTIONS = (
+    ("--sysroot", "/sysroot", "the new root (default /sysroot)"),
+    ("--config", "/etc/pystate/pystate.conf", "trusted configuration"),
+    ("--cmdline", "/proc/cmdline", "kernel command line file"),
+    ("--run-dir", "/run/pystate", "where boot.json goes"),
+    ("--log", "/dev/kmsg", "log device or file (default /dev/kmsg)"),
+    ("--efivars", EFIVARS, f"efivarfs (default {EFIVARS})"),
+)
+
+
+def _boot_defaults() -> dict[str, str]:
+    """``pystate boot``'s options as argparse would give them for a bare ``pystate boot``."""
+    return {option[2:].replace("-", "_"): default for option, default, _help in BOOT_OPTIONS}
+
+
+def _boot(options: dict[str, str]) -> int:
+    from pathlib import Path
+
+    from pystate_initrd.initrd.boot import BootPaths, run_boot
+
+    return run_boot(BootPaths(**{name: Path(value) for name, value in options.items()}))
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
-    from pystate_initrd.initrd.boot import BootPaths, run_boot
+    return _boot({name: getattr(args, name) for name in _boot_defaults()})
 
-    paths = BootPaths(
-        sysroot=Path(args.sysroot),
-        config=Path(args.config),
-        cmdline=Path(args.cmdline),
-        run_dir=Path(args.run_dir),
-        log=Path(args.log),
-        efivars=Path(args.efivars),
-    )
-    return run_boot(paths)
+
+def _version() -> str:
+    from pystate_initrd.volume import hooks
+
+    build = " (test build: test hooks included)" if hooks.TEST_BUILD else ""
+    return f"pystate {__version__}{build}"
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from pystate_initrd import config as config_mod
     from pystate_initrd.formats import plan
     from pystate_initrd.initrd import state_tree
@@ -63,6 +94,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_gpt(args: argparse.Namespace) -> int:
+    import json
+
     from pystate_initrd.formats import gpt
     from pystate_initrd.system import block
 
@@ -83,6 +116,9 @@ def _cmd_gpt(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from pystate_initrd.booted import status
 
     info = status.collect(
@@ -115,6 +151,8 @@ def _cmd_factory_reset(args: argparse.Namespace) -> int:
 
 
 def _resize_options(p: argparse.ArgumentParser) -> None:
+    import argparse
+
     p.add_argument("--state", help="the state directory (default /state, else /run/pystate/state)")
     p.add_argument(
         "--config",
@@ -128,20 +166,17 @@ def _resize_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     from pystate_initrd.volume import hooks
 
     parser = argparse.ArgumentParser(prog="pystate", description="pystate state partition tool")
-    build = " (test build: test hooks included)" if hooks.TEST_BUILD else ""
-    parser.add_argument("--version", action="version", version=f"pystate {__version__}{build}")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("boot", help="(initrd) mount the state partition and its entries")
-    p.add_argument("--sysroot", default="/sysroot", help="the new root (default /sysroot)")
-    p.add_argument("--config", default="/etc/pystate/pystate.conf", help="trusted configuration")
-    p.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file")
-    p.add_argument("--run-dir", default="/run/pystate", help="where boot.json goes")
-    p.add_argument("--log", default="/dev/kmsg", help="log device or file (default /dev/kmsg)")
-    p.add_argument("--efivars", default=EFIVARS, help=f"efivarfs (default {EFIVARS})")
+    for option, default, text in BOOT_OPTIONS:
+        p.add_argument(option, default=default, help=text)
     p.set_defaults(func=_cmd_boot)
 
     p = sub.add_parser("plan", help="show the mount plan for a state tree")
@@ -204,13 +239,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    # The initrd's two command lines, without argparse. argparse's --version prints the
+    # same line and exits 0 (through SystemExit, as this does).
+    if words == ["--version"]:
+        print(_version())
+        raise SystemExit(0)
+    if words == ["boot"]:
+        return _report(_boot, _boot_defaults())
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(words)
     if args.command is None:
         parser.print_help()
         return 2
+    return _report(args.func, args)
+
+
+def _report(func: Callable[[_T], int], args: _T) -> int:
+    """``func(args)``, with every error turned into one line on stderr and exit status 1."""
     try:
-        result: int = args.func(args)
+        result: int = func(args)
     except PystateError as exc:
         print(f"pystate: {exc}", file=sys.stderr)
         return 1

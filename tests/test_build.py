@@ -1,7 +1,7 @@
 """build.py zipapp / tree / closure: the frozen program, the minimal root and library closures.
 
 Real interpreter, real chroot, ldd as the oracle for closures. The tree is built
-once per session (module fixture); reproducibility builds the zipapp twice more.
+once per session (module fixture); reproducibility builds the program twice more.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _chroot(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_size_bound(tree: TreeReport) -> None:
-    total = tree.freeze.zipapp_size + tree.freeze.stdlib_size
-    assert total < TWO_MIB, f"zipapp + stdlib = {total} bytes, over 2 MiB"
+    total = tree.freeze.program_size + tree.freeze.stdlib_size
+    assert total < TWO_MIB, f"program + stdlib = {total} bytes, over 2 MiB"
 
 
 @pytest.mark.parametrize("test_hooks", [False, True], ids=["production", "test-hooks"])
@@ -72,10 +72,11 @@ def test_reproducible(tmp_path: Path, test_hooks: bool) -> None:
     shutil.copytree(REPO / "pystate_initrd", package, ignore=shutil.ignore_patterns("__pycache__"))
     one = freeze(tmp_path / "one", epoch=EPOCH, package=package, test_hooks=test_hooks)
     two = freeze(tmp_path / "two", epoch=EPOCH, package=package, test_hooks=test_hooks)
-    assert _sha256(one.zipapp) == _sha256(two.zipapp)
+    assert _sha256(one.launcher) == _sha256(two.launcher)
+    assert _sha256(one.app_zip) == _sha256(two.app_zip)
     assert _sha256(one.stdlib_zip) == _sha256(two.stdlib_zip)
     later = freeze(tmp_path / "later", epoch=EPOCH + 86_400, package=package, test_hooks=test_hooks)
-    assert later.zipapp.read_bytes() != one.zipapp.read_bytes()
+    assert later.app_zip.read_bytes() != one.app_zip.read_bytes()
     assert later.stdlib_zip.read_bytes() != one.stdlib_zip.read_bytes()
 
 
@@ -104,21 +105,23 @@ def test_build(tmp_path_factory: pytest.TempPathFactory, tree: TreeReport) -> Fr
 
 def test_production_program_holds_no_test_hook(tree: TreeReport) -> None:
     """What build.py payload/deb/tree ship: no testhooks module, and no byte of any member
-    of the zipapp or its stdlib names a test word or the sysrq trigger."""
-    assert not tree.freeze.test_hooks and not has_test_hooks(tree.freeze.zipapp)
-    app = _members(tree.freeze.zipapp)
+    of pystate.zip or its stdlib, nor the launcher, names a test word or the sysrq trigger."""
+    assert not tree.freeze.test_hooks and not has_test_hooks(tree.freeze.app_zip)
+    app = _members(tree.freeze.app_zip)
     assert [n for n in app if "testhooks" in n] == []
     assert "pystate_initrd/volume/hooks.pyc" in app  # the seam is there, doing nothing
     empty = {word.decode(): [] for word in TEST_WORDS}
     assert _mentions(app) == empty
     assert _mentions(_members(tree.freeze.stdlib_zip)) == empty
+    assert _mentions({"pystate": tree.freeze.launcher.read_bytes()}) == empty
 
 
 def test_test_build_is_the_production_program_plus_the_hooks(
     tree: TreeReport, test_build: FreezeReport
 ) -> None:
-    production, test = _members(tree.freeze.zipapp), _members(test_build.zipapp)
-    assert test_build.test_hooks and has_test_hooks(test_build.zipapp)
+    production, test = _members(tree.freeze.app_zip), _members(test_build.app_zip)
+    assert test_build.test_hooks and has_test_hooks(test_build.app_zip)
+    assert test_build.launcher.read_bytes() == tree.freeze.launcher.read_bytes()
     assert set(test) - set(production) == {"pystate_initrd/testhooks/__init__.pyc"}
     assert all(test[name] == data for name, data in production.items())  # byte for byte
     assert test_build.stdlib_zip.read_bytes() == tree.freeze.stdlib_zip.read_bytes()
@@ -140,7 +143,7 @@ def test_production_cli_rejects_debug_stop(tree: TreeReport, test_build: FreezeR
     assert proc.returncode == 2, proc
     assert "unrecognized arguments: --debug-stop allocate" in proc.stderr
     assert _run(program, "--version").stdout == "pystate 0.1.0\n"
-    assert "(test build: test hooks included)" in _run(test_build.zipapp, "--version").stdout
+    assert "(test build: test hooks included)" in _run(test_build.launcher, "--version").stdout
 
 
 @pytest.mark.parametrize(
@@ -173,12 +176,16 @@ def test_build_commands_pass_test_hooks_on(
 
 
 def test_shebang_and_mode(tree: TreeReport) -> None:
-    with tree.freeze.zipapp.open("rb") as f:
+    with tree.freeze.launcher.open("rb") as f:
         assert f.readline() == b"#!/usr/bin/python3.11 -IS\n"
-    assert (tree.dest / "usr/bin/pystate").stat().st_mode & 0o7777 == 0o755
+    # A plain script, not a zipapp: Python would run a zipapp's __main__ through runpy.
+    assert not zipfile.is_zipfile(tree.freeze.launcher)
+    assert os.readlink(tree.dest / "usr/bin/pystate") == "../lib/pystate/pystate"
+    assert (tree.dest / "usr/lib/pystate/pystate").stat().st_mode & 0o7777 == 0o755
+    assert (tree.dest / "usr/lib/pystate/pystate.zip").stat().st_mode & 0o7777 == 0o644
 
 
-@pytest.mark.parametrize("which", ["zipapp", "stdlib_zip"])
+@pytest.mark.parametrize("which", ["app_zip", "stdlib_zip"])
 def test_zip_entries(tree: TreeReport, which: str) -> None:
     magic = target_info().magic
     path: Path = getattr(tree.freeze, which)
@@ -211,9 +218,9 @@ def test_zip_contents_follow_analysis(tree: TreeReport) -> None:
     assert {"encodings", "encodings.utf_8", "argparse"} <= modules
     assert "os" not in modules  # frozen into Debian's python3.11
     assert "_cffi_backend" in tree.freeze.extensions
-    with zipfile.ZipFile(tree.freeze.zipapp) as zf:
+    with zipfile.ZipFile(tree.freeze.app_zip) as zf:
         names = set(zf.namelist())
-    assert "__main__.pyc" in names
+    assert "__main__.pyc" not in names  # the launcher is a script beside the zip
     assert "pystate_initrd/cli.pyc" in names
     assert not any("_ffi_build" in n for n in names)
 
@@ -260,13 +267,37 @@ def test_tree_symlinks(tree: TreeReport) -> None:
 
 def test_tree_describe(tree: TreeReport) -> None:
     line = tree.describe()
-    assert re.match(r"zipapp [\d.]+ KiB, stdlib [\d.]+ (KiB|MiB), tree [\d.]+ MiB", line), line
+    assert re.match(r"program [\d.]+ KiB, stdlib [\d.]+ (KiB|MiB), tree [\d.]+ MiB", line), line
 
 
 @needs_root
 def test_chroot_version(tree: TreeReport) -> None:
     proc = _chroot(tree.dest, "/usr/bin/pystate", "--version")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "pystate 0.1.0\n", "")
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("argv", "status"), [(["--version"], 0), (["boot"], 1)], ids=["version", "boot"]
+)
+def test_chroot_start_imports(tree: TreeReport, argv: list[str], status: int) -> None:
+    """What the initrd runs starts without runpy (the launcher is a script) and without
+    argparse (cli.py's fast paths); ``boot`` stops at /proc/cmdline, absent in the tree,
+    after its imports. Modules, not times: docs/build.md "Start time" has the benchmark."""
+    proc = _chroot(tree.dest, "/usr/bin/python3.11", "-IS", "-X", "importtime",
+                   "/usr/bin/pystate", *argv)  # fmt: skip
+    assert proc.returncode == status, proc.stderr
+    imported = {
+        line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line
+    }
+    assert "pystate_initrd.cli" in imported
+    assert not imported & {"runpy", "argparse", "gettext", "textwrap", "shutil"}, imported
+    if argv == ["boot"]:
+        assert "pystate_initrd.initrd.boot" in imported
+        assert "/proc/cmdline" in proc.stderr.splitlines()[-1]
+    else:
+        assert proc.stdout == "pystate 0.1.0\n"
+        assert not imported & {"pathlib", "json"}, imported
 
 
 @needs_root
@@ -286,14 +317,14 @@ def test_chroot_interpreter_paths(tree: TreeReport) -> None:
 
 @needs_root
 def test_chroot_imports_every_package_module(tree: TreeReport) -> None:
-    with zipfile.ZipFile(tree.freeze.zipapp) as zf:
+    with zipfile.ZipFile(tree.freeze.app_zip) as zf:
         modules = sorted(
             n.removesuffix(".pyc").removesuffix("/__init__").replace("/", ".")
             for n in zf.namelist()
-            if n.startswith("pystate_initrd/") and not n.endswith("__main__.pyc")
         )
+    assert all(m.startswith("pystate_initrd") for m in modules)
     code = (
-        "import importlib, sys; sys.path.insert(0, '/usr/bin/pystate')\n"
+        "import importlib, sys; sys.path.insert(0, '/usr/lib/pystate/pystate.zip')\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
         "import hashlib, json, uuid, shutil; hashlib.sha256(); print('ok')"
     )
@@ -439,9 +470,35 @@ def test_zipapp_cli(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"zipapp [\d.]+ KiB, stdlib [\d.]+ (KiB|MiB)", proc.stdout), proc.stdout
-    assert (tmp_path / "z/pystate").is_file()
+    assert re.search(r"program [\d.]+ KiB, stdlib [\d.]+ (KiB|MiB)", proc.stdout), proc.stdout
+    assert (tmp_path / "z/pystate").is_file() and (tmp_path / "z/pystate.zip").is_file()
     with zipfile.ZipFile(tmp_path / "z/python311.zip") as zf:
         stamp = zf.infolist()[0].date_time
     utc = time.gmtime(EPOCH)
     assert stamp == (*utc[:5], utc[5] // 2 * 2)  # DOS time: 2-second resolution
+
+
+# --- build.py bench-start (the benchmark itself runs by hand: docs/build.md) ----------------
+
+
+def test_bench_start_summary() -> None:
+    from pystate_build.bench_start import BARE, BOOT, VERSION, Row, render, summarise
+
+    times = {BARE: [0.010, 0.008, 0.009], VERSION: [0.018, 0.016, 0.030], BOOT: [0.09, 0.09]}
+    rows = summarise(times)
+    assert rows == [
+        Row(BARE, 9.0, 8.0, 10.0, 1.0),
+        Row(VERSION, 18.0, 16.0, 30.0, 2.0),
+        Row(BOOT, 90.0, 90.0, 90.0, 10.0),
+    ]
+    text = render(rows, Path("/t"), 3).splitlines()
+    assert text[0] == "start time in a chroot of /t, 3 rounds, median (min-max):"
+    assert text[2].split() == ["pystate", "--version", "18.0", "ms", "(16.0-30.0)", "2.00x", "bare"]
+
+
+def test_bench_start_is_a_build_command() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "build.py"), "bench-start", "--help"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "--baseline" in proc.stdout, proc.stderr

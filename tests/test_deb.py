@@ -28,6 +28,7 @@ ARCH = subprocess.run(
 # path in the package: (mode, type) as `dpkg-deb -c` prints them
 EXPECTED = {
     "./usr/lib/pystate/pystate": "-rwxr-xr-x",
+    "./usr/lib/pystate/pystate.zip": "-rw-r--r--",
     "./usr/lib/pystate/python311.zip": "-rw-r--r--",
     "./usr/lib/pystate/lib-dynload/_cffi_backend.cpython-311-x86_64-linux-gnu.so": "-rw-r--r--",
     "./usr/lib/pystate/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so": "-rw-r--r--",
@@ -167,8 +168,11 @@ def test_unpacked_package_is_what_the_initrd_builder_reads(tmp_path: Path) -> No
     module = root / "usr/lib/dracut/modules.d/90pystate"
     assert (module / "module-setup.sh").stat().st_mode & 0o111
     payload = root / "usr/lib/pystate"
-    assert sorted(p.name for p in payload.iterdir()) == ["lib-dynload", "pystate", "python311.zip"]
-    # the zipapp runs by its symlink, with the frozen stdlib beside its real file
+    assert sorted(p.name for p in payload.iterdir()) == [
+        "lib-dynload", "pystate", "pystate.zip", "python311.zip"
+    ]  # fmt: skip
+    # the launcher runs by its symlink, with pystate.zip and the stdlib beside its real file
+    assert (payload / "pystate").read_bytes().startswith(b"#!/usr/bin/python3.11 -IS\n")
     proc = _run(str(root / "usr/bin/pystate"), "--version")
     assert proc.stdout == f"pystate {VERSION}\n", proc.stderr
 
@@ -212,7 +216,7 @@ def test_the_package_holds_no_test_hooks(package: Path, tmp_path: Path) -> None:
     from pystate_build.freeze import has_test_hooks
 
     assert _run("dpkg-deb", "-x", str(package), str(tmp_path)).returncode == 0
-    assert not has_test_hooks(tmp_path / "usr/lib/pystate/pystate")
+    assert not has_test_hooks(tmp_path / "usr/lib/pystate/pystate.zip")
 
 
 def test_a_test_build_payload_is_never_packaged(tmp_path: Path) -> None:

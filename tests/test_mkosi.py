@@ -28,6 +28,7 @@ def _payload(tmp_path: Path) -> Path:
     payload = tmp_path / "payload"
     (payload / "lib-dynload").mkdir(parents=True)
     (payload / "pystate").write_text("#!/usr/bin/python3.11 -IS\n")
+    (payload / "pystate.zip").write_bytes(b"")
     (payload / "python311.zip").write_bytes(b"")
     return payload
 

@@ -14,7 +14,6 @@ not compared.
 
 from __future__ import annotations
 
-import difflib
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -173,6 +172,8 @@ def event_diff(
     if not recorded.complete:
         current = current[:kept]
     diffs: list[str] = []
+    import difflib  # here, not at the top: only a failed unseal is diagnosed (1.5 ms)
+
     matcher = difflib.SequenceMatcher(None, list(recorded.events), current, autojunk=False)
     for op, a0, a1, b0, b1 in matcher.get_opcodes():
         if op == "equal":

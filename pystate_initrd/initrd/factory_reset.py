@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +111,8 @@ def _remove_at(dir_fd: int, name: str) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
     except IsADirectoryError:
+        import shutil  # here, not at the top: every boot imports this module (2 ms)
+
         shutil.rmtree(name, dir_fd=dir_fd)
 
 
@@ -270,6 +271,8 @@ def crypto_erase(state_dir: Path) -> str:
     except FileNotFoundError:
         return f"no {names.IMAGE}"
     if stat.S_ISDIR(st.st_mode):
+        import shutil  # here, not at the top: every boot imports this module (2 ms)
+
         shutil.rmtree(image)
         done = f"{names.IMAGE} was a directory: deleted"
     else:
@@ -291,6 +294,8 @@ def delete_plain(state_dir: Path) -> list[str]:
         if entry.name.startswith(".") or entry.name in names.RESERVED_PLAIN:
             continue
         if entry.is_dir(follow_symlinks=False):
+            import shutil  # here, not at the top: every boot imports this module (2 ms)
+
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)

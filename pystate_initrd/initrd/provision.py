@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +91,8 @@ def remove_leftover(state_dir: Path) -> str | None:
     try:
         os.unlink(new)  # a file, a symlink: the name goes, nothing is followed
     except IsADirectoryError:
+        import shutil  # here, not at the top: every boot imports this module (2 ms)
+
         shutil.rmtree(new)
     fsync_dir(state_dir)
     how = "crypto-erased and deleted" if erased else "deleted"

@@ -13,7 +13,6 @@ None when nobody can be asked (the agent was cancelled, no console).
 from __future__ import annotations
 
 import os
-import shutil
 import termios
 from typing import Any
 
@@ -26,6 +25,8 @@ ASK_PASSWORD = "systemd-ask-password"
 
 def use_systemd() -> bool:
     """systemd is PID 1 (its runtime directory exists) and the tool is there."""
+    import shutil  # here, not at the top: only the recovery-key question needs it (2 ms)
+
     return os.path.isdir("/run/systemd/system") and shutil.which(ASK_PASSWORD) is not None
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -228,6 +227,8 @@ def _is_tmpfs(path: str) -> bool:
 
 def _workdir() -> Path:
     """A private directory on tmpfs for the blobs and TPM contexts (never the disk)."""
+    import tempfile  # here, not at the top: a boot without TPM never needs it (1.5 ms)
+
     for parent in _WORK_PARENTS:
         if os.path.isdir(parent) and os.access(parent, os.W_OK) and _is_tmpfs(parent):
             return Path(tempfile.mkdtemp(prefix="pystate-tpm2.", dir=parent))

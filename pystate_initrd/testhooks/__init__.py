@@ -23,7 +23,6 @@ unmount, which is what a real power cut leaves on the disk.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,10 @@ from pathlib import Path
 from pystate_initrd.formats import tpm2_policy
 from pystate_initrd.formats.cmdline import parse_cmdline
 from pystate_initrd.system import tpm2
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start
+if TYPE_CHECKING:
+    import argparse
 
 Hook = Callable[[str], None]  # called with each step's name once the step is done
 Say = Callable[[str], None]
@@ -85,6 +88,8 @@ def before_unseal(cmdline: str, bank: str, tcti: str | None, say: Say) -> None:
 
 
 def add_resize_options(parser: argparse.ArgumentParser) -> None:
+    import argparse
+
     parser.add_argument("--debug-stop", metavar="STEP", help=argparse.SUPPRESS)
 
 

@@ -13,14 +13,17 @@ imports testhooks (tests/test_layout.py).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start
+if TYPE_CHECKING:
+    import argparse
 
 try:
     import pystate_initrd.testhooks as _testhooks
 
     TEST_BUILD = True
-except ModuleNotFoundError as exc:  # a production build: the package is not in the zipapp
+except ModuleNotFoundError as exc:  # a production build: not in pystate.zip
     if exc.name != "pystate_initrd.testhooks":
         raise
     TEST_BUILD = False
