@@ -71,7 +71,11 @@ cg=/sys/fs/cgroup/system.slice/{C_ASKPASS}
 [ -r "$cg/memory.peak" ] &&
 	echo "{PEAK_PREFIX}{C_ASKPASS[:-8]} $(cat "$cg/memory.peak") 0" >>"$out/report.txt"
 # what a failed row needs explained: failed units, the new root's mounts
-systemctl list-units --failed --no-legend --plain | sed 's/^/BENCH-FAILED /' >>"$out/report.txt"
+for unit in $(systemctl list-units --failed --no-legend --plain | cut -d' ' -f1); do
+	echo "BENCH-FAILED $unit" >>"$out/report.txt"
+	journalctl -b -u "$unit" -o cat --no-pager | tail -n 8 |
+		sed 's/^/BENCH-LOG /' >>"$out/report.txt"
+done
 findmnt -rn -o TARGET,SOURCE | grep '^/sysroot' | sed 's/^/BENCH-MOUNT /' >>"$out/report.txt"
 echo "cat $out/report.txt" >{PRINT_SCRIPT}
 """
