@@ -176,6 +176,7 @@ def _cmd(args: argparse.Namespace) -> int:
     throughputs: list[float] = []
     offline: list[float] = []
     step_ms: dict[str, list[float]] = {}
+    methods: dict[str, int] = {}  # how crypt-resize swapped the table, grows per method
     for run in range(args.runs):
         m = make_machine(work / f"m{run}", initrd, root)
         # The shrink request needs a small buffer: with 50:50 weights an image that took the
@@ -190,6 +191,9 @@ def _cmd(args: argparse.Namespace) -> int:
         for change in grow.get("grows", []):  # type: ignore[attr-defined]
             for name, ms in change["steps"].items():
                 step_ms.setdefault(name, []).append(float(ms))
+            methods[str(change.get("crypt_method", "?"))] = (
+                methods.get(str(change.get("crypt_method", "?")), 0) + 1
+            )
         image_before = int(first_result(first, "SHRINK")["after"]["image"])  # type: ignore[index]
         second = m.run("offline-shrink")
         shrink = rt_result(second.console, "OFFLINE")
@@ -220,8 +224,9 @@ def _cmd(args: argparse.Namespace) -> int:
     print(
         "grow steps, median ms: "
         + ", ".join(f"{name} {_median(values):.0f}" for name, values in step_ms.items())
-        + " (crypt-resize: the dm table swap suspends the mapping, which freezes the inner"
-        " file system and so flushes the writer's dirty pages first)"
+        + " (crypt-resize: the mapping's table swapped by "
+        + ", ".join(f"{m} in {n} grows" for m, n in sorted(methods.items()))
+        + "; dm-table: DM_TABLE_LOAD and a resume without freezing the file system)"
     )
     print(
         f"offline ext4 shrink at boot: median {_median(offline):.1f} s per GiB removed "

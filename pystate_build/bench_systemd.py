@@ -76,6 +76,13 @@ for unit in $(systemctl list-units --failed --no-legend --plain | cut -d' ' -f1)
 	journalctl -b -u "$unit" -o cat --no-pager | tail -n 8 |
 		sed 's/^/BENCH-LOG /' >>"$out/report.txt"
 done
+for u in state.mount run-{B_NAME}.mount sysroot-etc.mount sysroot-var.mount \\
+	dev-mapper-{B_NAME}.device; do
+	printf 'BENCH-STATE %s ' "$u" >>"$out/report.txt"
+	systemctl show -p ActiveState -p Result -p ActiveEnterTimestampMonotonic \\
+		-p InactiveEnterTimestampMonotonic "$u" | tr '\\n' ' ' >>"$out/report.txt"
+	echo >>"$out/report.txt"
+done
 findmnt -rn -o TARGET,SOURCE | grep '^/sysroot' | sed 's/^/BENCH-MOUNT /' >>"$out/report.txt"
 echo "cat $out/report.txt" >{PRINT_SCRIPT}
 """

@@ -232,6 +232,8 @@ class Change:
     steps: list[tuple[str, float]] = field(default_factory=list)  # (name, ms)
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
+    # how crypt-resize swapped the table: "dm-table" (no freeze), "libcryptsetup", "cryptsetup"
+    crypt_method: str = ""
 
     def describe(self) -> str:
         if self.action == "request":
@@ -253,6 +255,7 @@ class Change:
             "time": round(self.started),
             "seconds": round(self.seconds, 3),
             "steps": {name: round(ms, 1) for name, ms in self.steps},
+            **({"crypt_method": self.crypt_method} if self.crypt_method else {}),
         }
 
 
@@ -309,15 +312,15 @@ def crypt_resize(name: str, size: int | None = None) -> None:
     libcryptsetup.resize(name, 0 if size is None else _mapping_sectors(size))
 
 
-def _crypt_resize(vol: Volume, size: int | None) -> None:
+def _crypt_resize(vol: Volume, size: int | None) -> str:
     """The mapping to size bytes, or to its loop device's end: a table reload by ioctl with
     no file-system freeze (devmapper.resize_crypt); crypt_resize() where the ioctls fail (a
     kernel or table pystate does not know), which freezes but works."""
     if vol.crypt_name is None:
-        return
+        return ""
     try:
         devmapper.resize_crypt(vol.crypt_name, block.block_size_bytes(vol.loop), size=size)
-        return
+        return "dm-table"
     except (DmTableError, OSError) as exc:
         log = installed_log()
         if log is not None:
@@ -330,6 +333,7 @@ def _crypt_resize(vol: Volume, size: int | None) -> None:
             hint="was it opened with its key in the kernel keyring? pystate opens it with "
             "--disable-keyring so that no key is needed (docs/resize.md)",
         ) from None
+    return "libcryptsetup" if libcryptsetup.available() else "cryptsetup"
 
 
 def fs_grow_argv(vol: Volume) -> list[str]:
@@ -384,7 +388,7 @@ def finish_grow(vol: Volume, change: Change, hook: Hook = no_hook) -> None:
     with _step(change, "loop-capacity", hook):
         loopdev.loop_set_capacity(vol.loop)
     with _step(change, "crypt-resize", hook):
-        _crypt_resize(vol, None)
+        change.crypt_method = _crypt_resize(vol, None)
     with _step(change, "fs-grow", hook):
         try:
             run(fs_grow_argv(vol))
@@ -420,7 +424,7 @@ def shrink_online(vol: Volume, target: int, *, hook: Hook = no_hook) -> Change:
                 f"btrfs still spans {now} B after shrinking to {fs_size}; not going on"
             )
     with _step(change, "crypt-resize", hook):
-        _crypt_resize(vol, fs_size)
+        change.crypt_method = _crypt_resize(vol, fs_size)
     fd = _open_image(vol)
     try:
         with _step(change, "truncate", hook):
