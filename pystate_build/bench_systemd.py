@@ -51,6 +51,7 @@ REPORT_UNITS = (A_UNIT, B_UNIT, C_UNIT, C_ASKPASS, SWITCH_ROOT, "sysroot.mount")
 PRINT_SCRIPT = "/run/bench/print.sh"
 UNIT_PREFIX = "BENCH-UNIT "
 PEAK_PREFIX = "BENCH-PEAK "
+FAILED_PREFIX = "BENCH-FAILED "
 PROVISIONED = "BENCH-PROVISIONED"
 B_IMAGE_SIZE = 256 * 1024 * 1024  # pystate's default min-size, sparse as pystate's
 
@@ -72,7 +73,7 @@ cg=/sys/fs/cgroup/system.slice/{C_ASKPASS}
 	echo "{PEAK_PREFIX}{C_ASKPASS[:-8]} $(cat "$cg/memory.peak") 0" >>"$out/report.txt"
 # what a failed row needs explained: failed units, the new root's mounts
 for unit in $(systemctl list-units --failed --no-legend --plain | cut -d' ' -f1); do
-	echo "BENCH-FAILED $unit" >>"$out/report.txt"
+	echo "{FAILED_PREFIX}$unit" >>"$out/report.txt"
 	journalctl -b -u "$unit" -o cat --no-pager | tail -n 8 |
 		sed 's/^/BENCH-LOG /' >>"$out/report.txt"
 done
