@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_luks
 
 from pystate_initrd.log import Log
 from pystate_initrd.secret import wipe
@@ -38,6 +39,7 @@ RECOVERY = b"the-recovery-passphrase"
 # Not /dev/mapper/control: libdevmapper makes that node itself (10:236) even where the
 # kernel has no device-mapper, and then fails to open it.
 HAS_DM = "device-mapper" in Path("/proc/misc").read_text()
+image = test_luks.image  # a fixture: a fresh copy of this module's template
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +50,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     luks.format(image, key=KEY)
     luks.add_keyslot(image, existing_key=KEY, new_key=RECOVERY, slot=1)
     return image
-
-
-@pytest.fixture
-def image(template: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "encrypted.img"
-    shutil.copyfile(template, copy)
-    return copy
 
 
 def in_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:

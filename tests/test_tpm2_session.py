@@ -8,42 +8,25 @@ level 20, which shows every command and response the TPM received and sent, in h
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 import swtpm as swtpm_helper
+import test_tpm2
 from swtpm import Swtpm, needs_swtpm
 
 from pystate_initrd.formats import token, tpm2_policy
 from pystate_initrd.formats.tpm2_policy import BadBlob, SealedKey
-from pystate_initrd.system import run as run_module
 from pystate_initrd.system import tpm2
 
 pytestmark = needs_swtpm
 swtpm = swtpm_helper.swtpm
 tpm = swtpm_helper.tpm
+spawns = test_tpm2.spawns  # a fixture: the commands pystate's runner started
+tools = test_tpm2.tools
 SECRET = b"pystate-secret-" + bytes(range(0x41, 0x52))  # 32 bytes, easy to spot
 TPM_CC_UNSEAL = 0x15E
 TPM_CC_CREATE = 0x153
-
-
-def tools(argv: Sequence[str], tcti: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "TPM2TOOLS_TCTI": tcti}
-    return subprocess.run(list(argv), env=env, check=True, capture_output=True, **kw)  # type: ignore[call-overload]
-
-
-@pytest.fixture
-def spawns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    real = run_module.run
-
-    def counting(argv: Sequence[str], **kw: object) -> run_module.Completed:
-        calls.append(argv[0])
-        return real(argv, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(run_module, "run", counting)
-    return calls
 
 
 # --------------------------------------------------- swtpm's log: what crossed the bus
