@@ -42,17 +42,11 @@ def dm_table_request(name: str) -> bytearray:
 
 def dm_table_key(buf: bytearray, name: str = DM_NAME) -> bytearray:
     """The hex key of the crypt target in a DM_TABLE_STATUS reply, decoded in place (pure)."""
+    params = dm_crypt_target(buf, name).params
     try:
-        data_start, count = struct.unpack_from("=II", buf, 16)
-        flags = struct.unpack_from("=I", buf, 28)[0]
-        if count != 1 or flags & DM_BUFFER_FULL_FLAG or data_start + 40 > len(buf):
-            raise DmTableError(f"device-mapper table of {name}: {count} targets")
-        target = bytes(buf[data_start + 24 : data_start + 40]).split(b"\0", 1)[0]
-        if target != b"crypt":
-            raise DmTableError(f"device-mapper table of {name} is {target!r}, not crypt")
-        start = buf.index(b" ", data_start + 40) + 1  # after the cipher
-        end = buf.index(b" ", start)
-    except (struct.error, ValueError):
+        start = buf.index(b" ", params.start, params.stop) + 1  # after the cipher
+        end = buf.index(b" ", start, params.stop)
+    except ValueError:
         raise DmTableError(f"device-mapper table of {name} is malformed") from None
     if (end - start) % 2 or not 32 <= end - start <= 256:
         raise DmTableError(f"device-mapper table of {name} holds no key (keyring?)")
@@ -93,11 +87,16 @@ class CryptTarget:
     params: slice  # the parameter text in the reply buffer (it holds the key)
 
     def offset_sectors(self, buf: bytearray) -> int:
-        """The crypt target's offset on its device (its fifth parameter), in sectors."""
-        fields = bytes(buf[self.params]).split(b" ")
+        """The crypt target's offset on its device (its fifth parameter), in sectors.
+
+        Only that field is copied out: the parameters hold the key (the second field)."""
         try:
-            return int(fields[4])
-        except (IndexError, ValueError):
+            begin = self.params.start
+            for _ in range(4):
+                begin = buf.index(b" ", begin, self.params.stop) + 1
+            end = buf.find(b" ", begin, self.params.stop)
+            return int(bytes(buf[begin : self.params.stop if end < 0 else end]))
+        except ValueError:
             raise DmTableError("crypt target parameters without an offset") from None
 
 

@@ -17,28 +17,22 @@ def dm_volume_key(name: str = DM_NAME) -> bytearray:
     """
     buf = dm_table.dm_table_request(name)
     try:
-        fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, dm_table.DM_TABLE_STATUS, buf, True)
-        finally:
-            os.close(fd)
+        _ioctl(dm_table.DM_TABLE_STATUS, buf, f"reading the device-mapper table of {name}")
         return dm_table.dm_table_key(buf, name)
-    except OSError as exc:
-        raise dm_table.DmTableError(
-            f"reading the device-mapper table of {name}: {exc.strerror}"
-        ) from None
     finally:
         buf[:] = bytes(dm_table.DM_BUFFER)
 
 
 def _ioctl(request: int, buf: bytearray, what: str) -> None:
-    fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
+    """One ioctl on /dev/mapper/control; an OSError becomes a DmTableError naming ``what``."""
     try:
-        fcntl.ioctl(fd, request, buf, True)
+        fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise dm_table.DmTableError(f"{what}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 def resize_crypt(name: str, device_size: int | None = None, *, size: int | None = None) -> int:
