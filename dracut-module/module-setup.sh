@@ -47,6 +47,9 @@ install() {
 	inst_libdir_file "libtss2-tcti-device.so*"
 	# pystate dlopen()s libcryptsetup (system/libcryptsetup.py); cryptsetup links it too.
 	inst_libdir_file "libcryptsetup.so.12*"
+	# ... and tpm2-tss's ESAPI for the unseal (system/esys.py); tpm2-tools link them too.
+	inst_libdir_file "libtss2-esys.so.0*" "libtss2-tctildr.so.0*" "libtss2-mu.so.0*" \
+		"libtss2-rc.so.0*"
 
 	local conf="${PYSTATE_CONF:-/etc/pystate/pystate.conf}"
 	[[ -e "$conf" ]] && inst_simple "$conf" /etc/pystate/pystate.conf

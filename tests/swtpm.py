@@ -139,3 +139,21 @@ def tpm(swtpm: Swtpm) -> Swtpm:
     """The module's swtpm, freshly power-cycled: PCRs zero, no transient objects."""
     swtpm.restart()
     return swtpm
+
+
+@pytest.fixture(params=["library", "cli"])
+def tpm_both(
+    swtpm: Swtpm, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Swtpm:
+    """`tpm`, once through ESAPI in process and once through tpm2-tools (PYSTATE_TPM2)."""
+    monkeypatch.setenv("PYSTATE_TPM2", request.param)
+    swtpm.restart()
+    return swtpm
+
+
+@pytest.fixture
+def tpm_cli(swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch) -> Swtpm:
+    """`tpm` for tests of tpm2-tools' own behaviour (PYSTATE_TPM2=cli)."""
+    monkeypatch.setenv("PYSTATE_TPM2", "cli")
+    swtpm.restart()
+    return swtpm

@@ -21,7 +21,8 @@ from pystate_initrd.system import tpm2
 
 pytestmark = needs_swtpm
 swtpm = swtpm_helper.swtpm
-tpm = swtpm_helper.tpm
+tpm = swtpm_helper.tpm_both  # every test against swtpm: ESAPI and tpm2-tools
+tpm_cli = swtpm_helper.tpm_cli
 spawns = test_tpm2.spawns  # a fixture: the commands pystate's runner started
 tools = test_tpm2.tools
 SECRET = b"pystate-secret-" + bytes(range(0x41, 0x52))  # 32 bytes, easy to spot
@@ -53,6 +54,19 @@ def exchanges(log: str) -> Iterator[tuple[bytes, bytes]]:
         elif kind == "SWTPM_IO_Write" and command is not None:
             yield command, bytes(data)
             command = None
+
+
+def session_attributes(command: bytes, handles: int = 1) -> list[int]:
+    """The TPMA_SESSION byte of each session in a command with `handles` handles."""
+    end = 10 + 4 * handles + 4 + int.from_bytes(command[10 + 4 * handles : 14 + 4 * handles], "big")
+    pos, found = 14 + 4 * handles, []
+    while pos < end:
+        pos += 4  # session handle
+        pos += 2 + int.from_bytes(command[pos : pos + 2], "big")  # nonceCaller
+        found.append(command[pos])
+        pos += 1
+        pos += 2 + int.from_bytes(command[pos : pos + 2], "big")  # hmac
+    return found
 
 
 def on_the_bus(emu: Swtpm, code: int) -> list[tuple[bytes, bytes]]:
@@ -91,31 +105,77 @@ def drop_srk(tcti: str) -> None:
     tools(["tpm2_evictcontrol", "-Q", "-C", "o", "-c", "0x81000001"], tcti)
 
 
+@pytest.mark.parametrize("mode", ["library", "cli"])
 @pytest.mark.parametrize("parent", ["primary", "srk"])
-def test_salted_unseal_hides_the_secret_on_the_bus(traced: Swtpm, parent: str) -> None:
+def test_salted_unseal_hides_the_secret_on_the_bus(
+    traced: Swtpm, parent: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYSTATE_TPM2", mode)
     if parent == "srk":
         make_srk(traced.tcti, traced.dir)
     key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=traced.tcti)
     assert (key.parent is not None) == (parent == "srk")
     (traced.dir / "log").write_text("")
     # The control: tpm2_unseal's own policy session returns the secret in the clear.
-    assert tpm2.unseal(key, tcti=traced.tcti, salted=False) == SECRET
+    with monkeypatch.context() as m:
+        m.setenv("PYSTATE_TPM2", "cli")
+        assert tpm2.unseal(key, tcti=traced.tcti, salted=False) == SECRET
     [(_, plain)] = on_the_bus(traced, TPM_CC_UNSEAL)
     assert SECRET in plain
     (traced.dir / "log").write_text("")
-    assert tpm2.unseal(key, tcti=traced.tcti) == SECRET  # salted: the default on swtpm
+    assert tpm2.unseal(key, tcti=traced.tcti) == SECRET  # salted: ESAPI, or tools on swtpm
     [(command, response)] = on_the_bus(traced, TPM_CC_UNSEAL)
     assert SECRET not in response
     assert int.from_bytes(response[6:10], "big") == 0  # TPM_RC_SUCCESS
-    # Two sessions: the PCR policy session and the encrypt session (TPMA_SESSION 0x41 =
-    # continueSession|encrypt, after its nonce), and the 34-byte response parameter.
-    assert command[:2] == b"\x80\x02" and len(response) > len(plain)
+    assert command[:2] == b"\x80\x02"  # with sessions
+    if mode == "cli":
+        # Two sessions: the PCR policy session and the encrypt session (TPMA_SESSION 0x41
+        # = continueSession|encrypt), and the 34-byte response parameter.
+        assert session_attributes(command) == [0x01, 0x41]
+        assert len(response) > len(plain)
+    else:
+        # One: the salted policy session with the encrypt attribute alone (0x40: the TPM
+        # ends it with the command), so the response's parameter is the same size as
+        # the plaintext one but not the same bytes.
+        assert session_attributes(command) == [0x40]
+        assert len(response) == len(plain) and response != plain
 
 
-def test_salted_seal_hides_the_secret_on_the_bus(traced: Swtpm) -> None:
+@pytest.mark.parametrize("mode", ["library", "cli"])
+def test_salted_seal_hides_the_secret_on_the_bus(
+    traced: Swtpm, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYSTATE_TPM2", mode)
     tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=traced.tcti)
     [(command, _)] = on_the_bus(traced, TPM_CC_CREATE)
     assert SECRET not in command
+    with monkeypatch.context() as m:  # the control: the same TPM2_Create, unsalted
+        m.setattr(tpm2, "salted_by_default", lambda tcti: False)
+        m.setenv("PYSTATE_TPM2", "cli")
+        (traced.dir / "log").write_text("")
+        tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=traced.tcti)
+        [(command, _)] = on_the_bus(traced, TPM_CC_CREATE)
+        assert SECRET in command
+
+
+def test_esys_unseal_starts_no_process(
+    swtpm: Swtpm, spawns: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYSTATE_TPM2", "library")
+    tpm = swtpm
+    tpm.restart()
+    key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tpm.tcti)
+    assert spawns == []
+    assert tpm2.unseal(key, tcti=tpm.tcti) == SECRET
+    make_srk(tpm.tcti, tpm.dir)
+    try:
+        srk_key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tpm.tcti)
+        assert srk_key.parent == tpm2_policy.SRK_HANDLE
+        spawns.clear()
+        assert tpm2.unseal(srk_key, tcti=tpm.tcti) == SECRET
+        assert spawns == []
+    finally:
+        drop_srk(tpm.tcti)
 
 
 def test_salted_session_checks_the_parent_name(tpm: Swtpm) -> None:
@@ -148,7 +208,8 @@ def test_object_name_matches_readpublic(tpm: Swtpm) -> None:
     assert tpm2_policy.object_name(public) == (tpm.dir / "p.name").read_bytes()
 
 
-def test_spawns_salted_and_unsalted(tpm: Swtpm, spawns: list[str]) -> None:
+def test_spawns_salted_and_unsalted(tpm_cli: Swtpm, spawns: list[str]) -> None:
+    tpm = tpm_cli
     key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tpm.tcti)
     assert spawns == [
         "tpm2_pcrread", "tpm2_createpolicy", "tpm2_readpublic", "tpm2_createprimary",

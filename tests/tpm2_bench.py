@@ -4,6 +4,9 @@ Not a test: it prints figures and asserts nothing about time. Run from the repos
 
     .venv/bin/python tests/tpm2_bench.py [-n 21]
 
+The unseal rows: tpm2-tools unsalted (the /dev/tpmrm0 form before ESAPI), tpm2-tools salted
+(possible only without a resource manager) and ESAPI in process (system/esys.py, salted).
+
 Each row seals once, then repeats the measured operation `-n` times on a fresh swtpm
 (over its unix socket, no resource manager: the flush after each unseal is counted) and
 prints the processes pystate spawned for one operation and the median, min and max ms.
@@ -93,12 +96,15 @@ def main() -> None:
                 make_srk(emu)
             key = tpm2.seal(SECRET, pcrs=[7], pcr15_zero=True, tcti=tcti)
             assert (key.parent is None) == (parent == "transient primary")
-            for salted in (False, True):
+            for how in ("tools, unsalted", "tools, salted", "ESAPI in process, salted"):
+                os.environ["PYSTATE_TPM2"] = "library" if how.startswith("ESAPI") else "cli"
+                salted = how != "tools, unsalted"
 
                 def op(key: SealedKey = key, salted: bool = salted) -> None:
                     assert tpm2.unseal(key, tcti=tcti, salted=salted) == SECRET
 
-                measure(f"unseal, {parent}, {'salted' if salted else 'unsalted'}", op, args.n)
+                measure(f"unseal, {parent}, {how}", op, args.n)
+        os.environ["PYSTATE_TPM2"] = "cli"
         measure("pcr_extend 15", lambda: tpm2.pcr_extend(15, "sha256", bytes(32), tcti), args.n)
     finally:
         emu.cleanup()

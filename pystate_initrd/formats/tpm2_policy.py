@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ _NO_DA = 1 << 10
 _RESTRICTED = 1 << 16
 _DECRYPT = 1 << 17
 _SIGN = 1 << 18
+_ADMIN_WITH_POLICY = 1 << 7
 _SRK_REQUIRED = {
     _FIXED_TPM: "fixedtpm",
     _FIXED_PARENT: "fixedparent",
@@ -57,6 +59,16 @@ _SRK_REQUIRED = {
     _DECRYPT: "decrypt",
 }
 _TPM_ALG_RSA, _TPM_ALG_ECC, _TPM_ALG_SHA256 = 0x0001, 0x0023, 0x000B
+_TPM_ALG_KEYEDHASH, _TPM_ALG_AES, _TPM_ALG_CFB, _TPM_ALG_NULL = 0x0008, 0x0006, 0x0043, 0x0010
+_TPM_ECC_NIST_P256 = 0x0003
+# The parent tpm2-tools makes (`tpm2_createprimary -C o -g sha256 -G ecc256:aes128cfb -a
+# fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda`) and the
+# sealed object's attributes (`tpm2_create -a fixedtpm|fixedparent|adminwithpolicy|noda`).
+PRIMARY_OBJECT_ATTRIBUTES = (
+    _FIXED_TPM | _FIXED_PARENT | _SENSITIVE_DATA_ORIGIN | _USER_WITH_AUTH | _RESTRICTED
+    | _DECRYPT | _NO_DA
+)  # fmt: skip
+SEALED_OBJECT_ATTRIBUTES = _FIXED_TPM | _FIXED_PARENT | _ADMIN_WITH_POLICY | _NO_DA
 
 
 class Tpm2Error(PystateError):
@@ -325,6 +337,46 @@ def srk_refusal(public: bytes) -> str | None:
     if attrs & _SIGN:
         return f"attributes {attrs:#010x} include sign: not a storage key"
     return None
+
+
+def _tpm2b(body: bytes) -> bytes:
+    return len(body).to_bytes(2, "big") + body
+
+
+def primary_template() -> bytes:
+    """TPM2B_PUBLIC of the transient parent, marshalled: ECC NIST P-256, nameAlg sha256,
+    aes128cfb for its children, null scheme and kdf, empty unique. The TPM derives the same
+    key from the owner seed every time, so its name is the one the token records."""
+    return _tpm2b(
+        struct.pack(">HHI", _TPM_ALG_ECC, _TPM_ALG_SHA256, PRIMARY_OBJECT_ATTRIBUTES)
+        + _tpm2b(b"")  # authPolicy
+        + struct.pack(">HHH", _TPM_ALG_AES, 128, _TPM_ALG_CFB)  # symmetric
+        # scheme, curve, kdf; then unique: empty x and y
+        + struct.pack(">HHH", _TPM_ALG_NULL, _TPM_ECC_NIST_P256, _TPM_ALG_NULL)
+        + _tpm2b(b"")
+        + _tpm2b(b"")
+    )
+
+
+def sealed_template(policy: bytes) -> bytes:
+    """TPM2B_PUBLIC of a sealed data object, marshalled: keyedhash, nameAlg sha256, no
+    userwithauth (only a policy session satisfying `policy` unseals it), null scheme."""
+    if len(policy) != POLICY_HASH_SIZE:
+        raise Tpm2Error(f"policy digest of {len(policy)} bytes, sha256 needs {POLICY_HASH_SIZE}")
+    return _tpm2b(
+        struct.pack(">HHI", _TPM_ALG_KEYEDHASH, _TPM_ALG_SHA256, SEALED_OBJECT_ATTRIBUTES)
+        + _tpm2b(policy)
+        + struct.pack(">H", _TPM_ALG_NULL)  # TPMT_KEYEDHASH_SCHEME
+        + _tpm2b(b"")  # unique
+    )
+
+
+def pcr_select(pcrs: Sequence[int]) -> bytes:
+    """The 3-byte PCR bitmap of a TPMS_PCR_SELECTION (PCR i is bit i % 8 of byte i // 8)."""
+    bitmap = bytearray(PCR_COUNT // 8)
+    for i in check_pcrs(pcrs):
+        bitmap[i // 8] |= 1 << (i % 8)
+    return bytes(bitmap)
 
 
 def check_tpm2b(blob: bytes, name: str) -> bytes:

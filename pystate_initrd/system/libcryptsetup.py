@@ -44,10 +44,11 @@ from typing import Any
 
 from pystate_initrd.formats.luks2 import LuksError
 from pystate_initrd.log import installed as installed_log
+from pystate_initrd.system import library_mode
 
 LIBRARY = "libcryptsetup.so.12"  # Debian 12: libcryptsetup12 (cryptsetup 2.6)
 ENV = "PYSTATE_CRYPTSETUP"
-MODES = ("auto", "cli", "library")
+MODES = library_mode.MODES
 
 # libcryptsetup.h
 CRYPT_LUKS2 = b"LUKS2"
@@ -118,21 +119,12 @@ def why_not() -> str | None:
 
 
 def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    return value if value in MODES else "auto"
+    return library_mode.mode(ENV)
 
 
 def available() -> bool:
     """Use the library (True) or the cryptsetup binary (False): the one place that decides."""
-    chosen = mode()
-    if chosen == "cli":
-        return False
-    loaded = _load()
-    if isinstance(loaded, _Lib):
-        return True
-    if chosen == "library":
-        raise LuksError(f"{ENV}=library, but {loaded}")
-    return False
+    return library_mode.use_library(ENV, _load, LuksError)
 
 
 def _lib() -> _Lib:

@@ -29,6 +29,7 @@ RM would flush between processes; `tpm2_flushcontext` then frees what is left.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from pystate_initrd.formats.tpm2_policy import NoTpm as NoTpm  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import PcrMismatch as PcrMismatch  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import Tpm2Error as Tpm2Error  # noqa: PLC0414
 from pystate_initrd.formats.tpm2_policy import TpmBusy as TpmBusy  # noqa: PLC0414
+from pystate_initrd.system import esys
 from pystate_initrd.system import run as _run
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
@@ -104,6 +106,30 @@ _BLOB_PARSE_ERRORS = (
 )
 
 
+def classify_rc(step: str, tcti: str, rc: int, what: str) -> Tpm2Error | None:
+    """The typed error a TSS2_RC means whoever got it (tpm2-tools or ESAPI), or None (pure)."""
+    tpm_layer = rc >> 16 == 0
+    # Before the policy check: in lockout the TPM refuses before it looks at the PCRs, and
+    # a lockout must never read as "the PCRs changed" (nor send anyone hunting for one).
+    if tpm_layer and rc == TPM_RC_LOCKOUT:
+        return DaLockout(
+            f"TPM2 on {tcti} is in dictionary-attack lockout and refused the {step} of {what} "
+            f"(TPM_RC_LOCKOUT {rc:#x}): wait for the lockout to expire, or clear it with "
+            "tpm2_dictionarylockout --clear-lockout"
+        )
+    if tpm_layer and rc in _TPM_RC_BUSY:
+        return TpmBusy(
+            f"TPM2 on {tcti} is busy and refused the {step} of {what} "
+            f"({_TPM_RC_BUSY[rc]} {rc:#x}, still after tpm2-tss resubmitted it)"
+        )
+    if step == "unseal" and rc and tpm_layer and _is_policy_failure(rc):
+        return PcrMismatch(
+            f"TPM2 on {tcti} refused to unseal {what}: PCR policy check failed, the PCRs "
+            f"changed since sealing (TPM_RC {rc:#x})"
+        )
+    return None
+
+
 def classify(step: str, tcti: str, stderr: str, what: str) -> Tpm2Error:
     """The typed error for a failed tpm2-tools call (pure, table-tested)."""
     reason = _reason(stderr)
@@ -124,25 +150,10 @@ def classify(step: str, tcti: str, stderr: str, what: str) -> Tpm2Error:
             "and the TPM answers for it)"
         )
     rc, where = _tpm_rc(stderr) or (0, "")
+    typed = classify_rc(step, tcti, rc, what)
+    if typed is not None:
+        return typed
     tpm_layer, mu_layer = rc >> 16 == 0, rc >> 16 == 0x09
-    # Before the policy check: in lockout the TPM refuses before it looks at the PCRs, and
-    # a lockout must never read as "the PCRs changed" (nor send anyone hunting for one).
-    if tpm_layer and rc == TPM_RC_LOCKOUT:
-        return DaLockout(
-            f"TPM2 on {tcti} is in dictionary-attack lockout and refused the {step} of {what} "
-            f"(TPM_RC_LOCKOUT {rc:#x}): wait for the lockout to expire, or clear it with "
-            "tpm2_dictionarylockout --clear-lockout"
-        )
-    if tpm_layer and rc in _TPM_RC_BUSY:
-        return TpmBusy(
-            f"TPM2 on {tcti} is busy and refused the {step} of {what} "
-            f"({_TPM_RC_BUSY[rc]} {rc:#x}, still after tpm2-tss resubmitted it)"
-        )
-    if step == "unseal" and rc and tpm_layer and _is_policy_failure(rc):
-        return PcrMismatch(
-            f"TPM2 on {tcti} refused to unseal {what}: PCR policy check failed, the PCRs "
-            f"changed since sealing (TPM_RC {rc:#x})"
-        )
     # Esys_Load: the TPM rejected a parameter (format-one code: integrity, size,
     # attributes…), or the client could not even marshal the public area.
     if step == "load" and (
@@ -151,6 +162,52 @@ def classify(step: str, tcti: str, stderr: str, what: str) -> Tpm2Error:
     ):
         return BadBlob(f"TPM2 on {tcti} cannot load {what}: invalid or foreign blob ({reason})")
     return Tpm2Error(f"TPM2 {step} of {what} on {tcti} failed: {reason}")
+
+
+_ESYS_STEPS = {
+    "Tss2_TctiLdr_Initialize": "connect",
+    "Esys_Initialize": "connect",
+    "Esys_TR_FromTPMPublic": "readpublic",
+    "Esys_ReadPublic": "readpublic",
+    "Esys_CreatePrimary": "createprimary",
+    "Esys_Load": "load",
+    "Tss2_MU_TPM2B_PUBLIC_Unmarshal": "load",
+    "Tss2_MU_TPM2B_PRIVATE_Unmarshal": "load",
+    "Esys_StartAuthSession": "startauthsession",
+    "Esys_PolicyPCR": "policypcr",
+    "Esys_PolicyGetDigest": "createpolicy",
+    "Esys_Unseal": "unseal",
+    "Esys_Create": "create",
+    "Esys_PCR_Read": "pcrread",
+    "Esys_PCR_Extend": "pcrextend",
+}
+
+
+def classify_esys(exc: esys.CallError, tcti: str, what: str) -> Tpm2Error:
+    """The typed error for a failed ESAPI call (pure, table-tested)."""
+    step = _ESYS_STEPS.get(exc.call, exc.call)
+    if step == "connect":
+        return NoTpm(f"no TPM2 on {tcti}: {exc.text}")
+    typed = classify_rc(step, tcti, exc.rc, what)
+    if typed is not None:
+        return typed
+    tpm_layer, mu_layer = exc.layer == 0, exc.layer == 0x09
+    if step == "load" and ((tpm_layer and exc.rc & 0x80) or mu_layer):
+        return BadBlob(f"TPM2 on {tcti} cannot load {what}: invalid or foreign blob ({exc})")
+    if step == "readpublic" and tpm_layer and exc.rc & ~0xF00 == esys.TPM2_RC_HANDLE:
+        return BadBlob(
+            f"TPM2 on {tcti} has no key at the parent handle recorded when {what} was sealed "
+            f"({exc}): the TPM was cleared or is another TPM"
+        )
+    return Tpm2Error(f"TPM2 {step} of {what} on {tcti} failed: {exc}")
+
+
+def _parent_mismatch(tcti: str, what: str, exc: esys.ParentMismatch) -> BadBlob:
+    return BadBlob(
+        f"TPM2 on {tcti} has a parent key whose name is not the one recorded when {what} "
+        "was sealed: the TPM was cleared or is another TPM (or something between the CPU "
+        f"and the TPM answers for it): {exc}"
+    )
 
 
 # ------------------------------------------------------------------ I/O parts
@@ -246,9 +303,24 @@ def pcr_read(bank: str, pcrs: Sequence[int], tcti: str | None = None) -> dict[in
     tcti = tcti or DEFAULT_TCTI
     spec = tpm2_policy.pcr_selection(bank, pcrs)
     size = tpm2_policy.bank_digest_size(bank)
-    out = _tool(["tpm2_pcrread", spec], tcti, step="pcrread", what=f"PCRs {spec}")
+    if esys.available():
+        try:
+            read = esys.pcr_read(bank, pcrs, tcti=tcti)
+        except esys.CallError as exc:
+            raise classify_esys(exc, tcti, f"PCRs {spec}") from None
+        values = {i: v for i, v in read.items() if len(v) == size}
+    else:
+        out = _tool(["tpm2_pcrread", spec], tcti, step="pcrread", what=f"PCRs {spec}")
+        values = _parse_pcrread(out.stdout.decode(errors="replace"), size)
+    if sorted(values) != sorted(pcrs):
+        raise Tpm2Error(f"TPM2 on {tcti} did not return PCRs {spec} (is the {bank} bank active?)")
+    return values
+
+
+def _parse_pcrread(text: str, size: int) -> dict[int, bytes]:
+    """`tpm2_pcrread`'s `  7: 0x…` lines, values of `size` bytes only."""
     values: dict[int, bytes] = {}
-    for line in out.stdout.decode(errors="replace").splitlines():
+    for line in text.splitlines():
         index, sep, value = line.partition(":")
         value = value.strip()
         if sep and index.strip().isdigit() and value.startswith("0x"):
@@ -258,8 +330,6 @@ def pcr_read(bank: str, pcrs: Sequence[int], tcti: str | None = None) -> dict[in
                 continue
             if len(raw) == size:
                 values[int(index)] = raw
-    if sorted(values) != sorted(pcrs):
-        raise Tpm2Error(f"TPM2 on {tcti} did not return PCRs {spec} (is the {bank} bank active?)")
     return values
 
 
@@ -290,6 +360,12 @@ def pcr_extend(index: int, bank: str, digest: bytes, tcti: str | None = None) ->
     size = tpm2_policy.bank_digest_size(bank)
     if len(digest) != size:
         raise Tpm2Error(f"digest of {len(digest)} bytes for the {bank} bank, which needs {size}")
+    if esys.available():
+        try:
+            esys.pcr_extend(index, bank, digest, tcti=tcti)
+        except esys.CallError as exc:
+            raise classify_esys(exc, tcti, f"PCR {bank}:{index}") from None
+        return
     _tool(
         ["tpm2_pcrextend", f"{index}:{bank}={digest.hex()}"],
         tcti,
@@ -336,7 +412,43 @@ def seal(
     expected = tpm2_policy.policy_pcr_digest(bank, values)
     spec = tpm2_policy.pcr_selection(bank, indices)
     what = f"the secret to {spec}"
+    if esys.available():
+        pcr_digest = hashlib.sha256(b"".join(values[i] for i in indices)).digest()
+        try:
+            made = esys.seal(secret, policy=expected, bank=bank, pcrs=indices,
+                             pcr_digest=pcr_digest, tcti=tcti)  # fmt: skip
+        except esys.CallError as exc:
+            raise classify_esys(exc, tcti, what) from None
+        public, private = made.public, made.private
+        parent, parent_name = made.parent, made.parent_name
+    else:
+        public, private, parent, parent_name = _seal_with_tools(
+            secret, tcti, spec, values, indices, expected, what
+        )
+    return tpm2_policy.SealedKey(
+        public=tpm2_policy.check_tpm2b(public, "public"),
+        private=tpm2_policy.check_tpm2b(private, "private"),
+        bank=bank,
+        pcrs=indices,
+        policy_hash=expected,
+        pcr15_zero=pcr15_zero,
+        parent=parent,
+        parent_name=parent_name,
+        pcr_values=sealed_values,
+        pcr_logs=pcr_logs,
+    )
 
+
+def _seal_with_tools(
+    secret: bytes | bytearray,
+    tcti: str,
+    spec: str,
+    values: dict[int, bytes],
+    indices: Sequence[int],
+    expected: bytes,
+    what: str,
+) -> tuple[bytes, bytes, int | None, bytes]:
+    """seal() through tpm2-tools: (public, private, parent handle, parent name)."""
     work = _workdir()
     try:
         (work / "pcrs.bin").write_bytes(b"".join(values[i] for i in indices))
@@ -369,23 +481,15 @@ def seal(
             ],
             tcti, step="create", what=what, input=secret,
         )  # fmt: skip
-        public = tpm2_policy.check_tpm2b((work / "sealed.pub").read_bytes(), "public")
-        private = tpm2_policy.check_tpm2b((work / "sealed.priv").read_bytes(), "private")
+        return (
+            (work / "sealed.pub").read_bytes(),
+            (work / "sealed.priv").read_bytes(),
+            parent,
+            parent_name,
+        )
     finally:
         _flush(tcti, sessions="ls")
         _remove(work)
-    return tpm2_policy.SealedKey(
-        public=public,
-        private=private,
-        bank=bank,
-        pcrs=indices,
-        policy_hash=expected,
-        pcr15_zero=pcr15_zero,
-        parent=parent,
-        parent_name=parent_name,
-        pcr_values=sealed_values,
-        pcr_logs=pcr_logs,
-    )
 
 
 def _seal_parent(tcti: str, work: Path) -> tuple[int | None, bytes]:
@@ -452,9 +556,11 @@ def unseal(
 ) -> bytearray:
     """The sealed secret, if the TPM's PCRs satisfy the key's policy. Caller wipes it.
 
-    `salted` (default: salted_by_default(tcti)): the secret comes back encrypted in a
-    session salted with the parent key, so nobody listening between the CPU and the TPM
-    sees it; else `tpm2_unseal`'s own unsalted policy session returns it in the clear.
+    Through ESAPI in process (esys.available(): wherever tpm2-tss's libraries load) the
+    secret always comes back encrypted in a session salted with the parent key, so nobody
+    listening between the CPU and the TPM sees it. With tpm2-tools, `salted` (default:
+    salted_by_default(tcti)) does the same where tpm2-tools can; else `tpm2_unseal`'s own
+    unsalted policy session returns it in the clear.
     """
     tcti = tcti or DEFAULT_TCTI
     salted = salted_by_default(tcti) if salted is None else salted
@@ -464,6 +570,16 @@ def unseal(
     what = f"the key sealed to {spec}"
     tpm2_policy.check_tpm2b(key.public, "public")
     tpm2_policy.check_tpm2b(key.private, "private")
+    if esys.available():
+        try:
+            return esys.unseal(
+                key.public, key.private, bank=key.bank, pcrs=key.pcrs, parent=key.parent,
+                parent_name=key.parent_name, tcti=tcti,
+            )  # fmt: skip
+        except esys.ParentMismatch as exc:
+            raise _parent_mismatch(tcti, what, exc) from None
+        except esys.CallError as exc:
+            raise classify_esys(exc, tcti, what) from None
     work = _workdir()
     try:
         parent_arg = str(work / "primary.ctx") if key.parent is None else f"{key.parent:#x}"
