@@ -136,13 +136,14 @@ def _accel() -> str:
 
 
 @contextlib.contextmanager
-def _swtpm(state_dir: Path, sockdir: Path) -> Iterator[Path]:
-    """A running swtpm with its state in state_dir; yields its control socket."""
+def _swtpm(state_dir: Path, sockdir: Path, trace: Path | None = None) -> Iterator[Path]:
+    """A running swtpm with its state in state_dir; yields its control socket. With
+    ``trace``, swtpm logs every command and response in hex there (level 20)."""
     if shutil.which("swtpm") is None:
         raise HarnessError("swtpm not found (apt-get install swtpm)")
     state_dir.mkdir(parents=True, exist_ok=True)
     sock = sockdir / "swtpm.sock"
-    log = sockdir / "swtpm.log"
+    log = trace or sockdir / "swtpm.log"
     argv = [
         "swtpm",
         "socket",
@@ -154,7 +155,7 @@ def _swtpm(state_dir: Path, sockdir: Path) -> Iterator[Path]:
         "--flags",
         "startup-clear",
         "--log",
-        f"file={log}",
+        f"file={log}" + (",level=20" if trace else ""),
     ]
     proc = subprocess.Popen(
         argv,
@@ -342,8 +343,11 @@ def boot(
     uefi: Uefi | None = None,
     efi_vars: Path | str | None = None,
     boot_disk: int = 0,
+    tpm_trace: Path | None = None,
 ) -> BootResult:
     """Boot ``disk`` (one image or a list; the first is vda) and watch the console.
+
+    ``tpm_trace``: a file for swtpm's log of every TPM command and response (level 20).
 
     With ``uefi``, OVMF boots disk ``boot_disk``'s ESP; ``efi_vars`` is the machine's
     variable store (default: ``efivars.fd`` beside ``tpm_state``; a new one is copied from
@@ -377,7 +381,7 @@ def boot(
         try:
             state = Path(tpm_state) if tpm_state is not None else tmp / "tpm"
             if tpm:
-                sock = stack.enter_context(_swtpm(state, tmp))
+                sock = stack.enter_context(_swtpm(state, tmp, tpm_trace))
             store = None
             if uefi is not None:
                 store = Path(efi_vars) if efi_vars is not None else efi_vars_beside(state)

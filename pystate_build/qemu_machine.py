@@ -73,10 +73,12 @@ class Machine:
         answers: Sequence[str] = (),
         expect: Sequence[str] | None = None,
         disk: Path | Sequence[Path] | None = None,
+        tpm_trace: Path | None = None,
     ) -> harness.BootResult:
         """Boot once, ``words`` added to the kernel command line; ``disk`` boots another
         image (a modified copy) with this machine's initrd and TPM; ``expect`` replaces the
-        machine's markers (``()``: none, for a boot that must stop)."""
+        machine's markers (``()``: none, for a boot that must stop); ``tpm_trace`` keeps
+        swtpm's log of every TPM command and response."""
         if self.uefi is not None and words:
             raise ValueError(f"machine {self.name} boots a UKI: its command line is fixed")
         self.boots += 1
@@ -94,6 +96,7 @@ class Machine:
             timeout=self.timeout,
             memory=self.memory,
             log=self.work / f"console-{self.boots}.log",
+            tpm_trace=tpm_trace,
         )
 
     def run(self, commands: str, *tags: str, words: Sequence[str] = ()) -> harness.BootResult:

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_tpm2_session
 from conftest import BUILDERS, needs_root
 
 from pystate_build import qemu_harness as harness
@@ -187,7 +188,8 @@ def test_first_boot_provisions_and_seeds(machine: Machine) -> None:
 def test_second_boot_unlocks_by_tpm_and_writes(machine: Machine) -> None:
     m = machine
     m.need("provision")
-    result = m.boot("testroot.write=/var/lib/app/boot2:written-in-boot-2")
+    trace = m.work / "swtpm-trace.log"
+    result = m.boot("testroot.write=/var/lib/app/boot2:written-in-boot-2", tpm_trace=trace)
     assert result.ok, harness.describe(result)
     assert "PYSTATE-WROTE /var/lib/app/boot2" in result.console
     s = steps(result)
@@ -195,7 +197,27 @@ def test_second_boot_unlocks_by_tpm_and_writes(machine: Machine) -> None:
     for name in ("unseal", "luks-open", "inner-fsck", "mount-encrypted", "measure-pcr15"):
         assert s[name]["ok"], s
     assert str(s["unseal"]["detail"]).startswith("token 0 (sha256:7,15)")
+    # ESAPI in process (issue 13): no TPM process, and on the guest's /dev/tpmrm0 the one
+    # TPM2_Unseal is authorized by a session salted with the parent and carrying the
+    # encrypt attribute alone, so the secret in its response is encrypted.
+    assert s["unseal"]["processes"] == 0 and s["measure-pcr15"]["processes"] == 0, s
+    bus = list(test_tpm2_session.exchanges(trace.read_text(errors="replace")))
+    unseals = [c for c, _ in bus if int.from_bytes(c[6:10], "big") == TPM_CC_UNSEAL]
+    assert len(unseals) == 1 and test_tpm2_session.session_attributes(unseals[0]) == [0x40]
+    sessions = [c for c, _ in bus if int.from_bytes(c[6:10], "big") == TPM_CC_START_AUTH]
+    salted = [c for c in sessions if _salt_size(c) > 0 and c[10:14] != TPM_RH_NULL]
+    assert salted, "no salted TPM2_StartAuthSession on the bus"
     m.done.add("unlock")
+
+
+TPM_CC_UNSEAL, TPM_CC_START_AUTH = 0x15E, 0x176
+TPM_RH_NULL = (0x40000007).to_bytes(4, "big")
+
+
+def _salt_size(command: bytes) -> int:
+    """TPM2_StartAuthSession (no sessions): tpmKey, bind, then nonceCaller, encryptedSalt."""
+    nonce = int.from_bytes(command[18:20], "big")
+    return int.from_bytes(command[20 + nonce : 22 + nonce], "big")
 
 
 def test_changed_pcr_asks_for_the_recovery_key_then_reseals(machine_m: Machine) -> None:
