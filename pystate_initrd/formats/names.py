@@ -12,6 +12,8 @@ MOUNT_DIR = "encrypted"  # /state/encrypted: where the opened image is mounted
 META_DIR = ".pystate"  # metadata: on /state untrusted, inside the image trusted
 RECOVERY_FILE = "recovery-key"  # in the image's META_DIR, mode 0400
 SHRINK_REQUEST = "shrink-request"  # in /state's META_DIR: an ext4 shrink for the next boot
+SHRINK_PROGRESS = "shrink-progress"  # in /state's META_DIR: how far the offline shrink got
+SHRINK_UNDO = "shrink.e2undo"  # in /state's META_DIR: resize2fs's undo file (e2undo)
 RESET_MARKER = "factory-reset"  # in /state's META_DIR: a factory reset under way
 LOST_FOUND = "lost+found"
 

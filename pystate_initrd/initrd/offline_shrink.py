@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid as uuid_mod
+from dataclasses import replace
 from pathlib import Path
 
 from pystate_initrd.config import Config
@@ -32,6 +34,13 @@ from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import resize_policy, superblock
 from pystate_initrd.formats.names import DM_NAME, IMAGE
 from pystate_initrd.formats.resize_policy import human_size
+from pystate_initrd.formats.shrink_progress import (
+    MAX_ATTEMPTS,
+    Action,
+    Progress,
+    Step,
+    decide,
+)
 from pystate_initrd.formats.shrink_request import (
     RequestError,
     ShrinkRequest,
@@ -42,12 +51,22 @@ from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.system import block, fsck, loopdev, luks
 from pystate_initrd.system.run import CommandError, run
+from pystate_initrd.volume import undo_file
 from pystate_initrd.volume.hooks import Hook, offline_shrink_hook
 from pystate_initrd.volume.policy import params_from_config
-from pystate_initrd.volume.request_file import read_request, remove_request
+from pystate_initrd.volume.request_file import (
+    read_progress,
+    read_request,
+    remove_progress,
+    remove_request,
+    write_progress,
+)
 from pystate_initrd.volume.resize import crypt_resize
 
 OFFLINE_STEPS = ("e2fsck", "resize2fs", "crypt-resize", "truncate", "loop-capacity")
+# Called with this name just before resize2fs starts: a test build may cut the power while
+# it runs (testhooks: pystate.debug-resize-stop=resize2fs-running).
+RESIZE2FS_START = "resize2fs-start"
 
 
 class OfflineShrinkError(PystateError):
@@ -94,6 +113,7 @@ def apply_pending_shrink(
     except RequestError as exc:
         return _drop(state_dir, log, str(exc))
     if data is None:
+        _forget_progress(state_dir)
         return None
     if cmdline is None:
         try:
@@ -112,7 +132,20 @@ def apply_pending_shrink(
             reason = getattr(exc, "strerror", None) or str(exc)
             s.detail = f"shrink not finished, the boot goes on: {reason}"
             log.error(s.detail)
+        if read_request(state_dir) is None:
+            _forget_progress(state_dir)
         return s.detail
+
+
+def _forget_progress(state_dir: Path) -> None:
+    """No request left: the progress file and the undo file are done with (a given-up
+    marker stays: it stops the same shrink from being asked for again)."""
+    progress = read_progress(state_dir)
+    if isinstance(progress, Progress) and progress.step is Step.GIVEN_UP:
+        return
+    undo_file.scrub_and_remove(state_dir)
+    if progress is not None:
+        remove_progress(state_dir)
 
 
 def _drop(state_dir: Path, log: Log, why: str) -> str:
@@ -156,6 +189,22 @@ def _apply(
     )
     if why:
         return _drop(state_dir, log, why)
+    prev = read_progress(state_dir)
+    same = isinstance(prev, Progress) and (prev.luks_uuid, prev.current, prev.size) == (
+        req.luks_uuid,
+        req.current,
+        req.size,
+    )
+    if isinstance(prev, Progress) and prev.step is Step.GIVEN_UP:
+        if prev.luks_uuid == req.luks_uuid and prev.current == image_size:
+            return _drop(
+                state_dir,
+                log,
+                f"a shrink of this {human_size(image_size)} image was cut off {MAX_ATTEMPTS} "
+                f"times and given up; remove {state_dir}/.pystate/shrink-progress to try again",
+            )
+        remove_progress(state_dir)  # the image changed size since: a new start
+    attempt = prev.attempt + 1 if same and isinstance(prev, Progress) else 1
     try:
         fstype = block.probe(device).fstype
     except block.FsProbeError as exc:
@@ -187,14 +236,40 @@ def _apply(
     if why:
         return _drop(state_dir, log, why)
 
+    info = superblock.identify(block.read_head(device))
+    fs_uuid = str(info.uuid) if info else ""
+    progress = Progress(req.luks_uuid, fs_uuid, req.current, req.size, Step.RESIZE2FS, attempt)
+    if attempt > MAX_ATTEMPTS:
+        write_progress(state_dir, _given_up(progress, image_size))
+        return _drop(state_dir, log, f"cut off {MAX_ATTEMPTS} times already: given up")
+    write_progress(state_dir, progress)  # before the undo file: see recover_interrupted_shrink
+    try:
+        undo_fd = undo_file.create(state_dir)
+    except OSError as exc:
+        remove_progress(state_dir)
+        return _drop(
+            state_dir,
+            log,
+            f"cannot make the undo file {undo_file.path(state_dir)} ({exc.strerror}): "
+            "not shrinking without one",
+        )
     t0 = time.monotonic()
     try:
-        run(["resize2fs", device, f"{req.fs_size // 1024}K"])
+        step(RESIZE2FS_START)
+        run(
+            ["resize2fs", "-z", f"/proc/self/fd/{undo_fd}", device, f"{req.fs_size // 1024}K"],
+            pass_fds=[undo_fd],
+        )
     except CommandError as exc:
-        # resize2fs refuses before it starts (size below its minimum) or fails midway;
-        # either way the file system must pass a check before it is mounted.
+        # resize2fs refused before it started (size below its minimum) or failed midway:
+        # what it changed is rolled back, and the file system must pass a check before it
+        # is mounted.
+        os.close(undo_fd)
         remove_request(state_dir)
         log.error(f"resize2fs failed, shrink request removed: {exc}")
+        undone = _roll_back(state_dir, device, log)
+        undo_file.scrub_and_remove(state_dir)
+        remove_progress(state_dir)
         try:
             fsck.check(device, "ext4")
         except fsck.FsckError as err:
@@ -202,7 +277,9 @@ def _apply(
                 f"the encrypted file system is damaged after a failed shrink: {err}",
                 hint=f"run 'e2fsck {device}' from the emergency shell",
             ) from None
-        return f"resize2fs failed, nothing else changed: {exc}"
+        return f"resize2fs failed, {undone}: {exc}"
+    os.close(undo_fd)
+    write_progress(state_dir, replace(progress, step=Step.RESIZED))
     timed("resize2fs", t0)
     now = read_ext4_usage(device).size
     if now > req.fs_size:
@@ -225,6 +302,9 @@ def _apply(
     loopdev.loop_set_capacity(loop)
     timed("loop-capacity", t0)
     remove_request(state_dir)
+    undo_size = undo_file.scrub_and_remove(state_dir)
+    remove_progress(state_dir)
+    timings.append(f"undo file {human_size(undo_size)}")
     seconds = time.monotonic() - begin
     line = (
         f"shrank {image} {human_size(image_size)} -> {human_size(req.size)} in {seconds:.2f} s "
@@ -232,3 +312,100 @@ def _apply(
     )
     log.notice(line)
     return line
+
+
+def _given_up(progress: Progress, image_size: int) -> Progress:
+    return replace(progress, step=Step.GIVEN_UP, current=image_size, attempt=MAX_ATTEMPTS)
+
+
+def e2undo_argv(undo_fd: int, device: str) -> list[str]:
+    """e2undo on pystate's undo file, never with -f: a superblock that does not match, a
+    bad key or data checksum makes it refuse before it writes anything (misc/e2undo.c)."""
+    return ["e2undo", f"/proc/self/fd/{undo_fd}", device]
+
+
+def _roll_back(state_dir: Path, device: str, log: Log) -> str:
+    """Apply the undo file if there is a usable one; one line saying what happened."""
+    info = superblock.identify(block.read_head(device))
+    kind, why = undo_file.inspect(state_dir, {info.uuid} if info else set())
+    if kind.value != "valid":
+        return f"nothing to roll back ({why})"
+    fd = undo_file.open_existing(state_dir)
+    assert fd is not None
+    try:
+        t0 = time.monotonic()
+        proc = run(e2undo_argv(fd, device), check=False, pass_fds=[fd])
+    finally:
+        os.close(fd)
+    out = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0:
+        line = f"e2undo refused {undo_file.path(state_dir)} ({out[-1] if out else 'no output'})"
+        log.error(line)
+        return line
+    return f"rolled back with e2undo in {(time.monotonic() - t0) * 1000:.0f} ms ({why})"
+
+
+def recover_interrupted_shrink(
+    state_dir: Path, device: str, report: BootReport, *, luks_uuid: str = ""
+) -> str | None:
+    """Before the inner file system is checked: deal with a shrink a crash cut off.
+
+    formats/shrink_progress.decide() says what (docs/resize.md has the table): roll a
+    cut-off resize2fs back with e2undo, go on from a finished one, give up a shrink cut
+    off twice, or, when the undo file cannot be used, say so and leave the file system to
+    e2fsck (the boot's inner-fsck, next). Never reformats; never runs e2undo -f. None when
+    no shrink was under way. Raises OfflineShrinkError only when the undo file could not
+    be used and e2fsck -p cannot repair the file system (the undo file is then kept for a
+    person: the hint says how to apply it).
+    """
+    log = report.log
+    progress = read_progress(state_dir)
+    info = superblock.identify(block.read_head(device))
+    device_uuid = info.uuid if info else None
+    if isinstance(progress, Progress) and luks_uuid and progress.luks_uuid != luks_uuid:
+        progress = f"shrink progress is for LUKS volume {progress.luks_uuid}, not {luks_uuid}"
+    uuids: set[uuid_mod.UUID] = set()
+    if device_uuid is not None:
+        uuids.add(device_uuid)
+    if isinstance(progress, Progress):
+        uuids.add(uuid_mod.UUID(progress.fs_uuid))
+    kind, why_undo = undo_file.inspect(state_dir, uuids)
+    decision = decide(progress, kind)
+    if decision.action is Action.NOTHING:
+        return None
+    with report.step("shrink-recovery") as s:
+        lines = [decision.why]
+        if decision.roll_back:
+            lines.append(_roll_back(state_dir, device, log))
+        elif kind.value in ("valid", "damaged", "foreign") and decision.action is Action.FSCK_ONLY:
+            lines.append(why_undo)
+        if decision.action is Action.FSCK_ONLY or "e2undo refused" in lines[-1]:
+            log.error(f"interrupted shrink: {'; '.join(lines)}")
+            try:
+                result = fsck.check(device, "ext4")
+            except fsck.FsckError as err:
+                raise OfflineShrinkError(
+                    f"a shrink was cut off, its undo file cannot be used, and e2fsck cannot "
+                    f"repair the encrypted file system: {err}",
+                    hint=f"the undo file is kept: 'e2undo -f {undo_file.path(state_dir)} "
+                    f"{device}' may restore it, then 'e2fsck -f {device}'",
+                ) from None
+            lines.append(f"e2fsck -p: {result.verdict}")
+            remove_request(state_dir)
+            lines.append("shrink request removed")
+        if decision.action is Action.GIVE_UP and isinstance(progress, Progress):
+            remove_request(state_dir)
+            image = state_dir / IMAGE
+            write_progress(state_dir, _given_up(progress, os.stat(image).st_size))
+            lines.append(
+                f"shrink given up after {MAX_ATTEMPTS} attempts; the resize service may ask "
+                "again once the image has changed size"
+            )
+        undo_file.scrub_and_remove(state_dir)
+        if decision.action is Action.CLEAN_UP and not isinstance(progress, Progress):
+            remove_progress(state_dir)
+        if decision.action is Action.FSCK_ONLY:
+            remove_progress(state_dir)
+        s.detail = "; ".join(lines)
+        (log.warning if decision.action is not Action.CONTINUE else log.notice)(s.detail)
+        return s.detail

@@ -198,6 +198,14 @@ def unlock(
                 opened_with = (passphrase, luks.RECOVERY_KEYSLOT)
                 s.detail = f"recovery key, keyslot {luks.RECOVERY_KEYSLOT}"
             how = "recovery"
+        if not read_only:
+            # A shrink that a crash cut off is rolled back before anything checks or
+            # mounts the file system (docs/resize.md); e2undo leaves it marked for e2fsck.
+            from pystate_initrd.initrd import offline_shrink
+
+            offline_shrink.recover_interrupted_shrink(
+                image.parent, DM_PATH, report, luks_uuid=header.uuid
+            )
         with report.step("inner-fsck") as s:
             fstype, verdict = stack.check_inner(read_only)
             s.detail = f"{fstype}: {verdict}"
