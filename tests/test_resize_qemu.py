@@ -186,6 +186,39 @@ def test_ext4_power_cut_during_grow(machine_e: Machine, step: str) -> None:
     machine_e.done.add(f"cut-{step}")
 
 
+def test_ext4_power_cut_inside_resize2fs_is_rolled_back(machine_e: Machine) -> None:
+    """Issue 14.2: the power goes while the initrd's resize2fs runs (a test-build timer,
+    RESIZE2FS_CUT after resize2fs started); the next boot rolls it back with e2undo before
+    its inner fsck, tries again and completes; every file keeps its checksum."""
+    m = machine_e
+    m.need("cut-none")
+    result = m.run(f"fill,32,0,256;delete-and-shrink,{SMALL_BUFFER}", "FILL", "SHRINK")
+    assert result.ok, harness.describe(result)
+    request = m.results["SHRINK"]["request"]
+    assert isinstance(request, dict), m.results["SHRINK"]["output"]
+    keep = m.results["FILL"]["keep"]
+    cut = m.boot(f"pystate.debug-resize-stop=resize2fs-running:{RESIZE2FS_CUT}", expect=())
+    assert "debug-stop resize2fs-running" in cut.console, harness.describe(cut)
+    assert "RT-DONE" not in cut.console  # the power really went
+    result = m.run("offline-shrink", "OFFLINE")
+    assert result.ok, harness.describe(result)
+    offline = m.results["OFFLINE"]
+    # Where the cut fell decides the line: inside resize2fs (the usual case) a roll-back
+    # and a second attempt; after it, "resize2fs had finished".
+    assert "shrink-recovery" in result.console, harness.describe(result)
+    assert "e2undo refused" not in result.console and "not applied" not in result.console
+    after = sizes(offline["after"])
+    assert after["file"] == request["size"], offline
+    assert after["fs"] <= after["device"] <= after["file"] - 16 * MIB
+    assert offline["request_left"] is False
+    assert offline["fsck_status"] == 0, offline["fsck"]
+    assert offline["keep"] == keep  # checksums intact
+    assert_no_kernel_errors(offline)
+
+
+RESIZE2FS_CUT = 1.0  # seconds after resize2fs started; TCG moves ~100 MiB/s of blocks
+
+
 # --- machine B: btrfs ---------------------------------------------------------------------
 
 
