@@ -1,16 +1,19 @@
 """How far the offline ext4 shrink got, and what a boot does about it (pure).
 
-The initrd writes ``<state>/.pystate/shrink-progress`` before resize2fs starts and again when
-it has finished (initrd/offline_shrink.py), next to resize2fs's undo file
-``shrink.e2undo``. A boot that finds them learns which step a crash cut off and acts on it
+The initrd writes ``<state>/.pystate/shrink-progress`` before it makes the encrypted undo
+area (``scratch``, with the nonce its key is derived from: formats/shrink_scratch.py), before
+resize2fs starts (``resize2fs``) and when it has finished (``resized``)
+(initrd/offline_shrink.py). A boot that finds them learns which step a crash cut off and acts on it
 before the inner file system is checked or mounted: ``decide()`` is that table, one row per
 (progress, undo file) pair, and docs/resize.md shows it.
 
 The file lies on the unencrypted /state, so it is not trusted either: ``parse_progress``
-checks its form, and an undo file is applied only when its own saved superblock names the
+checks its form, and an undo file is applied only when the area opens with the key derived
+from the nonce (only this image's volume key gives it), its own saved superblock names the
 file system that the progress file names and that is on the device now, and e2undo's own
 checks pass (formats/e2undo.py). The worst a forged progress file can do is have a valid
-undo file applied (which undoes a half-done resize2fs: what it is for), or give up a shrink.
+undo file applied (which undoes a half-done resize2fs: what it is for), give up a shrink, or
+stop the boot (a cut-off resize2fs whose undo area cannot be used: below).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from dataclasses import dataclass
 
 from pystate_initrd.formats.shrink_request import RequestError
 
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # 2: the nonce and the scratch step (the undo area is encrypted)
 PROGRESS_MAX_BYTES = 4096
 MAX_ATTEMPTS = 2  # a shrink cut off this many times is given up (never a crash loop)
 
 
 class Step(enum.StrEnum):
+    SCRATCH = "scratch"  # the undo area is being made; resize2fs has not started
     RESIZE2FS = "resize2fs"  # resize2fs may have written (the undo file holds the old blocks)
     RESIZED = "resized"  # resize2fs finished: the file system has its new, smaller size
     GIVEN_UP = "given-up"  # cut off MAX_ATTEMPTS times: no shrink of this image size again
@@ -40,6 +44,7 @@ class Progress:
     size: int  # the image size being reached
     step: Step
     attempt: int  # 1 for the first try of this request
+    nonce: str  # hex; the undo area's key is derived from it and the volume key
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -50,10 +55,15 @@ class Progress:
             "size": self.size,
             "step": str(self.step),
             "attempt": self.attempt,
+            "nonce": self.nonce,
         }
 
 
-_KEYS = frozenset({"version", "luks_uuid", "fs_uuid", "current", "size", "step", "attempt"})
+_KEYS = frozenset(
+    {"version", "luks_uuid", "fs_uuid", "current", "size", "step", "attempt", "nonce"}
+)
+NONCE_HEX = 64  # formats/shrink_scratch.NONCE_BYTES as hex
+_HEX = frozenset("0123456789abcdef")
 _UUID_CHARS = frozenset("0123456789abcdef-")
 
 
@@ -80,21 +90,24 @@ def parse_progress(data: bytes) -> Progress:
         raise RequestError("shrink progress names no file system")
     if obj["step"] not in {str(s) for s in Step}:
         raise RequestError(f"shrink progress step {obj['step']!r} is unknown")
+    nonce = obj["nonce"]
+    if not isinstance(nonce, str) or len(nonce) != NONCE_HEX or not set(nonce) <= _HEX:
+        raise RequestError(f"shrink progress nonce is not {NONCE_HEX} lowercase hex digits")
     if not 1 <= obj["attempt"] <= MAX_ATTEMPTS:
         raise RequestError(f"shrink progress attempt {obj['attempt']} is not 1-{MAX_ATTEMPTS}")
     return Progress(
         obj["luks_uuid"], obj["fs_uuid"], obj["current"], obj["size"], Step(obj["step"]),
-        obj["attempt"],
+        obj["attempt"], nonce,
     )  # fmt: skip
 
 
 class Undo(enum.StrEnum):
-    """What the boot found in <state>/.pystate/shrink.e2undo."""
+    """What the boot found in the undo area (only opened for a cut-off resize2fs)."""
 
     ABSENT = "absent"
     EMPTY = "empty"  # no header yet: resize2fs never wrote to the file system
     VALID = "valid"  # a header pystate accepts, for the file system on the device
-    DAMAGED = "damaged"  # not an undo file, a bad checksum, unknown features
+    DAMAGED = "damaged"  # the area does not open or mount; not an undo file, a bad checksum
     FOREIGN = "foreign"  # a good undo file for another file system
 
 
@@ -103,7 +116,8 @@ class Action(enum.StrEnum):
     CLEAN_UP = "clean-up"  # remove the leftovers (undo file, progress); apply nothing
     ROLL_BACK = "roll-back"  # e2undo, then the boot's e2fsck; the request is tried again
     CONTINUE = "continue"  # resize2fs had finished: the request goes on from there
-    FSCK_ONLY = "fsck-only"  # the undo file cannot be used: say so, e2fsck decides
+    FSCK_ONLY = "fsck-only"  # no valid progress file: the area is removed, e2fsck decides
+    STOP = "stop"  # resize2fs was cut off and its undo file cannot be used: a person decides
     GIVE_UP = "give-up"  # (after a roll-back, if any) drop the request for good
 
 
@@ -131,7 +145,8 @@ def decide(progress: Progress | str | None, undo: Undo) -> Decision:
         return Decision(
             Action.FSCK_ONLY,
             False,
-            f"{progress}: the undo file is not applied without it; e2fsck checks the file system",
+            f"{progress}: the undo area is not opened without it (removed); e2fsck checks the "
+            "file system",
         )
     if progress.step is Step.GIVEN_UP:
         return Decision(Action.GIVE_UP, False, "this shrink was given up before")
@@ -144,16 +159,19 @@ def decide(progress: Progress | str | None, undo: Undo) -> Decision:
                 Action.GIVE_UP, False, f"cut off after resize2fs {progress.attempt} times"
             )
         return Decision(Action.CONTINUE, False, "resize2fs had finished; the shrink goes on")
+    # Step.SCRATCH: cut off while the undo area was made, before resize2fs started;
     # Step.RESIZE2FS: cut off before, during, or right after resize2fs.
-    if undo in (Undo.ABSENT, Undo.EMPTY):
+    if progress.step is Step.SCRATCH or undo in (Undo.ABSENT, Undo.EMPTY):
         why = f"cut off before resize2fs wrote anything (attempt {progress.attempt})"
         return Decision(Action.GIVE_UP if last else Action.CLEAN_UP, False, why)
     if undo is Undo.VALID:
         why = f"resize2fs was cut off (attempt {progress.attempt}): rolled back with e2undo"
         return Decision(Action.GIVE_UP if last else Action.ROLL_BACK, True, why)
+    # The file system may be half-shrunk, and the one record that puts it back cannot be
+    # used: an e2fsck would "repair" it for good (dropping what it cannot place). Stop and
+    # keep everything, so that nothing is lost before a person has looked.
     return Decision(
-        Action.FSCK_ONLY,
+        Action.STOP,
         False,
-        f"resize2fs was cut off, and the undo file is {undo}: not applied; e2fsck checks "
-        "the file system",
+        f"resize2fs was cut off, and the undo area is {undo}: not applied, nothing changed",
     )

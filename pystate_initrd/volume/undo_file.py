@@ -1,17 +1,13 @@
-"""resize2fs's undo file, ``<state>/.pystate/shrink.e2undo``: made, inspected, scrubbed.
+"""resize2fs's undo file, ``shrink.e2undo``, in the undo area's directory: made, inspected.
 
-The offline shrink runs ``resize2fs -z`` with it (initrd/offline_shrink.py). undo_io writes
-each block's old contents, then its key and header, before it overwrites the block
-(lib/ext2fs/undo_io.c). That order survives a killed process as it is, but a power cut only
-if those writes reach the disk before resize2fs's own: so the file gets the synchronous
-attribute (``chattr +S``: FS_SYNC_FL, honoured by ext4, xfs and btrfs), which makes every
-write to it durable before write(2) returns, and on btrfs No_COW (as the image, SPEC §11.11)
-so that scrubbing overwrites its blocks in place. resize2fs gets the file as
-``/proc/self/fd/N`` of the descriptor made here (O_EXCL, O_NOFOLLOW under a directory fd),
-so no path on the untrusted partition is looked up twice.
-
-The file holds plaintext blocks of the inner file system (docs/resize.md: what it exposes),
-so it is overwritten with zeros and fsync'd before it is unlinked.
+The offline shrink runs ``resize2fs -z`` with it (initrd/offline_shrink.py); the directory is
+the mounted encrypted undo area (volume/scratch.py), in the host tests a plain directory.
+undo_io writes each block's old contents, then its key and header, before it overwrites the
+block (lib/ext2fs/undo_io.c), but never flushes. That order survives a killed process as it
+is, but a power cut only if those writes reach the disk before resize2fs's own: so the file
+gets the synchronous attribute (``chattr +S``: FS_SYNC_FL), which makes every write to it
+durable before write(2) returns. resize2fs gets the file as ``/proc/self/fd/N`` of the
+descriptor made here (O_EXCL, O_NOFOLLOW under a directory fd), so no path is looked up twice.
 """
 
 from __future__ import annotations
@@ -25,10 +21,8 @@ import uuid
 from pathlib import Path
 
 from pystate_initrd.formats import e2undo
-from pystate_initrd.formats.names import META_DIR
 from pystate_initrd.formats.names import SHRINK_UNDO as UNDO
 from pystate_initrd.formats.shrink_progress import Undo
-from pystate_initrd.system import beneath
 
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602  # <linux/fs.h>, 64-bit
 FS_SYNC_FL, FS_NOCOW_FL = 0x00000008, 0x00800000
@@ -39,8 +33,12 @@ class UndoFileIOError(OSError):
     pass
 
 
-def _meta_fd(state_dir: Path, create: bool) -> int | None:
-    return beneath.open_subdir(state_dir, META_DIR, create=create)
+def _dir_fd(where: Path) -> int | None:
+    """The undo area's directory (never through a symlink); None when it does not exist."""
+    try:
+        return os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
 
 
 def set_flags(fd: int, flags: int) -> None:
@@ -49,14 +47,15 @@ def set_flags(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", now | flags))
 
 
-def create(state_dir: Path) -> int:
+def create(where: Path) -> int:
     """A new, empty, synchronous undo file (any old one removed first); its fd.
 
     OSError when the synchronous attribute cannot be set: without it a power cut could
     leave the file system changed and the undo file without the old blocks.
     """
-    dir_fd = _meta_fd(state_dir, create=True)
-    assert dir_fd is not None
+    dir_fd = _dir_fd(where)
+    if dir_fd is None:
+        raise FileNotFoundError(2, "no undo area", str(where))
     try:
         _unlink(dir_fd)
         fd = os.open(
@@ -79,14 +78,14 @@ def create(state_dir: Path) -> int:
         os.close(dir_fd)
 
 
-def open_existing(state_dir: Path) -> int | None:
+def open_existing(where: Path) -> int | None:
     """An fd of the undo file for reading, None when there is none; never through a symlink.
 
     Anything that is not a regular file raises UndoFileIOError (it is not an undo file)."""
     try:
-        dir_fd = _meta_fd(state_dir, create=False)
+        dir_fd = _dir_fd(where)
     except OSError as exc:
-        raise UndoFileIOError(exc.errno, f"{state_dir / META_DIR}: {exc.strerror}") from None
+        raise UndoFileIOError(exc.errno, f"{where}: {exc.strerror}") from None
     if dir_fd is None:
         return None
     try:
@@ -108,11 +107,11 @@ def open_existing(state_dir: Path) -> int | None:
         os.close(dir_fd)
 
 
-def inspect(state_dir: Path, fs_uuids: set[uuid.UUID]) -> tuple[Undo, str]:
+def inspect(where: Path, fs_uuids: set[uuid.UUID]) -> tuple[Undo, str]:
     """What the undo file is: absent, empty (nothing saved), valid for one of fs_uuids (the
     progress file's and the device's: both must name it), damaged, or foreign; and why."""
     try:
-        fd = open_existing(state_dir)
+        fd = open_existing(where)
     except UndoFileIOError as exc:
         return Undo.DAMAGED, exc.strerror or str(exc)
     if fd is None:
@@ -143,14 +142,14 @@ def inspect(state_dir: Path, fs_uuids: set[uuid.UUID]) -> tuple[Undo, str]:
         os.close(fd)
 
 
-def path(state_dir: Path) -> Path:
-    return state_dir / META_DIR / UNDO
+def path(where: Path) -> Path:
+    return where / UNDO
 
 
-def scrub_and_remove(state_dir: Path) -> int:
+def scrub_and_remove(where: Path) -> int:
     """Overwrite the undo file with zeros, fsync, unlink, fsync the directory; its size."""
     try:
-        dir_fd = _meta_fd(state_dir, create=False)
+        dir_fd = _dir_fd(where)
     except OSError:
         return 0
     if dir_fd is None:
