@@ -235,6 +235,7 @@ def test_scratch_commands_keep_the_key_off_argv() -> None:
     assert "--key-file=-" in argv and argv[-2:] == ["/dev/loop7", "pystate-shrink-undo"]
     assert argv[argv.index("--cipher") + 1] == "aes-xts-plain64"
     assert argv[argv.index("--key-size") + 1] == "512"
+    assert argv[argv.index("--hash") + 1] == "plain"  # the key as given, not hashed
     mkfs = shrink_scratch.mkfs_argv("/dev/mapper/x")
     assert "nodiscard" in mkfs[mkfs.index("-E") + 1]  # the sparse file stays sparse
 
@@ -552,5 +553,42 @@ def test_a_plain_undo_file_would_hold_the_inner_plaintext(tmp_path: Path) -> Non
         undo = tmp_path / "u.e2undo"
         assert run("resize2fs", "-z", str(undo), loop, "180M").returncode == 0
         assert marker in undo.read_bytes()
+    finally:
+        loopdev.loop_detach(loop)
+
+
+@needs_root
+@pytest.mark.parametrize("progress_bytes", [None, b"{not json", b'{"version": 1}'])
+def test_an_undo_area_without_a_valid_progress_file_is_never_opened(
+    tmp_path: Path, progress_bytes: bytes | None
+) -> None:
+    # No nonce, no key: the area is removed unopened; with an invalid progress file (resize2fs
+    # may have run) e2fsck -p checks the file system first and the request is dropped.
+    state = tmp_path / "state"
+    state.mkdir()
+    loop, _ = make_fs(state / "encrypted.img", 256 * MIB, 8, seed=24)
+    opened: list[bytes] = []
+
+    class Watched(PlainUndoDir):
+        def open(self, nonce: bytes) -> Path:
+            opened.append(nonce)
+            return super().open(nonce)
+
+    area = Watched(tmp_path / "area")
+    try:
+        request_file.write_request(state, ShrinkRequest(LUKS, 256 * MIB, 200 * MIB, 200 * MIB))
+        if progress_bytes is not None:
+            (state / ".pystate/shrink-progress").write_bytes(progress_bytes)
+        undo_file.path(area.make(bytes(32), 0)).write_bytes(b"E2UNDO02" + bytes(4088))
+        detail = offline_shrink.recover_interrupted_shrink(
+            state, loop, quiet_report(), undo_area=area
+        )
+        assert detail is not None and not opened and not area.exists(), detail
+        assert request_file.read_progress(state) is None
+        if progress_bytes is None:
+            assert "removed, not applied" in detail
+            assert request_file.read_request(state) is not None
+        else:
+            assert "e2fsck -p" in detail and request_file.read_request(state) is None, detail
     finally:
         loopdev.loop_detach(loop)

@@ -75,13 +75,15 @@ def scratch_size(used: int, fs_now: int, fs_new: int) -> int:
 
 
 def open_argv(loop: str, name: str) -> list[str]:
-    """cryptsetup's plain mode with the key on stdin as raw bytes (no hashing of a key file);
+    """cryptsetup's plain mode with the key on stdin as raw bytes. ``--hash plain`` is needed:
+    cryptsetup 2.6 reads ``--key-file=-`` like a passphrase and hashes it with the default
+    plain hash otherwise (found by the QEMU test: the table's key was not the one given).
     volume/scratch.py reads the table back and compares the key, so a cryptsetup that
-    hashed it after all would be caught, not silently keyed differently at the next boot."""
+    changed this would be caught, not silently keyed differently at the next boot."""
     return [
         "cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64",
-        "--key-size", str(KEY_BYTES * 8), "--key-file=-", "--keyfile-size", str(KEY_BYTES),
-        loop, name,
+        "--key-size", str(KEY_BYTES * 8), "--hash", "plain", "--key-file=-",
+        "--keyfile-size", str(KEY_BYTES), loop, name,
     ]  # fmt: skip
 
 

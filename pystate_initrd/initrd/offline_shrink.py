@@ -400,7 +400,9 @@ def _inspect_area(
     open or does not mount, and is DAMAGED."""
     if not area.exists():
         return Undo.ABSENT, "no undo area", None
-    if not isinstance(progress, Progress) or progress.step is not Step.RESIZE2FS:
+    if isinstance(progress, str):  # no nonce to open it with, and resize2fs may have run
+        return Undo.DAMAGED, "an undo area is there, not opened without a progress file", None
+    if progress is None or progress.step is not Step.RESIZE2FS:
         return Undo.EMPTY, "undo area not needed", None
     try:
         where = area.open(bytes.fromhex(progress.nonce))

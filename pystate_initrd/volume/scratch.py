@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pystate_initrd.errors import PystateError
-from pystate_initrd.formats import shrink_scratch
+from pystate_initrd.formats import dm_table, shrink_scratch
 from pystate_initrd.formats.names import META_DIR, SCRATCH_DM_NAME, SHRINK_SCRATCH
 from pystate_initrd.secret import Secret
 from pystate_initrd.system import beneath, block, devmapper, loopdev, luks, mount_api
@@ -165,7 +165,14 @@ class EncryptedScratch:
                     run(shrink_scratch.open_argv(loop.path, SCRATCH_DM_NAME), input=key.value)
                 except CommandError as exc:
                     raise ScratchError(f"opening the undo area failed: {exc}") from None
-                with Secret(devmapper.dm_volume_key(SCRATCH_DM_NAME)) as got:
+                try:
+                    got = Secret(devmapper.dm_volume_key(SCRATCH_DM_NAME))
+                except dm_table.DmTableError as exc:
+                    self.close()
+                    raise ScratchError(
+                        f"the undo area's mapping cannot be checked: {exc}"
+                    ) from None
+                with got:
                     if not hmac.compare_digest(got.value, key.value):
                         self.close()
                         raise ScratchError(
