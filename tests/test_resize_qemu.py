@@ -204,7 +204,7 @@ def test_ext4_power_cut_inside_resize2fs_is_rolled_back(machine_e: Machine, work
     # Markers before the fill (freed blocks at the front) and after it (kept files in the
     # tail, which resize2fs must move: enough work for the cut to fall inside it).
     cut = m.run(
-        f"markers,{marker},64;fill,32,0,256;markers,{marker}-tail,256;"
+        f"markers,{marker},64;fill,32,0,256;markers,{marker}-tail,128;"
         f"delete-and-shrink,{SMALL_BUFFER};offline-shrink",
         "MARKERS",
         "FILL",
