@@ -38,7 +38,7 @@ install() {
 	done
 
 	# cp (coreutils, for xattrs and ACLs) seeds new entries; mkfs makes the image's fs.
-	inst_multiple e2fsck resize2fs cryptsetup mkfs.ext4 cp
+	inst_multiple e2fsck resize2fs e2undo cryptsetup mkfs.ext4 cp
 	inst_multiple -o btrfs mkfs.btrfs xfs_growfs fsck.ext4 /etc/mke2fs.conf \
 		systemd-ask-password tpm2_createprimary tpm2_createpolicy tpm2_create \
 		tpm2_load tpm2_unseal tpm2_pcrread tpm2_pcrextend tpm2_flushcontext tpm2_readpublic \

@@ -31,7 +31,7 @@ from . import qemu_harness as harness
 if TYPE_CHECKING:
     from .qemu_machine import Machine
 
-GUEST_TOOLS = ("cryptsetup", "resize2fs", "e2fsck", "btrfs")
+GUEST_TOOLS = ("cryptsetup", "resize2fs", "e2undo", "e2fsck", "mkfs.ext4", "btrfs")
 RT_PREFIX = "RT-"
 BENCH_STATE_SIZE = 2 * 1024**3
 MEMORY = 1024

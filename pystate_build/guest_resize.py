@@ -166,6 +166,23 @@ def cmd_fill(chunk_mib="16", pause="0.1", max_mib="0", *extra):
     )
 
 
+def cmd_markers(marker, count="64"):
+    """Files whose names and contents carry ``marker`` (inside the image), every other one
+    deleted again: plaintext the inner file system holds in directories, inode tables and
+    free blocks, which must never reach /state in the clear (the shrink's undo area)."""
+    d = f"{DATA}/markers"
+    os.makedirs(d, exist_ok=True)
+    body = marker.encode() * (256 * 1024 // len(marker))
+    for i in range(int(count)):
+        with open(f"{d}/{marker}-{i}", "wb") as f:
+            f.write(body)
+            os.fsync(f.fileno())
+    for i in range(0, int(count), 2):
+        os.unlink(f"{d}/{marker}-{i}")
+    subprocess.run(["sync"], check=False)
+    out("MARKERS", count=int(count))
+
+
 def cmd_delete_and_shrink(*extra):
     """Delete the fill files, then one policy step by hand (btrfs: online; ext4: request)."""
     import shutil
@@ -402,6 +419,7 @@ def cmd_bench_grow(runs="5", *extra):
 
 COMMANDS = {
     "fill": cmd_fill,
+    "markers": cmd_markers,
     "delete-and-shrink": cmd_delete_and_shrink,
     "offline-shrink": cmd_offline_shrink,
     "home": cmd_home,

@@ -44,3 +44,44 @@ def mkosi_initrd_test_hooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     work = tmp_path_factory.mktemp("mkosi-initrd-test-hooks")
     return build_mkosi_initrd(work / "initrd.img", work=work / "work", test_hooks=True)
+
+
+class PlainUndoDir:
+    """The offline shrink's UndoArea (volume/scratch.py) as a plain directory: for hosts
+    without device-mapper, where the encrypted area cannot be opened. Same undo file, same
+    e2undo, same decisions; only the encryption of the area is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.made: list[bytes] = []  # the nonces it was made with
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def make(self, nonce: bytes, size: int) -> Path:
+        del size
+        self.made.append(nonce)
+        self.path.mkdir(mode=0o700, exist_ok=True)
+        return self.path
+
+    def open(self, nonce: bytes) -> Path:
+        from pystate_initrd.volume.scratch import ScratchError
+
+        if not self.path.is_dir():
+            raise ScratchError(f"{self.path} is no undo area")
+        return self.path
+
+    def close(self) -> None:
+        pass
+
+    def remove(self) -> int:
+        from pystate_initrd.volume import undo_file
+
+        if not self.path.exists():
+            return 0
+        size = undo_file.scrub_and_remove(self.path)
+        self.path.rmdir()
+        return size
+
+    def describe(self) -> str:
+        return str(self.path)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CAP_SYS_RESOURCE, has_cap, needs_root
+from conftest import CAP_SYS_RESOURCE, PlainUndoDir, has_cap, needs_root
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -494,7 +494,13 @@ def test_offline_shrink_applies_a_valid_request(tmp_path: Path) -> None:
     with unmounted_ext4(tmp_path, 512 * MIB, 64) as (state, loop, digest):
         request_shrink(state, 300 * MIB, 512 * MIB)
         detail = offline_shrink.apply_pending_shrink(
-            Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
+            Config(),
+            state,
+            loop,
+            quiet_report(),
+            crypt_name=None,
+            cmdline="",
+            undo_area=PlainUndoDir(tmp_path / "undo"),
         )
         assert detail is not None and "512 MiB -> 300 MiB" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB
@@ -508,7 +514,13 @@ def test_offline_shrink_applies_a_valid_request(tmp_path: Path) -> None:
         # Nothing pending: nothing done.
         assert (
             offline_shrink.apply_pending_shrink(
-                Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
+                Config(),
+                state,
+                loop,
+                quiet_report(),
+                crypt_name=None,
+                cmdline="",
+                undo_area=PlainUndoDir(tmp_path / "undo"),
             )
             is None
         )
@@ -528,7 +540,13 @@ def test_offline_shrink_refuses_invalid_requests(
     with unmounted_ext4(tmp_path, 512 * MIB, 8) as (state, loop, digest):
         request_shrink(state, size, current)
         detail = offline_shrink.apply_pending_shrink(
-            Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
+            Config(),
+            state,
+            loop,
+            quiet_report(),
+            crypt_name=None,
+            cmdline="",
+            undo_area=PlainUndoDir(tmp_path / "undo"),
         )
         assert detail is not None and "ignored and removed" in detail and error in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 512 * MIB
@@ -542,7 +560,13 @@ def test_offline_shrink_never_below_used_plus_margin(tmp_path: Path) -> None:
     with unmounted_ext4(tmp_path, 600 * MIB, 250) as (state, loop, digest):
         request_shrink(state, 256 * MIB, 600 * MIB)
         detail = offline_shrink.apply_pending_shrink(
-            Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
+            Config(),
+            state,
+            loop,
+            quiet_report(),
+            crypt_name=None,
+            cmdline="",
+            undo_area=PlainUndoDir(tmp_path / "undo"),
         )
         assert detail is not None and "below used" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 600 * MIB
@@ -555,7 +579,13 @@ def test_offline_shrink_garbage_request_removed(tmp_path: Path) -> None:
         (state / ".pystate").mkdir()
         (state / ".pystate/shrink-request").write_bytes(b"\x00" * 5000)
         detail = offline_shrink.apply_pending_shrink(
-            Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
+            Config(),
+            state,
+            loop,
+            quiet_report(),
+            crypt_name=None,
+            cmdline="",
+            undo_area=PlainUndoDir(tmp_path / "undo"),
         )
         assert detail is not None and "over 4096" in detail
         assert not (state / ".pystate/shrink-request").exists()
@@ -571,7 +601,13 @@ def test_offline_shrink_repeated_after_a_crash_finishes(tmp_path: Path) -> None:
         subprocess.run(["resize2fs", loop, f"{300 * 1024}K"], check=True, capture_output=True)
         request_shrink(state, 300 * MIB, 512 * MIB)
         detail = offline_shrink.apply_pending_shrink(
-            Config(), state, loop, quiet_report(), crypt_name=None, cmdline=""
+            Config(),
+            state,
+            loop,
+            quiet_report(),
+            crypt_name=None,
+            cmdline="",
+            undo_area=PlainUndoDir(tmp_path / "undo"),
         )
         assert detail is not None and "-> 300 MiB" in detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB

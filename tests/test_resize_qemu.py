@@ -20,7 +20,9 @@ About 13 boots of 30-100 s plus two initrd builds.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,6 +186,99 @@ def test_ext4_power_cut_during_grow(machine_e: Machine, step: str) -> None:
     else:
         assert "RT-DONE" not in result.console  # the power really went
     machine_e.done.add(f"cut-{step}")
+
+
+def test_ext4_power_cut_inside_resize2fs_is_rolled_back(machine_e: Machine, work: Path) -> None:
+    """Issue 14.2: the power goes while the offline shrink's resize2fs runs (the initrd's
+    code, run by the guest's test build on the unmounted image in the boot that made the
+    request, cut by its timer RESIZE2FS_CUT after resize2fs started); the undo area left on
+    /state is ciphertext (no trace of a marker the inner file system holds in names,
+    contents and freed blocks, there or anywhere on the disk); the next boot's production
+    initrd opens it with the key derived from the volume key, rolls resize2fs back with
+    e2undo before its inner fsck, tries again and completes, and removes the area; every
+    file keeps its checksum. Runs on a fresh machine E too."""
+    m = machine_e
+    if m.boots:
+        m.need("cut-none")
+    marker = f"PYSTATE-MARKER-{os.urandom(8).hex()}"
+    # Markers before the fill (freed blocks at the front) and after it (kept files in the
+    # tail, which resize2fs must move: enough work for the cut to fall inside it).
+    cut = m.run(
+        f"markers,{marker},64;fill,32,0,256;markers,{marker}-tail,128;"
+        f"delete-and-shrink,{SMALL_BUFFER};offline-shrink",
+        "MARKERS",
+        "FILL",
+        "SHRINK",
+        words=[f"pystate.debug-resize-stop=resize2fs-running:{RESIZE2FS_CUT}"],
+    )
+    request = m.results["SHRINK"]["request"]
+    assert isinstance(request, dict), m.results["SHRINK"]["output"]
+    keep = m.results["SHRINK"]["keep"]
+    assert "debug-stop resize2fs-running" in cut.console, harness.describe(cut)
+    assert "RT-DONE" not in cut.console  # the power really went
+    # What an attacker with the disk finds now: the area, on /state, written and encrypted.
+    scratch = outer_file(m, work, SCRATCH)
+    assert scratch is not None and scratch.strip(b"\0"), "no undo area on /state after the cut"
+    assert marker.encode() not in scratch
+    assert not disk_holds(m.layout.path, marker.encode())
+    result = m.run("offline-shrink", "OFFLINE")
+    assert result.ok, harness.describe(result)
+    offline = m.results["OFFLINE"]
+    # Where the cut fell decides the line: inside resize2fs (the usual case) a roll-back
+    # and a second attempt; after it, "resize2fs had finished".
+    assert "shrink-recovery" in result.console, harness.describe(result)
+    assert "rolled back with e2undo" in result.console or "finished" in result.console
+    assert "e2undo refused" not in result.console and "cannot be used" not in result.console
+    after = sizes(offline["after"])
+    assert after["file"] == request["size"], offline
+    assert after["fs"] <= after["device"] <= after["file"] - 16 * MIB
+    assert offline["request_left"] is False
+    assert offline["fsck_status"] == 0, offline["fsck"]
+    assert offline["keep"] == keep  # checksums intact
+    assert_no_kernel_errors(offline)
+    assert outer_file(m, work, SCRATCH) is None  # the area is gone after the shrink
+
+
+SCRATCH = "/.pystate/shrink-scratch.img"
+
+
+def outer_file(m: Machine, work: Path, path: str) -> bytes | None:
+    """A file of the machine's /state as the disk holds it now (None: not there): a sparse
+    copy of the partition, its journal replayed by e2fsck (the copy only), debugfs dump."""
+    state = next(p for p in m.layout.partitions if p.role == "state")
+    copy, dumped = work / "state-copy.img", work / "state-file.bin"
+    with open(m.layout.path, "rb") as src, open(copy, "wb") as dst:
+        dst.truncate(state.size)
+        src.seek(state.start)
+        for at in range(0, state.size, 4 * MIB):
+            chunk = src.read(min(4 * MIB, state.size - at))
+            if chunk.count(0) != len(chunk):
+                dst.seek(at)
+                dst.write(chunk)
+    try:
+        subprocess.run(["e2fsck", "-fy", str(copy)], capture_output=True, check=False)
+        dumped.unlink(missing_ok=True)
+        subprocess.run(
+            ["debugfs", "-R", f"dump {path} {dumped}", str(copy)], capture_output=True, check=False
+        )
+        return dumped.read_bytes() if dumped.exists() else None
+    finally:
+        copy.unlink()
+        dumped.unlink(missing_ok=True)
+
+
+def disk_holds(disk: Path, needle: bytes) -> bool:
+    """Whether needle is anywhere in the disk image's bytes (chunks overlap by its length)."""
+    tail = b""
+    with open(disk, "rb") as f:
+        while chunk := f.read(16 * MIB):
+            if needle in tail + chunk:
+                return True
+            tail = chunk[-len(needle) :]
+    return False
+
+
+RESIZE2FS_CUT = 1.0  # seconds after resize2fs started; TCG moves ~100 MiB/s of blocks
 
 
 # --- machine B: btrfs ---------------------------------------------------------------------

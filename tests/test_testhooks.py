@@ -76,3 +76,21 @@ def test_resize_option_of_a_test_build() -> None:
     args = cli._parser().parse_args(["resize", "--auto"])
     hooks.resize_hook(args, said.append)("fs-grow")  # no --debug-stop: no cut
     assert said == []
+
+
+def test_resize2fs_running_cut_fires_after_the_delay(tmp_path: Path) -> None:
+    # The QEMU cut inside resize2fs: a timer started by the "resize2fs-start" step.
+    import time
+
+    from pystate_initrd import testhooks
+
+    trigger = tmp_path / "sysrq"
+    said: list[str] = []
+    hook = testhooks.resize2fs_running_hook(0.05, said.append, trigger=trigger)
+    hook("e2fsck")
+    time.sleep(0.1)
+    assert not trigger.exists()
+    hook("resize2fs-start")
+    time.sleep(0.3)
+    assert trigger.read_text() == "o"
+    assert said and "resize2fs-running" in said[0]

@@ -101,6 +101,20 @@ def reseal(
     return f"keyslot {slot} sealed to {sealed.pcr_spec}"
 
 
+def volume_key_source(loop: str, key: bytearray, slot: int, log: Any) -> Callable[[], bytearray]:
+    """How to get the opened image's volume key (caller wipes): from the dm table, no
+    process; a mapping in the keyring has none there, so cryptsetup dumps it from the slot."""
+
+    def get() -> bytearray:
+        try:
+            return devmapper.dm_volume_key()
+        except dm_table.DmTableError as exc:
+            log.debug(f"{exc}; dumping the volume key with cryptsetup")
+            return luks.volume_key(loop, key=key, key_slot=slot)
+
+    return get
+
+
 # --- the whole unlock ---------------------------------------------------------------------
 
 
@@ -198,6 +212,19 @@ def unlock(
                 opened_with = (passphrase, luks.RECOVERY_KEYSLOT)
                 s.detail = f"recovery key, keyslot {luks.RECOVERY_KEYSLOT}"
             how = "recovery"
+        undo_area = None
+        if not read_only:
+            # A shrink that a crash cut off is rolled back before anything checks or
+            # mounts the file system (docs/resize.md); e2undo leaves it marked for e2fsck.
+            # Its undo file is in an area keyed from the volume key (volume/scratch.py).
+            from pystate_initrd.initrd import offline_shrink
+            from pystate_initrd.volume.scratch import EncryptedScratch
+
+            get_key = volume_key_source(loop.path, opened_with[0], opened_with[1], log)
+            undo_area = EncryptedScratch(image.parent, get_key)
+            offline_shrink.recover_interrupted_shrink(
+                image.parent, DM_PATH, report, luks_uuid=header.uuid, undo_area=undo_area
+            )
         with report.step("inner-fsck") as s:
             fstype, verdict = stack.check_inner(read_only)
             s.detail = f"{fstype}: {verdict}"
@@ -205,7 +232,9 @@ def unlock(
             # A shrink the resize service asked for (docs/resize.md), before the mount.
             from pystate_initrd.initrd import offline_shrink
 
-            offline_shrink.apply_pending_shrink(cfg, image.parent, loop.path, report)
+            offline_shrink.apply_pending_shrink(
+                cfg, image.parent, loop.path, report, undo_area=undo_area
+            )
         with report.step("mount-encrypted") as s:
             stack.mount_inner(mountpoint, fstype, read_only=read_only)
             s.detail = f"{DM_PATH} on {mountpoint}"
@@ -221,12 +250,7 @@ def unlock(
         if cfg.measure_pcr15:
             with report.step("measure-pcr15") as s:
                 try:
-                    try:
-                        volume_key = devmapper.dm_volume_key()
-                    except dm_table.DmTableError as exc:  # a keyring mapping: ask cryptsetup
-                        log.debug(f"{exc}; dumping the volume key with cryptsetup")
-                        volume_key = luks.volume_key(loop.path, key=key, key_slot=slot)
-                    with Secret(volume_key) as vk:
+                    with Secret(volume_key_source(loop.path, key, slot, log)()) as vk:
                         binding.extend_pcr15(vk.value, header.uuid, str(cfg.pcr_bank), tcti)
                     s.detail = f"PCR 15 ({cfg.pcr_bank}) extended"
                 except tpm2.Tpm2Error as exc:

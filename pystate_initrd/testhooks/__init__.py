@@ -12,7 +12,8 @@ What a test boot can ask for, on the (trusted) kernel command line:
 - ``pystate.debug-stop=STEP``: cut the power right after provisioning step STEP (allocate,
   luks-format, mkfs, layout, commit);
 - ``pystate.debug-resize-stop=STEP``: the same after a step of the offline ext4 shrink
-  (e2fsck, resize2fs, crypt-resize, truncate, loop-capacity);
+  (e2fsck, resize2fs, crypt-resize, truncate, loop-capacity), or
+  ``resize2fs-running:SECONDS``: that many seconds after resize2fs started, while it runs;
 - ``pystate.debug-extend-pcr=N``: extend PCR N with zeros before unsealing, as a firmware
   update would change it;
 
@@ -75,7 +76,30 @@ def provision_hook(cmdline: str, say: Say) -> Hook:
 
 
 def offline_shrink_hook(cmdline: str, say: Say) -> Hook:
-    return power_cut_hook(word(cmdline, SHRINK_STOP), say)
+    stop_at = word(cmdline, SHRINK_STOP)
+    if stop_at and stop_at.startswith(RUNNING):
+        return resize2fs_running_hook(float(stop_at.partition(":")[2] or "1"), say)
+    return power_cut_hook(stop_at, say)
+
+
+RUNNING = "resize2fs-running"
+
+
+def resize2fs_running_hook(delay: float, say: Say, *, trigger: Path = SYSRQ_TRIGGER) -> Hook:
+    """Cut the power `delay` seconds after resize2fs started, while it runs (a thread:
+    resize2fs is a child the program waits for)."""
+    import threading
+
+    def cut() -> None:
+        say(f"debug-stop {RUNNING} after {delay} s: cutting the power now")
+        with open(trigger, "w") as f:
+            f.write("o")
+
+    def hook(step: str) -> None:
+        if step == "resize2fs-start":
+            threading.Timer(delay, cut).start()
+
+    return hook
 
 
 def before_unseal(cmdline: str, bank: str, tcti: str | None, say: Say) -> None:

@@ -1,5 +1,6 @@
-"""The shrink request file, ``<state>/.pystate/shrink-request``: written atomically, read and
-removed through directory fds, never through a symlink (the partition is untrusted).
+"""The shrink request file, ``<state>/.pystate/shrink-request``, and the offline shrink's
+progress file, ``shrink-progress`` beside it: written atomically, read and removed through
+directory fds, never through a symlink (the partition is untrusted).
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import stat
 from pathlib import Path
 
 from pystate_initrd.formats.names import META_DIR
+from pystate_initrd.formats.names import SHRINK_PROGRESS as PROGRESS
 from pystate_initrd.formats.names import SHRINK_REQUEST as REQUEST
+from pystate_initrd.formats.shrink_progress import (
+    PROGRESS_MAX_BYTES,
+    Progress,
+    parse_progress,
+)
 from pystate_initrd.formats.shrink_request import (
     REQUEST_MAX_BYTES,
     RequestError,
@@ -34,10 +41,19 @@ def _meta_dir_fd(state_dir: Path, create: bool) -> int | None:
 
 def write_request(state_dir: Path, req: ShrinkRequest) -> Path:
     """Write the request atomically: temp file, fsync, rename, fsync the directory."""
+    return _write_atomic(state_dir, REQUEST, req.to_json())
+
+
+def write_progress(state_dir: Path, progress: Progress) -> Path:
+    """Record how far the offline shrink got (initrd/offline_shrink.py), atomically."""
+    return _write_atomic(state_dir, PROGRESS, progress.to_json())
+
+
+def _write_atomic(state_dir: Path, name: str, obj: dict[str, object]) -> Path:
     dir_fd = _meta_dir_fd(state_dir, create=True)
     assert dir_fd is not None
-    tmp = f".{REQUEST}.tmp"
-    data = (json.dumps(req.to_json(), sort_keys=True) + "\n").encode("ascii")
+    tmp = f".{name}.tmp"
+    data = (json.dumps(obj, sort_keys=True) + "\n").encode("ascii")
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
@@ -52,11 +68,11 @@ def write_request(state_dir: Path, req: ShrinkRequest) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, REQUEST, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return state_dir / META_DIR / REQUEST
+    return state_dir / META_DIR / name
 
 
 def read_request(state_dir: Path) -> bytes | None:
@@ -65,24 +81,37 @@ def read_request(state_dir: Path) -> bytes | None:
     A symlink, a directory or a device in its place is reported as RequestError: it
     is then removed like any invalid request, never followed.
     """
+    return _read_small(state_dir, REQUEST, "shrink request", REQUEST_MAX_BYTES)
+
+
+def read_progress(state_dir: Path) -> Progress | str | None:
+    """The offline shrink's progress, the reason it is invalid (a str), or None."""
+    try:
+        data = _read_small(state_dir, PROGRESS, "shrink progress", PROGRESS_MAX_BYTES)
+        return None if data is None else parse_progress(data)
+    except RequestError as exc:
+        return str(exc)
+
+
+def _read_small(state_dir: Path, name: str, what: str, limit: int) -> bytes | None:
     dir_fd = _meta_dir_fd(state_dir, create=False)
     if dir_fd is None:
         return None
     try:
         try:
             fd = os.open(
-                REQUEST,
+                name,
                 os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                 dir_fd=dir_fd,
             )
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise RequestError(f"shrink request cannot be opened: {exc.strerror}") from None
+            raise RequestError(f"{what} cannot be opened: {exc.strerror}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RequestError("shrink request is not a regular file")
-            return os.read(fd, REQUEST_MAX_BYTES + 1)
+                raise RequestError(f"{what} is not a regular file")
+            return os.read(fd, limit + 1)
         finally:
             os.close(fd)
     finally:
@@ -91,18 +120,26 @@ def read_request(state_dir: Path) -> bytes | None:
 
 def remove_request(state_dir: Path) -> bool:
     """Delete the request (whatever it is: file, symlink, directory); whether one was there."""
+    return _remove(state_dir, REQUEST)
+
+
+def remove_progress(state_dir: Path) -> bool:
+    return _remove(state_dir, PROGRESS)
+
+
+def _remove(state_dir: Path, name: str) -> bool:
     dir_fd = _meta_dir_fd(state_dir, create=False)
     if dir_fd is None:
         return False
     try:
         try:
-            os.unlink(REQUEST, dir_fd=dir_fd)
+            os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             return False
         except IsADirectoryError:
             import shutil
 
-            shutil.rmtree(REQUEST, dir_fd=dir_fd)
+            shutil.rmtree(name, dir_fd=dir_fd)
         os.fsync(dir_fd)
         return True
     finally:
