@@ -542,17 +542,34 @@ class Writer:
 
 
 def _resize_to(size, *extra):
+    """pystate resize --to size; each line it prints is echoed at once as TT-RESIZE <line>
+    (a pty, so its stdout is line-buffered): the decision comes just before the steps."""
     t0 = time.monotonic()
-    proc = subprocess.run(
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
         ["/usr/bin/pystate", "resize", "--log", "/dev/kmsg", "--to", str(size), *extra],
-        capture_output=True,
-        text=True,
-        check=False,
+        stdout=slave,
+        stderr=slave,
     )
+    os.close(slave)
+    lines, pending = [], b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its side
+            data = b""
+        if not data:
+            break
+        *complete, pending = (pending + data).split(b"\n")
+        for raw in complete:
+            line = raw.decode(errors="replace").strip()
+            lines.append(line)
+            say(f"TT-RESIZE {line}")
+    os.close(master)
     return {
-        "status": proc.returncode,
+        "status": proc.wait(),
         "ms": round((time.monotonic() - t0) * 1000),
-        "output": (proc.stdout + proc.stderr).strip().splitlines()[-3:],
+        "output": lines[-3:],
     }
 
 

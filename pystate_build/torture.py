@@ -107,41 +107,43 @@ class Campaign:
 # --- builds --------------------------------------------------------------------------------
 
 
-def source_key(*extra: str) -> str:
-    """A hash of what the guest and the initrds are made of: a change rebuilds them."""
+def source_key(*extra: str, guest: bool = False) -> str:
+    """A hash of what a build is made of (pystate's sources, the dracut module, and for the
+    guest root its /rt/rt.py): a change rebuilds it."""
     h = hashlib.sha256("\0".join(extra).encode())
     for top in ("pystate_initrd", "dracut-module"):
         for path in sorted((REPO / top).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts:
                 h.update(str(path.relative_to(REPO)).encode() + path.read_bytes())
-    h.update((REPO / "pystate_build/guest_resize.py").read_bytes())
+    if guest:
+        h.update((REPO / "pystate_build/guest_resize.py").read_bytes())
     return h.hexdigest()[:16]
 
 
 def build(work: Path, inner_fs: set[str]) -> tuple[Path, dict[str, Path]]:
     """The guest root (the resize guest plus fsfreeze) and the test-hooks initrds, kept in
-    work/build-<key> while the sources are unchanged."""
+    work/builds while their sources are unchanged."""
     from .bench_unlock import build_initrd_in
 
-    key = source_key(*sorted(CONF.values()))
-    cache = work / f"build-{key}"
+    cache = work / "builds"
     cache.mkdir(parents=True, exist_ok=True)
-    root = cache / "root"
-    if not (root / "rt/rt.py").exists():
+    root = cache / f"root-{source_key(guest=True)}"
+    if not (root / ".torture-built").exists():  # (a build cut short is made again)
         from .bench_resize import build_guest_root
         from .elfclosure import library_closure
         from .tree import install_path
 
-        build_guest_root(root, cache, test_hooks=False)
+        build_guest_root(root, cache / "root-work", test_hooks=False)
         tool = shutil.which("fsfreeze", path="/usr/sbin:/usr/bin:/sbin:/bin")
         if tool is None:
             raise FileNotFoundError("fsfreeze not found on the build machine (util-linux)")
         install_path(tool, root)
         for lib in library_closure([Path(tool)]):
             install_path(lib, root)
+        (root / ".torture-built").write_text("")
     initrds = {}
     for fs in sorted(inner_fs):
-        out = cache / f"initrd-{fs}.img"
+        out = cache / f"initrd-{fs}-{source_key(CONF[fs])}.img"
         if not out.exists():
             conf = cache / f"pystate-{fs}.conf"
             conf.write_text(CONF[fs])

@@ -32,8 +32,9 @@ INITRD_SPANS = {
     RESEAL: ("reseal", "reseal"),
     FACTORY_RESET: ("reset-begin", "reset-end"),
 }
-# The booted kinds: the guest prints TT-GO just before the resize, TT-RESIZED after it.
-GO_LINE = "TT-GO"
+# The booted kinds: the guest echoes the resize's output as it comes (its decision, then
+# the steps), and TT-RESIZED when the command is over.
+DECISION = re.compile(r"^(\[[ 0-9.]+\] *)?TT-RESIZE (grow|shrink) \d")
 RESIZED_LINE = "TT-RESIZED"
 
 STEP_DONE = re.compile(r"pystate: (\S+) done in [0-9.]+ ms")
@@ -122,18 +123,19 @@ def initrd_window(lines: Iterable[tuple[float, str]], first: str, last: str) -> 
 
 
 def guest_window(lines: Iterable[tuple[float, str]]) -> Window | None:
-    """From the guest's TT-GO line to its TT-RESIZED line (an uncut booted resize)."""
+    """From the resize's decision line (``TT-RESIZE grow …`` or ``shrink``, printed just
+    before its steps) to the guest's TT-RESIZED line after it (an uncut booted resize)."""
     go = resized = None
     for at, line in lines:
         text = _clean(line)
-        if go is None and text.startswith(GO_LINE):
+        if go is None and DECISION.match(text):
             go = at
         elif go is not None and text.startswith(RESIZED_LINE):
             resized = at
             break
     if go is None or resized is None:
         return None
-    return Window(rf"^(\[[ 0-9.]+\] *)?{GO_LINE}\b", resized - go)
+    return Window(DECISION.pattern, resized - go)
 
 
 def fsync_log(console: str) -> dict[str, str]:

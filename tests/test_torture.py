@@ -59,7 +59,9 @@ LINES = (
     (12.5, "[  11.600000] pystate: seal done in 2400.1 ms: to sha256:7,15"),
     (13.0, "[  12.100000] pystate: allocate done in 20.0 ms"),
     (16.0, "[  15.100000] pystate: luks-format done in 3000.0 ms"),
-    (30.0, "TT-GO grow"),
+    (29.0, "TT-GO grow"),
+    (30.0, "TT-RESIZE grow 802 MiB -> 866 MiB: by hand: 866 MiB"),
+    (32.0, "TT-RESIZE grow 802 MiB -> 866 MiB in 0.46 s (allocate 189 ms, …)"),
     (32.5, 'TT-RESIZED {"status": 0}'),
 )
 
@@ -73,15 +75,15 @@ def test_the_window_of_an_initrd_step_starts_at_the_line_before_it() -> None:
     assert torture_plan.initrd_window(LINES, "mount-state", "seal") is None  # no line before
 
 
-def test_the_window_of_a_booted_resize_is_go_to_resized() -> None:
+def test_the_window_of_a_booted_resize_is_its_decision_to_its_end() -> None:
     window = torture_plan.guest_window(LINES)
     assert window is not None and window.span == 2.5
     import re
 
-    assert re.search(window.anchor, "TT-GO grow")
-    assert re.search(window.anchor, "[  30.1] TT-GO shrink")
-    assert not re.search(window.anchor, "echo TT-GOT")
-    assert torture_plan.guest_window(LINES[:4]) is None
+    assert re.search(window.anchor, "TT-RESIZE grow 802 MiB -> 866 MiB: by hand: 866 MiB")
+    assert re.search(window.anchor, "[  30.1] TT-RESIZE shrink 1 GiB -> 802 MiB: by hand")
+    assert not re.search(window.anchor, "TT-RESIZE none: nothing to do")
+    assert torture_plan.guest_window(LINES[:5]) is None
 
 
 # --- the fsync log and the check ------------------------------------------------------------
