@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import OUT, REPO
+from . import CACHE, OUT, REPO
 from . import qemu_harness as harness
 from . import torture_plan as plan
 from .torture_plan import Cut, Window
@@ -54,7 +54,7 @@ MIB = 1 << 20
 STATE_SIZE = 2 << 30  # room for many grows: the pool is what the state partition leaves
 GROW_MIB = 64
 BOOT_TIMEOUT = 300.0
-CACHE = "writeback"  # flushes honoured: see the module docstring
+DISK_CACHE = "writeback"  # flushes honoured: see the module docstring
 LOUD = "loglevel=7"  # the initrd's info lines on the console: the windows' anchors
 EXTEND = "pystate.debug-extend-pcr=7"
 RESET = "pystate.factory-reset=1"
@@ -120,12 +120,12 @@ def source_key(*extra: str, guest: bool = False) -> str:
     return h.hexdigest()[:16]
 
 
-def build(work: Path, inner_fs: set[str]) -> tuple[Path, dict[str, Path]]:
+def build(inner_fs: set[str]) -> tuple[Path, dict[str, Path]]:
     """The guest root (the resize guest plus fsfreeze) and the test-hooks initrds, kept in
-    work/builds while their sources are unchanged."""
+    cache/torture/ while their sources are unchanged (the CI slice reuses them)."""
     from .bench_unlock import build_initrd_in
 
-    cache = work / "builds"
+    cache = CACHE / "torture"
     cache.mkdir(parents=True, exist_ok=True)
     root = cache / f"root-{source_key(guest=True)}"
     if not (root / ".torture-built").exists():  # (a build cut short is made again)
@@ -166,7 +166,7 @@ def new_rig(c: Campaign, name: str, inner_fs: str) -> Rig:
     (work / "state/.torture-marker").write_bytes(marker)
     layout = build_disk(work / "disk.img", c.root, work / "state", state_size=STATE_SIZE)
     m = Machine(name, layout, c.initrds[inner_fs], work, expect=("RT-DONE",), timeout=BOOT_TIMEOUT)
-    m.cache = CACHE
+    m.cache = DISK_CACHE
     return Rig(m, inner_fs, marks={"outer": hashlib.sha256(marker).hexdigest()})
 
 
@@ -186,7 +186,7 @@ def provision_rig(c: Campaign, index: int) -> Rig:
         f"P{index}", replace(layout, path=disk), c.initrds["ext4"], work,
         expect=("RT-DONE",), timeout=BOOT_TIMEOUT,
     )  # fmt: skip
-    m.cache = CACHE
+    m.cache = DISK_CACHE
     e = c.rigs["E"]
     return Rig(m, "ext4", marks={"outer": e.marks["outer"]})
 
@@ -530,7 +530,7 @@ def campaign(
         if plan.BTRFS_SHRINK in power:
             fs.add("btrfs")
         work.mkdir(parents=True, exist_ok=True)
-        root, initrds = build(work, fs)
+        root, initrds = build(fs)
         c = Campaign(work, root, initrds, json_path=json_path, echo=echo)
         try:
             run_power_cuts(c, plan.schedule(seed, cuts, power))
@@ -542,7 +542,7 @@ def campaign(
             rows += faults.run(wanted, random.Random(seed), work / "faults")
     if json_path is not None:
         write_json(json_path, rows, seed=seed, cuts=cuts,
-                   seconds=round(time.monotonic() - started), cache=CACHE)  # fmt: skip
+                   seconds=round(time.monotonic() - started), cache=DISK_CACHE)  # fmt: skip
     return rows, status or (0 if all(r["ok"] for r in rows) else 1)
 
 
