@@ -224,7 +224,7 @@ def boot(
             cut, came_up=came_up, stop=stop, check=check, expected=rig.expected, marks=rig.marks
         )
         seconds = float(str(row.pop("boot_seconds", 0.0))) + result.duration
-        detail = str(row.get("detail", ""))
+        detail = str(row.get("detail", "")) + initrd_fsck(result.console)
         if not judged["ok"]:
             detail += f"; next boot: console-{m.boots}.log in {m.work}"
         c.add({**row, **judged, "detail": detail, "seconds": round(seconds, 1)})
@@ -237,6 +237,23 @@ def boot(
         rig.recovery_key = check.recovery_key or rig.recovery_key
     rig.expected.update(plan.fsync_log(result.console))
     return result
+
+
+def initrd_fsck(console: str) -> str:
+    """What the next boot's initrd fsck said (``-p`` may preen what a cut left: allowed,
+    SPEC §11.3, but worth seeing in the row)."""
+    from .roots import boot_json
+
+    report = boot_json(console) or {}
+    steps = report.get("steps")
+    if not isinstance(steps, list):
+        return ""
+    said = [
+        f"{s['name']}: {s.get('detail')}"
+        for s in steps
+        if isinstance(s, dict) and s.get("name") in ("fsck", "inner-fsck")
+    ]
+    return "; next boot's " + ", ".join(said) if said else ""
 
 
 def cut_boot(
