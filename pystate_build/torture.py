@@ -321,7 +321,7 @@ def rig_e(c: Campaign) -> Rig:
         window = plan.initrd_window(result.lines, step, step)
         if window is not None:
             c.windows[step] = window
-    grow = plan.guest_window(result.lines)
+    grow = plan.guest_window(result.lines, "grow")
     if grow is not None:
         rig.windows[plan.GROW] = grow
     c.say(f"windows: {describe_windows({**c.windows, **rig.windows})}")
@@ -339,7 +339,7 @@ def rig_b(c: Campaign) -> Rig:
     c.rigs["B"] = rig
     c.say("machine B: first boot (provisions btrfs; measures an online shrink)")
     result = boot(c, rig, [f"tt-shrink,{rig.machine.boots + 1},{GROW_MIB}"])
-    shrink = plan.guest_window(result.lines)
+    shrink = plan.guest_window(result.lines, "shrink")
     if shrink is not None:
         rig.windows[plan.BTRFS_SHRINK] = shrink
     if not result.ok:

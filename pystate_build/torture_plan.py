@@ -34,7 +34,7 @@ INITRD_SPANS = {
 }
 # The booted kinds: the guest echoes the resize's output as it comes (its decision, then
 # the steps), and TT-RESIZED when the command is over.
-DECISION = re.compile(r"^(\[[ 0-9.]+\] *)?TT-RESIZE (grow|shrink) \d")
+DECISION = r"^(\[[ 0-9.]+\] *)?TT-RESIZE {action} \d"
 RESIZED_LINE = "TT-RESIZED"
 
 STEP_DONE = re.compile(r"pystate: (\S+) done in [0-9.]+ ms")
@@ -122,20 +122,22 @@ def initrd_window(lines: Iterable[tuple[float, str]], first: str, last: str) -> 
     return Window(rf"pystate: {re.escape(previous)} done in", steps[end][0] - previous_at)
 
 
-def guest_window(lines: Iterable[tuple[float, str]]) -> Window | None:
-    """From the resize's decision line (``TT-RESIZE grow …`` or ``shrink``, printed just
-    before its steps) to the guest's TT-RESIZED line after it (an uncut booted resize)."""
+def guest_window(lines: Iterable[tuple[float, str]], action: str) -> Window | None:
+    """From the resize's decision line (``TT-RESIZE grow …``, ``action`` grow or shrink,
+    printed just before its steps) to the guest's TT-RESIZED line after it (an uncut booted
+    resize). The btrfs shrink's uncut grow before it is not in its window."""
     go = resized = None
+    decision = re.compile(DECISION.format(action=action))
     for at, line in lines:
         text = _clean(line)
-        if go is None and DECISION.match(text):
+        if go is None and decision.match(text):
             go = at
         elif go is not None and text.startswith(RESIZED_LINE):
             resized = at
             break
     if go is None or resized is None:
         return None
-    return Window(DECISION.pattern, resized - go)
+    return Window(decision.pattern, resized - go)
 
 
 def fsync_log(console: str) -> dict[str, str]:

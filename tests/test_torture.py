@@ -76,14 +76,28 @@ def test_the_window_of_an_initrd_step_starts_at_the_line_before_it() -> None:
 
 
 def test_the_window_of_a_booted_resize_is_its_decision_to_its_end() -> None:
-    window = torture_plan.guest_window(LINES)
+    window = torture_plan.guest_window(LINES, "grow")
     assert window is not None and window.span == 2.5
     import re
 
     assert re.search(window.anchor, "TT-RESIZE grow 802 MiB -> 866 MiB: by hand: 866 MiB")
-    assert re.search(window.anchor, "[  30.1] TT-RESIZE shrink 1 GiB -> 802 MiB: by hand")
+    assert re.search(window.anchor, "[  30.1] TT-RESIZE grow 1 GiB -> 2 GiB: by hand")
     assert not re.search(window.anchor, "TT-RESIZE none: nothing to do")
-    assert torture_plan.guest_window(LINES[:5]) is None
+    assert torture_plan.guest_window(LINES[:5], "grow") is None
+
+
+def test_the_btrfs_shrink_window_leaves_out_the_grow_before_it() -> None:
+    lines = (
+        (1.0, "TT-RESIZE grow 802 MiB -> 866 MiB: by hand: 866 MiB"),
+        (2.0, 'TT-RESIZED {"status": 0}'),
+        (5.0, "TT-RESIZE shrink 866 MiB -> 802 MiB: by hand: 802 MiB"),
+        (5.75, 'TT-RESIZED {"status": 0}'),
+    )
+    window = torture_plan.guest_window(lines, "shrink")
+    assert window is not None and window.span == 0.75
+    import re
+
+    assert not re.search(window.anchor, lines[0][1])
 
 
 # --- the fsync log and the check ------------------------------------------------------------
