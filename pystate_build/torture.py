@@ -472,6 +472,20 @@ def summary(rows: list[dict[str, object]]) -> dict[str, int]:
     }
 
 
+def per_kind(rows: list[dict[str, object]]) -> str:
+    """The figures by kind: cuts made, came up, fsync'd files and lost, fsck clean, reformats."""
+    head = ("kind", "cuts made", "came up", "fsync'd files", "lost", "fsck clean", "reformats")
+    body = []
+    for kind in sorted({str(r["kind"]) for r in rows}):
+        f = summary([r for r in rows if r["kind"] == kind])
+        body.append(
+            (kind, *(str(f[k]) for k in ("cuts_made", "came_up", "fsynced_files")),
+             *(str(f[k]) for k in ("lost_files", "fsck_clean", "reformats")))
+        )  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
 def table(rows: list[dict[str, object]]) -> str:
     head = ("kind", "case", "injected", "ok", "outcome", "s")
     body = [
@@ -570,6 +584,7 @@ def _cmd(args: argparse.Namespace) -> int:
     )
     print(table(rows))
     figures = summary(rows)
+    print(per_kind(rows))
     print("torture: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in figures.items()))
     print(f"torture: seed {args.seed}, {time.monotonic() - t0:.0f} s")
     return status
