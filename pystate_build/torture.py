@@ -282,6 +282,7 @@ def cut_boot(
         "case": cut.case,
         "injected": injected,
         "cut": killed,
+        "in_window": killed and plan.landed(cut, result.console),
         "cut_at_ms": round(delay * 1000) if killed else None,
         "window_ms": round(window.span * 1000),
         "cut_boot_s": None if result.killed_at is None else round(result.killed_at, 2),
@@ -463,6 +464,7 @@ def summary(rows: list[dict[str, object]]) -> dict[str, int]:
     made = [r for r in cuts if r.get("cut")]
     return {
         "cuts_made": len(made),
+        "in_window": sum(1 for r in made if r.get("in_window")),
         "came_up": sum(1 for r in made if r.get("came_up")),
         "fsynced_files": sum(int(str(r.get("fsynced_files") or 0)) for r in made),
         "lost_files": sum(int(str(r.get("lost_files") or 0)) for r in made),
@@ -474,14 +476,14 @@ def summary(rows: list[dict[str, object]]) -> dict[str, int]:
 
 def per_kind(rows: list[dict[str, object]]) -> str:
     """The figures by kind: cuts made, came up, fsync'd files and lost, fsck clean, reformats."""
-    head = ("kind", "cuts made", "came up", "fsync'd files", "lost", "fsck clean", "reformats")
+    head = ("kind", "cuts made", "in window", "came up", "fsync'd files", "lost", "fsck clean",
+            "reformats")  # fmt: skip
+    keys = ("cuts_made", "in_window", "came_up", "fsynced_files", "lost_files", "fsck_clean",
+            "reformats")  # fmt: skip
     body = []
     for kind in sorted({str(r["kind"]) for r in rows}):
         f = summary([r for r in rows if r["kind"] == kind])
-        body.append(
-            (kind, *(str(f[k]) for k in ("cuts_made", "came_up", "fsynced_files")),
-             *(str(f[k]) for k in ("lost_files", "fsck_clean", "reformats")))
-        )  # fmt: skip
+        body.append((kind, *(str(f[k]) for k in keys)))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 

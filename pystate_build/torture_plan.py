@@ -140,6 +140,22 @@ def guest_window(lines: Iterable[tuple[float, str]], action: str) -> Window | No
     return Window(decision.pattern, resized - go)
 
 
+def landed(cut: Cut, console: str) -> bool:
+    """Whether a killed boot died inside the window (its end had not been printed): the
+    window comes from another boot, and boots differ in speed, so a late fraction may fall
+    after the resize or the step ended."""
+    if cut.kind in (GROW, BTRFS_SHRINK):
+        action = "grow" if cut.kind == GROW else "shrink"
+        text = [_clean(line) for line in console.splitlines()]
+        decision = re.compile(DECISION.format(action=action))
+        starts = [i for i, line in enumerate(text) if decision.match(line)]
+        return bool(starts) and not any(
+            line.startswith(RESIZED_LINE) for line in text[starts[-1] :]
+        )
+    last = cut.step if cut.kind == PROVISION else INITRD_SPANS[cut.kind][1]
+    return f"pystate: {last} done in" not in console
+
+
 def fsync_log(console: str) -> dict[str, str]:
     """The writer's log: every file whose fsync (data and directory) had returned when the
     line left the guest, name -> sha256."""

@@ -100,6 +100,23 @@ def test_the_btrfs_shrink_window_leaves_out_the_grow_before_it() -> None:
     assert not re.search(window.anchor, lines[0][1])
 
 
+def test_a_cut_landed_when_the_window_had_not_ended() -> None:
+    grow = Cut(1, torture_plan.GROW, "", 0.5)
+    decided = "TT-RESIZE grow 1 GiB -> 2 GiB: by hand"
+    assert torture_plan.landed(grow, decided)
+    assert not torture_plan.landed(grow, decided + "\nTT-RESIZED {}")
+    assert not torture_plan.landed(grow, "TT-CHECKED")  # never got there
+    shrink = Cut(2, torture_plan.BTRFS_SHRINK, "", 0.5)
+    grown = "TT-RESIZE grow 1 GiB -> 2 GiB: by hand\nTT-RESIZED {}\n"
+    assert torture_plan.landed(shrink, grown + "TT-RESIZE shrink 2 GiB -> 1 GiB: by hand")
+    assert not torture_plan.landed(shrink, grown)
+    mkfs = Cut(3, torture_plan.PROVISION, "mkfs", 0.5)
+    assert torture_plan.landed(mkfs, "pystate: luks-format done in 3.0 ms")
+    assert not torture_plan.landed(mkfs, "pystate: mkfs done in 3.0 ms")
+    reset = Cut(4, torture_plan.FACTORY_RESET, "", 0.5)
+    assert not torture_plan.landed(reset, "[ 1.0] pystate: reset-end done in 2.0 ms: marker")
+
+
 # --- the fsync log and the check ------------------------------------------------------------
 
 
@@ -210,7 +227,7 @@ def test_the_summary_counts_only_cuts_made() -> None:
         {"kind": "disk-eio", "ok": False},
     ]  # fmt: skip
     assert torture.summary(rows) == {
-        "cuts_made": 1, "came_up": 1, "fsynced_files": 5, "lost_files": 0,
+        "cuts_made": 1, "in_window": 0, "came_up": 1, "fsynced_files": 5, "lost_files": 0,
         "fsck_clean": 1, "reformats": 0, "failed_rows": 1,
     }  # fmt: skip
     assert "cut-grow" in torture.table([{**rows[0], "case": "#1", "outcome": "x"}])
