@@ -367,8 +367,8 @@ def run_provision(c: Campaign, cut: Cut) -> None:
     rig = provision_rig(c, cut.index)
     cut_boot(c, rig, cut, window, [])
     verify(c, rig)
-    if os.environ.get("PYSTATE_TORTURE_KEEP") != "1":
-        shutil.rmtree(rig.machine.work, ignore_errors=True)
+    if not rig.broken:  # the consoles stay; a disk only where its next boot failed
+        (rig.machine.work / "disk.img").unlink(missing_ok=True)
     return None
 
 
