@@ -36,6 +36,7 @@ INITRD_SPANS = {
 # the steps), and TT-RESIZED when the command is over.
 DECISION = r"^(\[[ 0-9.]+\] *)?TT-RESIZE {action} \d"
 RESIZED_LINE = "TT-RESIZED"
+STEPS_TOOK = re.compile(r"^TT-RESIZE (?:grow|shrink) .* in ([0-9.]+) s \(")
 
 STEP_DONE = re.compile(r"pystate: (\S+) done in [0-9.]+ ms")
 FSYNC = re.compile(r"TT-FSYNC (\S+) ([0-9a-f]{64})\b")
@@ -124,14 +125,18 @@ def initrd_window(lines: Iterable[tuple[float, str]], first: str, last: str) -> 
 
 def guest_window(lines: Iterable[tuple[float, str]], action: str) -> Window | None:
     """From the resize's decision line (``TT-RESIZE grow …``, ``action`` grow or shrink,
-    printed just before its steps) to the guest's TT-RESIZED line after it (an uncut booted
-    resize). The btrfs shrink's uncut grow before it is not in its window."""
+    printed just before its steps) for as long as its steps took: the seconds of its
+    change line (``… in 0.22 s (…)``), else the time to the guest's TT-RESIZED line. (The
+    command's exit after its steps, a Python teardown, is not part of the window; the
+    btrfs shrink's uncut grow before it is not either.)"""
     go = resized = None
     decision = re.compile(DECISION.format(action=action))
     for at, line in lines:
         text = _clean(line)
         if go is None and decision.match(text):
             go = at
+        elif go is not None and (took := STEPS_TOOK.match(text)):
+            return Window(decision.pattern, float(took.group(1)))
         elif go is not None and text.startswith(RESIZED_LINE):
             resized = at
             break
