@@ -224,6 +224,8 @@ def boot(
             cut, came_up=came_up, stop=stop, check=check, expected=rig.expected, marks=rig.marks
         )
         seconds = float(str(row.pop("boot_seconds", 0.0))) + result.duration
+        if not row.get("cut"):  # the boot ended before its instant: say so first
+            judged["outcome"] = f"no cut; the boot after it {judged['outcome']}"
         detail = str(row.get("detail", "")) + initrd_fsck(result.console)
         if not judged["ok"]:
             detail += f"; next boot: console-{m.boots}.log in {m.work}"
