@@ -6,8 +6,9 @@ provisioning (the seal, luks-format, mkfs, layout/seeding and commit steps), an 
 under a writer, a btrfs online shrink (under a writer too), the offline ext4 shrink in the
 initrd, the re-seal after a recovery unlock, and a factory reset. The instant is a seeded
 fraction of the window an uncut boot of the same machine measured (the arrival times of
-its console lines: the initrd's ``pystate: STEP done in`` lines, the guest's TT-GO and
-TT-RESIZED), counted from an anchor line. The next boot of the machine must come up with
+its console lines: the initrd's ``pystate: STEP done in`` lines; in the booted system the
+resize's decision line, echoed by the guest, and its steps' time as pystate logs it),
+counted from an anchor line. The next boot of the machine must come up with
 one complete image (``encrypted.img.new`` gone), every file whose fsync returned before the
 cut intact (the guest's writer logs ``TT-FSYNC name sha256`` once the file and its
 directory are fsync'd; the next boot lists every file with its sha256), ``e2fsck -fn`` /
