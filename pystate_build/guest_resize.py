@@ -417,6 +417,221 @@ def cmd_bench_grow(runs="5", *extra):
     os.unlink(f"{DATA}/bench/data")
 
 
+# --- build.py torture (pystate_build/torture.py): power cuts at random instants ------------
+#
+# Every torture boot that reaches here runs tt-check first: it checks what the previous
+# boot (maybe cut) left. The writer logs each file only once its data and its directory
+# entry are fsync'd: "TT-FSYNC <name> <sha256>"; the host verifies every logged file at
+# the next check. Lines are written with one write(2) each and the console's printk level
+# is lowered first, so kernel messages do not split them.
+
+TT = f"{DATA}/tt"  # the writer's files, inside the image
+INNER_MARK = f"{DATA}/marker"  # written once; must survive every cut but a factory reset
+OUTER_MARK = f"{STATE}/.torture-marker"  # on the outer fs (a dot name: a reset keeps it)
+TT_FILE_KIB = 512
+
+
+def say(line):
+    os.write(1, (line + "\n").encode())
+
+
+def quiet_console():
+    """Kernel messages off the console: they would split the guest's lines."""
+    with open("/proc/sys/kernel/printk", "w") as f:
+        f.write("1")
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def source_of(mountpoint):
+    with open("/proc/self/mounts") as f:
+        found = [line.split()[0] for line in f if line.split()[1] == mountpoint]
+    return found[-1] if found else None
+
+
+def frozen_check(mountpoint, device, fstype):
+    """fsck -n of a mounted file system, frozen meanwhile (FIFREEZE flushes the journal and
+    clears needs_recovery, so the device holds a consistent file system)."""
+    if fstype == "btrfs":
+        argv = ["btrfs", "check", "--readonly", "--force", device]
+    else:
+        argv = ["e2fsck", "-f", "-n", device]
+    frozen = subprocess.run(["fsfreeze", "-f", mountpoint], capture_output=True, check=False)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    finally:
+        if frozen.returncode == 0:
+            subprocess.run(["fsfreeze", "-u", mountpoint], check=False)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return {
+        "device": device,
+        "fstype": fstype,
+        "status": proc.returncode,
+        "frozen": frozen.returncode == 0,
+        "tail": lines[-6:],
+    }
+
+
+def cmd_tt_check():
+    """What the previous boot left: markers, image, every writer file's sha, both fsck."""
+    quiet_console()
+    image = {
+        "img": os.path.exists(IMG),
+        "new": os.path.exists(IMG + ".new"),
+        "mapped": os.path.exists(DM),
+        "mounted": source_of(ENC) is not None,
+        "size": os.stat(IMG).st_size if os.path.exists(IMG) else None,
+    }
+    out("TT-IMAGE", **image)
+    for name, path in (("outer", OUTER_MARK), ("inner", INNER_MARK)):
+        say(f"TT-MARK {name} {sha(path) if os.path.isfile(path) else 'absent'}")
+    key = f"{ENC}/.pystate/recovery-key"
+    if os.path.isfile(key):
+        with open(key) as f:
+            say(f"TT-RECOVERY {f.read().strip()}")
+    names = sorted(os.listdir(TT)) if os.path.isdir(TT) else []
+    for name in names:
+        say(f"TT-HAVE {name} {sha(f'{TT}/{name}')}")
+    say(f"TT-HAVE-END {len(names)}")
+    checks = {}
+    if image["mounted"]:
+        checks["inner"] = frozen_check(ENC, DM, _fstype(ENC))
+    checks["outer"] = frozen_check(STATE, source_of(STATE), _fstype(STATE))
+    out("TT-FSCK", **checks)
+    import shutil
+
+    shutil.rmtree(TT, ignore_errors=True)  # checked: room for the next boot's writer
+    if image["mounted"] and not os.path.isfile(INNER_MARK):
+        # a new image (first boot, factory reset): the marker for the cuts to come
+        os.makedirs(DATA, exist_ok=True)
+        write_file(INNER_MARK, 1, random=True)
+        fsync_dir(DATA)
+        say(f"TT-MARK-NEW inner {sha(INNER_MARK)}")
+    subprocess.run(["sync"], check=False)
+    out("TT-CHECKED", files=len(names))
+
+
+class Writer:
+    """A thread writing TT_FILE_KIB files, each fsync'd (data, then its directory) and then
+    logged with its sha256; stops on stop() or on an error (logged, e.g. ENOSPC)."""
+
+    def __init__(self, prefix):
+        import threading
+
+        self.prefix, self.count, self.error = prefix, 0, None
+        self.stopping = threading.Event()
+        os.makedirs(TT, exist_ok=True)
+        fsync_dir(DATA)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.is_set():
+            name = f"{self.prefix}-{self.count:05d}"
+            data = os.urandom(TT_FILE_KIB * 1024)
+            try:
+                fd = os.open(f"{TT}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fsync_dir(TT)
+            except OSError as exc:
+                self.error = f"{name}: {exc}"
+                say(f"TT-WRITER-ERROR {self.error}")
+                return
+            say(f"TT-FSYNC {name} {hashlib.sha256(data).hexdigest()}")
+            self.count += 1
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        return {"files": self.count, "error": self.error}
+
+
+def _resize_to(size, *extra):
+    """pystate resize --to size; each line it prints is echoed at once as TT-RESIZE <line>
+    (a pty, so its stdout is line-buffered): the decision comes just before the steps."""
+    t0 = time.monotonic()
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        ["/usr/bin/pystate", "resize", "--log", "/dev/kmsg", "--to", str(size), *extra],
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    lines, pending = [], b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its side
+            data = b""
+        if not data:
+            break
+        *complete, pending = (pending + data).split(b"\n")
+        for raw in complete:
+            line = raw.decode(errors="replace").strip()
+            lines.append(line)
+            say(f"TT-RESIZE {line}")
+    os.close(master)
+    return {
+        "status": proc.wait(),
+        "ms": round((time.monotonic() - t0) * 1000),
+        "output": lines[-3:],
+    }
+
+
+def cmd_tt_grow(boot, mib="128"):
+    """An online grow under the writer: the host cuts between TT-GO and TT-RESIZED."""
+    quiet_console()
+    writer = Writer(f"b{boot}")
+    time.sleep(1)
+    size = os.stat(IMG).st_size
+    say("TT-GO grow")
+    result = _resize_to(size + int(mib) * MIB)
+    say(f"TT-RESIZED {json.dumps(result)}")
+    time.sleep(1)
+    out("TT-GROW", before=size, after=os.stat(IMG).st_size, resize=result, writer=writer.stop())
+
+
+def cmd_tt_shrink(boot, mib="128"):
+    """btrfs: grow by mib (uncut), then the online shrink back under the writer."""
+    quiet_console()
+    size = os.stat(IMG).st_size
+    grown = _resize_to(size + int(mib) * MIB)
+    writer = Writer(f"b{boot}")
+    time.sleep(1)
+    say("TT-GO shrink")
+    result = _resize_to(size)
+    say(f"TT-RESIZED {json.dumps(result)}")
+    time.sleep(1)
+    out("TT-SHRINK", grown=grown, before=size + int(mib) * MIB, after=os.stat(IMG).st_size,
+        resize=result, writer=writer.stop())  # fmt: skip
+
+
+def cmd_tt_arm_shrink(boot, mib="192"):
+    """ext4: grow by mib, write (and log) files into the grown image, ask for the shrink
+    back: the next boot's initrd carries it out offline (resize2fs moves those files)."""
+    quiet_console()
+    size = os.stat(IMG).st_size
+    grown = _resize_to(size + int(mib) * MIB)
+    writer = Writer(f"b{boot}")
+    time.sleep(8)
+    written = writer.stop()
+    request = _resize_to(size)
+    armed = os.path.exists(f"{STATE}/.pystate/shrink-request")
+    out("TT-ARMED", grown=grown, request=request, armed=armed, writer=written, size=size)
+
+
 COMMANDS = {
     "fill": cmd_fill,
     "markers": cmd_markers,
@@ -425,6 +640,10 @@ COMMANDS = {
     "home": cmd_home,
     "crash": cmd_crash,
     "bench-grow": cmd_bench_grow,
+    "tt-check": cmd_tt_check,
+    "tt-grow": cmd_tt_grow,
+    "tt-shrink": cmd_tt_shrink,
+    "tt-arm-shrink": cmd_tt_arm_shrink,
 }
 
 

@@ -6,6 +6,14 @@ harness kernel, the initrd and the disk as virtio-blk, the serial console on a p
 console is streamed (to stdout when ``echo``) and scanned: a kernel panic, a reboot request or
 an emergency shell ends the boot early; ``answers`` send a line to the console when a text
 appears (prompts such as the recovery key). swtpm and QEMU are killed on every exit path.
+``kill_after`` (a ``KillAfter``) cuts the power at a chosen instant: QEMU gets SIGKILL a delay
+after the first console line matching a pattern (build.py torture). Every console line is
+kept with its arrival time (``BootResult.lines``), so an uncut boot measures the windows a
+later boot cuts into.
+
+``cache`` is the state disks' QEMU cache mode: ``unsafe`` (the default: fast, guest flushes
+ignored) or ``writeback``/``none`` (flushes reach the host's storage); docs/reliability.md
+says what a SIGKILL of QEMU loses under each.
 
 With ``uefi`` (a ``Uefi``) QEMU boots OVMF instead of the kernel: the firmware finds the
 boot loader on the disks' EFI system partition (``build.py disk --esp``), and the kernel, the
@@ -45,6 +53,7 @@ USAGE = 2
 TIMEOUT = 3
 QEMU_FAILED = 4  # QEMU or swtpm could not start, or QEMU exited with an error
 MARKER_MISSING = 5  # powered off normally but an expected marker never appeared
+KILLED = 6  # the harness cut the power as asked (kill_after): not a failure of the guest
 
 TAIL_LINES = 40
 DEFAULT_TIMEOUT = 300.0
@@ -63,6 +72,7 @@ FAILURE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"Dropping to debug shell", "dracut emergency shell"),
 )
 POWER_OFF = "reboot: Power down"
+CACHE_MODES = ("unsafe", "writeback", "none", "directsync", "writethrough")
 
 
 @dataclass(frozen=True)
@@ -83,12 +93,16 @@ class Answer:
 
 @dataclass(frozen=True)
 class BootResult:
-    returncode: int  # one of OK, GUEST_FAILED, TIMEOUT, QEMU_FAILED, MARKER_MISSING
+    returncode: int  # one of OK, GUEST_FAILED, TIMEOUT, QEMU_FAILED, MARKER_MISSING, KILLED
     console: str
     duration: float  # seconds from QEMU's start to its end
     reason: str = ""  # why it failed, empty on success
     qemu_status: int | None = None
     argv: tuple[str, ...] = field(default=(), repr=False)
+    # (seconds since QEMU's start, line) for every complete console line, as it arrived
+    lines: tuple[tuple[float, str], ...] = field(default=(), repr=False)
+    killed_at: float | None = None  # with kill_after: when QEMU got SIGKILL (since start)
+    anchor_at: float | None = None  # with kill_after: when the anchor line arrived
 
     @property
     def ok(self) -> bool:
@@ -117,6 +131,17 @@ class Uefi:
     def secure_boot(cls, vars_template: Path) -> Uefi:
         """The Secure Boot code with a store that has keys enrolled (secureboot.py)."""
         return cls(OVMF / "OVMF_CODE_4M.secboot.fd", vars_template, smm=True)
+
+
+@dataclass(frozen=True)
+class KillAfter:
+    """Cut the power: SIGKILL QEMU ``delay`` seconds after the first console line that
+    matches ``pattern`` (a regex, searched in each complete line). QEMU then dies with
+    whatever it had not written to the disk image yet; the boot's result is KILLED. When
+    the line never appears the boot ends as it would have without the cut."""
+
+    pattern: str
+    delay: float
 
 
 class HarnessError(Exception):
@@ -209,9 +234,13 @@ def qemu_argv(
     uefi: Uefi | None = None,
     efi_vars: Path | None = None,
     boot_disk: int = 0,
+    cache: str = "unsafe",
 ) -> list[str]:
     """The QEMU command line (pure; tests and --dry-run show it). With ``uefi`` the firmware
-    boots disk number ``boot_disk`` first, and kernel, initrd and append are not used."""
+    boots disk number ``boot_disk`` first, and kernel, initrd and append are not used.
+    ``cache``: the disks' cache mode (unsafe ignores the guest's flushes)."""
+    if cache not in CACHE_MODES:
+        raise HarnessError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
     argv = [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -253,7 +282,7 @@ def qemu_argv(
     for i, disk in enumerate(disks):
         argv += [
             "-drive",
-            f"file={disk},format=raw,if=none,id=disk{i},cache=unsafe,discard=unmap",
+            f"file={disk},format=raw,if=none,id=disk{i},cache={cache},discard=unmap",
             "-device",
             f"virtio-blk-pci,drive=disk{i},serial=disk{i}{blocks}"
             + (",bootindex=1" if uefi is not None and i == boot_disk else ""),
@@ -282,6 +311,9 @@ class _Console:
         self.failure: str | None = None
         self.failure_at = 0.0
         self._pending = b""
+        self.started = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self._partial = ""  # the last line, until its newline arrives
 
     def feed(self, data: bytes) -> list[str]:
         """Add console bytes; return the replies to send now."""
@@ -301,6 +333,9 @@ class _Console:
             return []
         start = max(0, len(self.text) - 200)
         self.text += chunk
+        now = time.monotonic() - self.started
+        *complete, self._partial = (self._partial + chunk).split("\n")
+        self.lines += [(now, line) for line in complete]
         for stream in (self.echo, self.log):
             if stream is not None:
                 stream.write(chunk)
@@ -344,6 +379,8 @@ def boot(
     efi_vars: Path | str | None = None,
     boot_disk: int = 0,
     tpm_trace: Path | None = None,
+    cache: str = "unsafe",
+    kill_after: KillAfter | None = None,
 ) -> BootResult:
     """Boot ``disk`` (one image or a list; the first is vda) and watch the console.
 
@@ -352,6 +389,8 @@ def boot(
     With ``uefi``, OVMF boots disk ``boot_disk``'s ESP; ``efi_vars`` is the machine's
     variable store (default: ``efivars.fd`` beside ``tpm_state``; a new one is copied from
     ``uefi.vars_template``).
+
+    ``kill_after`` cuts the power at an instant (KILLED); ``cache`` is the disks' cache mode.
 
     Returns a BootResult whose returncode is OK only when the guest powered off by itself
     and every ``expect`` marker appeared. Never raises for a guest failure; raises
@@ -399,8 +438,10 @@ def boot(
                 uefi=uefi,
                 efi_vars=store,
                 boot_disk=boot_disk,
+                cache=cache,
             )
-            return _run_qemu(argv, console, timeout, expect, interact, start)
+            console.started = start
+            return _run_qemu(argv, console, timeout, expect, interact, start, kill_after)
         except HarnessError as exc:
             return BootResult(
                 QEMU_FAILED, console.text, time.monotonic() - start, str(exc), None, tuple(argv)
@@ -428,6 +469,7 @@ def _run_qemu(
     expect: Sequence[str],
     interact: bool,
     start: float,
+    kill_after: KillAfter | None = None,
 ) -> BootResult:
     if shutil.which(argv[0]) is None:
         raise HarnessError(f"{argv[0]} not found (apt-get install qemu-system-x86)")
@@ -443,6 +485,9 @@ def _run_qemu(
     stderr_chunks: list[bytes] = []
     reason = ""
     code = OK
+    anchor_at: float | None = None  # kill_after's line seen at (monotonic)
+    killed_at: float | None = None
+    kill = re.compile(kill_after.pattern) if kill_after is not None else None
     sel = selectors.DefaultSelector()
     try:
         os.set_blocking(proc.stdout.fileno(), False)
@@ -461,7 +506,21 @@ def _run_qemu(
             # after a failure, read the rest of the message (a panic's trace) for a moment
             if console.failure is not None and now - console.failure_at > 1.5:
                 break
-            for key, _ in sel.select(timeout=min(0.2, max(0.0, deadline - now))):
+            wait = min(0.2, max(0.0, deadline - now))
+            if anchor_at is not None and kill_after is not None:
+                cut = anchor_at + kill_after.delay
+                if now >= cut:  # the power cut: no SIGTERM, QEMU gets no chance to flush
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    killed_at = time.monotonic()
+                    code = KILLED
+                    reason = (
+                        f"power cut: SIGKILL {kill_after.delay * 1000:.0f} ms after "
+                        f"the line matching {kill_after.pattern!r}"
+                    )
+                    break
+                wait = min(wait, cut - now)
+            for key, _ in sel.select(timeout=wait):
                 data = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
                 if not data:
                     sel.unregister(key.fileobj)
@@ -469,10 +528,18 @@ def _run_qemu(
                 elif key.data == "err":
                     stderr_chunks.append(data)
                 else:
+                    seen = len(console.lines)
                     for reply in console.feed(data):
                         with contextlib.suppress(BrokenPipeError):
                             proc.stdin.write(reply.encode() + b"\n")
                             proc.stdin.flush()
+                    if kill is not None and anchor_at is None:
+                        for at, line in console.lines[seen:]:
+                            if kill.search(line):
+                                anchor_at = start + at
+                                break
+        if killed_at is not None:  # what QEMU wrote to the console before it died counts
+            _drain(sel, console, stderr_chunks)
     finally:
         sel.close()
         _kill_qemu(proc)
@@ -492,7 +559,32 @@ def _run_qemu(
             if missing:
                 code = MARKER_MISSING
                 reason = "expected marker(s) never appeared: " + ", ".join(map(repr, missing))
-    return BootResult(code, console.text, duration, reason, status, tuple(argv))
+    return BootResult(
+        code,
+        console.text,
+        duration,
+        reason,
+        status,
+        tuple(argv),
+        tuple(console.lines),
+        None if killed_at is None else killed_at - start,
+        None if anchor_at is None else anchor_at - start,
+    )
+
+
+def _drain(sel: selectors.BaseSelector, console: _Console, stderr: list[bytes]) -> None:
+    """After the SIGKILL: read the pipes to their end (the console lines QEMU had already
+    written are evidence of what the guest did before the cut)."""
+    deadline = time.monotonic() + 2
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.2):
+            data = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
+            if not data:
+                sel.unregister(key.fileobj)
+            elif key.data == "err":
+                stderr.append(data)
+            else:
+                console.feed(data)
 
 
 def _kill_qemu(proc: subprocess.Popen[bytes]) -> None:

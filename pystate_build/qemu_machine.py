@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import qemu_harness as harness
 from .roots import TESTROOT_MARKER
@@ -48,6 +48,7 @@ class Machine:
     # takes no words. The variable store is work/efivars.fd, beside the TPM state.
     uefi: harness.Uefi | None = None
     boot_disk: int = 0  # with uefi: which of the disks the firmware boots
+    cache: str = "unsafe"  # the disk's QEMU cache mode (build.py torture: writeback)
 
     @property
     def efi_vars(self) -> Path:
@@ -74,11 +75,13 @@ class Machine:
         expect: Sequence[str] | None = None,
         disk: Path | Sequence[Path] | None = None,
         tpm_trace: Path | None = None,
+        kill_after: harness.KillAfter | None = None,
     ) -> harness.BootResult:
         """Boot once, ``words`` added to the kernel command line; ``disk`` boots another
         image (a modified copy) with this machine's initrd and TPM; ``expect`` replaces the
         machine's markers (``()``: none, for a boot that must stop); ``tpm_trace`` keeps
-        swtpm's log of every TPM command and response."""
+        swtpm's log of every TPM command and response; ``kill_after`` cuts the power at an
+        instant (harness.KillAfter)."""
         if self.uefi is not None and words:
             raise ValueError(f"machine {self.name} boots a UKI: its command line is fixed")
         self.boots += 1
@@ -97,14 +100,23 @@ class Machine:
             memory=self.memory,
             log=self.work / f"console-{self.boots}.log",
             tpm_trace=tpm_trace,
+            cache=self.cache,
+            kill_after=kill_after,
         )
 
-    def run(self, commands: str, *tags: str, words: Sequence[str] = ()) -> harness.BootResult:
+    def run(
+        self,
+        commands: str,
+        *tags: str,
+        words: Sequence[str] = (),
+        **boot: Any,
+    ) -> harness.BootResult:
         """Boot the resize guest with ``rt.run=commands`` (``CMD,ARG…;CMD…``); the last
-        ``RT-<tag>`` result of each tag goes to ``results`` (AssertionError when missing)."""
+        ``RT-<tag>`` result of each tag goes to ``results`` (AssertionError when missing);
+        ``boot``: more keywords for ``boot()`` (answers, expect, kill_after)."""
         from .bench_resize import rt_result
 
-        result = self.boot(f"rt.run={commands}", *words)
+        result = self.boot(f"rt.run={commands}", *words, **boot)
         for tag in tags:
             value = rt_result(result.console, tag)
             assert value is not None, f"no RT-{tag}\n{harness.describe(result)}"
