@@ -33,10 +33,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+# Wraps swtpm's control socket for QEMU (torture_tpm.py's proxy): given swtpm's socket,
+# yields the one QEMU connects to.
+TpmProxy = Callable[[Path], AbstractContextManager[Path]]
 
 # Exit statuses of qemu/boot (and BootResult.returncode).
 OK = 0
@@ -208,9 +213,14 @@ def qemu_argv(
     uefi: Uefi | None = None,
     efi_vars: Path | None = None,
     boot_disk: int = 0,
+    blkdebug: Mapping[int, Path] | None = None,
 ) -> list[str]:
     """The QEMU command line (pure; tests and --dry-run show it). With ``uefi`` the firmware
-    boots disk number ``boot_disk`` first, and kernel, initrd and append are not used."""
+    boots disk number ``boot_disk`` first, and kernel, initrd and append are not used.
+    ``blkdebug`` maps a disk's index to a blkdebug configuration (blkdebug.py) that injects
+    I/O errors on it."""
+    from .blkdebug import drive_spec
+
     argv = [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -252,7 +262,8 @@ def qemu_argv(
     for i, disk in enumerate(disks):
         argv += [
             "-drive",
-            f"file={disk},format=raw,if=none,id=disk{i},cache=unsafe,discard=unmap",
+            f"{drive_spec(disk, (blkdebug or {}).get(i))},if=none,id=disk{i},"
+            "cache=unsafe,discard=unmap",
             "-device",
             f"virtio-blk-pci,drive=disk{i},serial=disk{i}{blocks}"
             + (",bootindex=1" if uefi is not None and i == boot_disk else ""),
@@ -342,12 +353,15 @@ def boot(
     uefi: Uefi | None = None,
     efi_vars: Path | str | None = None,
     boot_disk: int = 0,
+    blkdebug: Mapping[int, Path] | None = None,
+    tpm_proxy: TpmProxy | None = None,
 ) -> BootResult:
     """Boot ``disk`` (one image or a list; the first is vda) and watch the console.
 
     With ``uefi``, OVMF boots disk ``boot_disk``'s ESP; ``efi_vars`` is the machine's
     variable store (default: ``efivars.fd`` beside ``tpm_state``; a new one is copied from
-    ``uefi.vars_template``).
+    ``uefi.vars_template``). ``blkdebug``: I/O errors injected on disks (qemu_argv);
+    ``tpm_proxy``: QEMU reaches swtpm through it (torture_tpm.py).
 
     Returns a BootResult whose returncode is OK only when the guest powered off by itself
     and every ``expect`` marker appeared. Never raises for a guest failure; raises
@@ -378,6 +392,8 @@ def boot(
             state = Path(tpm_state) if tpm_state is not None else tmp / "tpm"
             if tpm:
                 sock = stack.enter_context(_swtpm(state, tmp))
+                if tpm_proxy is not None:
+                    sock = stack.enter_context(tpm_proxy(sock))
             store = None
             if uefi is not None:
                 store = Path(efi_vars) if efi_vars is not None else efi_vars_beside(state)
@@ -395,6 +411,7 @@ def boot(
                 uefi=uefi,
                 efi_vars=store,
                 boot_disk=boot_disk,
+                blkdebug=blkdebug,
             )
             return _run_qemu(argv, console, timeout, expect, interact, start)
         except HarnessError as exc:

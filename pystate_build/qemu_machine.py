@@ -14,7 +14,7 @@ No ``register``: build.py imports it and adds no subcommand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,10 +73,13 @@ class Machine:
         answers: Sequence[str] = (),
         expect: Sequence[str] | None = None,
         disk: Path | Sequence[Path] | None = None,
+        blkdebug: Mapping[int, Path] | None = None,
+        tpm_proxy: harness.TpmProxy | None = None,
     ) -> harness.BootResult:
         """Boot once, ``words`` added to the kernel command line; ``disk`` boots another
         image (a modified copy) with this machine's initrd and TPM; ``expect`` replaces the
-        machine's markers (``()``: none, for a boot that must stop)."""
+        machine's markers (``()``: none, for a boot that must stop); ``blkdebug`` and
+        ``tpm_proxy`` inject faults (harness.boot)."""
         if self.uefi is not None and words:
             raise ValueError(f"machine {self.name} boots a UKI: its command line is fixed")
         self.boots += 1
@@ -94,6 +97,8 @@ class Machine:
             timeout=self.timeout,
             memory=self.memory,
             log=self.work / f"console-{self.boots}.log",
+            blkdebug=blkdebug,
+            tpm_proxy=tpm_proxy,
         )
 
     def run(self, commands: str, *tags: str, words: Sequence[str] = ()) -> harness.BootResult:
