@@ -41,6 +41,7 @@ KINDS = ("disk", "tpm", "full")
 MIB = 1 << 20
 STATE_SIZE = 1 << 30
 TIMEOUT = 420.0
+FULL_TIMEOUT = 900.0
 
 # What a case's boot gave: the boot, what the verdict looks at, a note on the injection.
 Ran = tuple[harness.BootResult, fault_verdict.Seen, str]
@@ -187,11 +188,13 @@ def _image_rules(lab: Lab, event: str, start: int, length: int) -> list[blkdebug
 
 def _disk_boot(
     lab: Lab, case: str, rules: list[blkdebug.Injection], commands: str, *,
-    fresh: bool = False,
+    fresh: bool = False, words: tuple[str, ...] = (),
 ) -> Ran:  # fmt: skip
     m = lab.clone(case, fresh_disk=fresh)
     conf = blkdebug.write_config(m.work / "blkdebug.conf", rules)
-    result = m.boot(f"rt.run={commands}", answers=_answers(m), expect=(), blkdebug={0: conf})
+    result = m.boot(
+        f"rt.run={commands}", *words, answers=_answers(m), expect=(), blkdebug={0: conf}
+    )
     problems = []
     from .bench_resize import rt_result
 
@@ -205,8 +208,11 @@ def _disk_boot(
 
 
 def case_gpt_read(lab: Lab, case: str) -> Ran:
-    # The primary GPT header (LBA 1) unreadable for good: the backup is at the disk's end.
-    return _disk_boot(lab, case, [blkdebug.Injection("read_aio", 1)], "marker")
+    # The disk's first 4 KiB (protective MBR, primary GPT header) unreadable for good; the
+    # backup is at the disk's end. Without ``gpt`` the kernel, which refuses a disk whose
+    # protective MBR it cannot read, would find no root partition: pystate would not run.
+    rules = [blkdebug.Injection("read_aio", sector) for sector in range(8)]
+    return _disk_boot(lab, case, rules, "marker", words=("gpt",))
 
 
 def case_luks_header_read(lab: Lab, case: str) -> Ran:
@@ -293,7 +299,8 @@ def _full_case(
 
         m = lab.fresh(f"full-{state_fs}", state_fs)
         before = {"home_marker": (m.work / "state" / fault_host.HOME_MARKER).read_text()}
-        result = m.boot("rt.run=marker;full,900", expect=())
+        m.timeout = FULL_TIMEOUT
+        result = m.boot("rt.run=marker;full,600", expect=())
         full = rt_result(result.console, "FULL")
         problems = full_problems(full)
         note = ""
