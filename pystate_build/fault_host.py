@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -126,33 +127,43 @@ def disk_ranges(
 
 
 def da_lockout(tpm_state: Path) -> str:
-    """Put the swtpm state in dictionary-attack lockout: maxTries 0 locks out every
-    DA-protected authorization at once. Returns tpm2_getcap's lockout properties."""
+    """Put the swtpm state in dictionary-attack lockout for a day: at most one failed
+    authorization, then one wrong password on a DA-protected key (a primary with a password
+    and no ``noda``). Returns tpm2_getcap's lockout properties afterwards."""
     sock = tpm_state / "host.sock"
     proc = subprocess.Popen(
         ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tpm_state}",
          "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
-         "--flags", "startup-clear"],
+         "--flags", "startup-clear,not-need-init"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     env = {**os.environ, "TPM2TOOLS_TCTI": f"swtpm:path={sock}"}
+    work = Path(tempfile.mkdtemp(prefix="pystate-da."))
+
+    def tool(*argv: str, check: bool = True) -> str:
+        return subprocess.run(
+            argv, env=env, capture_output=True, text=True, check=check, cwd=work
+        ).stdout
+
     try:
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        subprocess.run(
-            ["tpm2_dictionarylockout", "-s", "-n", "0", "-t", "86400", "-l", "86400"],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
-        props = subprocess.run(
-            ["tpm2_getcap", "properties-variable"], env=env, capture_output=True, text=True,
-            check=True,
-        ).stdout  # fmt: skip
+        tool("tpm2_dictionarylockout", "-s", "-n", "1", "-t", "86400", "-l", "86400")
+        tool("tpm2_createprimary", "-Q", "-C", "o", "-G", "ecc", "-c", "da.ctx", "-p", "good")
+        tool("tpm2_flushcontext", "-t")
+        tool("tpm2_create", "-Q", "-C", "da.ctx", "-P", "wrong", "-G", "ecc",
+             "-u", "k.pub", "-r", "k.priv", check=False)  # fmt: skip
+        tool("tpm2_flushcontext", "-t")
+        props = tool("tpm2_getcap", "properties-variable")
     finally:
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
         for path in (sock, Path(f"{sock}.ctrl")):
             with contextlib.suppress(OSError):
                 path.unlink()
     wanted = ("inLockout", "TPM2_PT_LOCKOUT_COUNTER", "TPM2_PT_MAX_AUTH_FAIL")
-    return " ".join(line.strip() for line in props.splitlines() if any(w in line for w in wanted))
+    return ", ".join(
+        " ".join(line.split()) for line in props.splitlines() if any(w in line for w in wanted)
+    )

@@ -142,11 +142,13 @@ def _answers(m: Machine) -> list[str]:
     return [f"(try 1 of 3):={m.recovery_key}"]
 
 
-def _marker_problems(result: harness.BootResult, lab: Lab) -> list[str]:
+def _marker_problems(result: harness.BootResult, lab: Lab, *, fresh: bool = False) -> list[str]:
+    """The guest's marker check against the provisioned machine's (a fresh machine makes
+    its own)."""
     from .bench_resize import rt_result
 
     marker = rt_result(result.console, "MARKER")
-    if marker is None:
+    if marker is None or fresh:
         return []
     golden = lab.golden().results["MARKER"]
     problems = []
@@ -155,6 +157,20 @@ def _marker_problems(result: harness.BootResult, lab: Lab) -> list[str]:
     if marker["created"]:
         problems.append("the marker inside the image was missing (a new image?)")
     return problems
+
+
+def _next_boot(lab: Lab, m: Machine, *, fresh: bool = False) -> tuple[str, list[str]]:
+    """After a disk fault, the same disk boots once more without it: it must come back
+    (a provisioning fault: provision), with the marker of before."""
+    result = m.boot("rt.run=marker", answers=_answers(m), expect=())
+    problems = _marker_problems(result, lab, fresh=fresh)
+    if fault_verdict.TRACEBACK in result.console:
+        problems.append("the next boot printed a traceback")
+    if fault_verdict.DONE not in result.console:
+        problems.append(
+            "the next boot did not come back: " + fault_verdict.pystate_line(result.console)
+        )
+    return ("next boot " + ("ok" if not problems else "FAILED")), problems
 
 
 def _seen(
@@ -168,7 +184,7 @@ def _seen(
     after = dataclasses.asdict(fault_host.identity(m.layout))
     return fault_verdict.Seen(
         result.console, result.returncode == harness.TIMEOUT, before, after,
-        [*problems, *_marker_problems(result, lab)], fresh,
+        [*problems, *_marker_problems(result, lab, fresh=fresh)], fresh,
     )  # fmt: skip
 
 
@@ -203,8 +219,14 @@ def _disk_boot(
         problems.append(f"fsync'd files read back wrong: {grow['bad']}")
     note = f"{len(rules)} rule(s)"
     if grow is not None:
-        note += f"; grow: {grow['files']} files, failure {grow['failure']}"
-    return result, _seen(lab, m, result, problems, fresh=fresh), note
+        note += (
+            f"; grow: {grow['files']} files fsync'd and read back, then {grow['failure']}, "
+            f"service exit {grow['service_status']}"
+        )
+    seen = _seen(lab, m, result, problems, fresh=fresh)
+    after, next_problems = _next_boot(lab, m, fresh=fresh)
+    seen = dataclasses.replace(seen, problems=[*seen.problems, *next_problems])
+    return result, seen, f"{note}; {after}"
 
 
 def case_gpt_read(lab: Lab, case: str) -> Ran:

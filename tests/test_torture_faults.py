@@ -260,6 +260,35 @@ def test_filefrag_extents_map_to_disk_ranges() -> None:
         (start + 69632 * 512 + (4 << 20) - 2048, 2048), (start + 98304 * 512, 2048)]  # fmt: skip
 
 
+# --- regressions the torture found (host) ---------------------------------------------------
+
+
+def test_an_unreadable_inner_superblock_is_named_an_io_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """disk inner-fs-read: an I/O error on the opened image's first block stopped the boot
+    with "holds no ext4 or btrfs file system: the image's content is damaged" (restore from
+    a backup!), a wrong diagnosis; it now names the read error."""
+    from pystate_initrd.system import block
+    from pystate_initrd.volume import stack
+
+    device = tmp_path / "dm"
+    device.write_bytes(bytes(8192))
+
+    def eio(fd: int, n: int, offset: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(stack, "DM_PATH", str(device))
+    monkeypatch.setattr(block.os, "pread", eio)
+    with pytest.raises(stack.VolumeError, match="cannot read .*Input/output error") as info:
+        stack.check_inner()
+    assert "damaged" not in str(info.value) and "I/O error" in info.value.hint
+    monkeypatch.undo()
+    monkeypatch.setattr(stack, "DM_PATH", str(device))  # zeros: still "damaged"
+    with pytest.raises(stack.VolumeError, match="holds no ext4 or btrfs file system"):
+        stack.check_inner()
+
+
 # --- QEMU: the CI slice -------------------------------------------------------------------
 
 
