@@ -153,11 +153,17 @@ def cmd_full(seconds="900"):
     home, var = Writer("/home/fill"), Writer(f"{base.DATA}/fill")
     rewriter = Rewriter(paths)
     samples, reserve_broken = [], []
-    for t in (home, var, rewriter):
+    for t in (var, rewriter):
         t.start()
-    deadline = time.monotonic() + float(seconds)
-    last = base.space()
-    while (home.is_alive() or var.is_alive()) and time.monotonic() < deadline:
+    t0 = time.monotonic()
+    deadline = t0 + float(seconds)
+    last, home_at = base.space(), None
+    while (home.is_alive() or var.is_alive() or home_at is None) and time.monotonic() < deadline:
+        # /home starts once the service has grown the image (or after 60 s): both areas
+        # then race for what is left, with grows under way.
+        if home_at is None and (last["image"] > start["image"] or time.monotonic() - t0 > 60):
+            home.start()
+            home_at = round(time.monotonic() - t0, 1)
         time.sleep(0.25)
         now = base.space()
         # The service may grow only while the outer file system is above its reserve.
@@ -191,6 +197,7 @@ def cmd_full(seconds="900"):
         images=sorted(set(samples)),
         service_status=status,
         timed_out=home.is_alive() or var.is_alive(),
+        home_started=home_at,
         fsck=fsck,
         errors=errors,
     )

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import blkdebug, fault_host, fault_verdict, tpm_proxy
 from . import qemu_harness as harness
@@ -325,16 +326,7 @@ def _full_case(
         result = m.boot("rt.run=marker;full,600", expect=())
         full = rt_result(result.console, "FULL")
         problems = full_problems(full)
-        note = ""
-        if full is not None:
-            end, reserve = full["end"], full["reserve"]
-            note = (
-                f"home {full['home_files'] * 8} MiB ({full['home_error']}), var "
-                f"{full['var_files'] * 8} MiB ({full['var_error']}), {full['rewrites']} "
-                f"rewrite rounds, image {end['image'] // MIB} MiB, outer free "  # type: ignore[index]
-                f"{end['outer_free'] // MIB} MiB, reserve {int(reserve) // MIB} MiB, "  # type: ignore[index,call-overload]
-                f"fsck {full['fsck']['status']}"  # type: ignore[index]
-            )
+        note = full_note(full) if full is not None else ""
         after = dataclasses.asdict(fault_host.identity(m.layout))
         fsck = outer_fsck(m, state_fs)
         if fsck:
@@ -346,6 +338,19 @@ def _full_case(
         return result, seen, note
 
     return run_full
+
+
+def full_note(full: dict[str, Any]) -> str:
+    """What the guest's FULL result measured, in one line (pure)."""
+    start, end = full["start"], full["end"]
+    return (
+        f"home from {full.get('home_started')} s: {full['home_files'] * 8} MiB "
+        f"({full['home_error']}), var {full['var_files'] * 8} MiB ({full['var_error']}), "
+        f"{full['rewrites']} rewrite rounds, image {start['image'] // MIB}->"
+        f"{end['image'] // MIB} MiB ({len(full['images'])} sizes seen), outer free "
+        f"{end['outer_free'] // MIB} MiB, reserve {int(full['reserve']) // MIB} MiB, "
+        f"inner fsck {full['fsck']['status']}"
+    )
 
 
 def full_problems(full: dict[str, object] | None) -> list[str]:
@@ -502,10 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=OUT / "torture-faults")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     args = p.parse_args(argv)
-    kinds = {k for k in KINDS if not args.only or k in args.only} or set(KINDS)
-    if any(o not in KINDS for o in args.only):
-        kinds = set(KINDS)
-    rows = run(kinds, random.Random(args.seed), args.work, [o for o in args.only])
+    known = set(KINDS) | {c.name for c in CASES}
+    unknown = [o for o in args.only if o not in known]
+    if unknown:
+        p.error(f"--only {unknown[0]}: not a kind or case ({', '.join(sorted(known))})")
+    rows = run(set(KINDS), random.Random(args.seed), args.work, args.only)
     print(table(rows))
     text = json.dumps(rows, indent=1)
     print(text)

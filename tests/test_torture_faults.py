@@ -243,6 +243,15 @@ def test_full_problems_name_each_broken_promise() -> None:
     assert "var writer ended with EIO, not ENOSPC" in problems
     assert any("kernel" in p for p in problems)
     assert torture_faults.full_problems(None) == ["the guest printed no RT-FULL"]
+    note = torture_faults.full_note({
+        **good, "home_started": 12.5, "home_files": 3, "var_files": 2, "rewrites": 9,
+        "start": {"image": 300 << 20}, "end": {"image": 400 << 20, "outer_free": 3 << 20},
+        "images": [1, 2, 3], "reserve": 256 << 20,
+    })  # fmt: skip
+    assert note == (
+        "home from 12.5 s: 24 MiB (ENOSPC), var 16 MiB (ENOSPC), 9 rewrite rounds, "
+        "image 300->400 MiB (3 sizes seen), outer free 3 MiB, reserve 256 MiB, inner fsck 0"
+    )
 
 
 def test_filefrag_extents_map_to_disk_ranges() -> None:
