@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 TRACEBACK = "Traceback (most recent call last)"
 PROMPT = "(try 1 of 3)"
 DONE = "RT-DONE"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 REASON = re.compile(r"error|fail|refus|cannot|stop|no |damaged|lockout|busy|recovery", re.I)
 IO_ERROR = re.compile(r"I/O error, dev vd\w+, sector \d+")
 
@@ -41,13 +42,17 @@ def _strip(line: str) -> str:
 
 
 def pystate_line(console: str) -> str:
-    """The last line pystate logged at error priority or above (its one-line reason)."""
-    lines = [
-        _strip(line) for line in console.splitlines()
-        if "pystate" in line and "RT-" not in line and "pystate-" not in _strip(line)[:8]
-    ]  # fmt: skip
+    """pystate's one-line reason: its last "boot stopped" line, else its last line that
+    looks like an error (its kmsg lines start ``pystate:``)."""
+    lines = []
+    for raw in console.splitlines():
+        line = ANSI.sub("", _strip(raw))
+        line = re.sub(r"^pystate\[\d+\]: ", "", line)
+        if line.startswith("pystate:"):
+            lines.append(line)
+    stops = [line for line in lines if "boot stopped" in line]
     errors = [line for line in lines if REASON.search(line)]
-    return (errors or lines or [""])[-1][:200]
+    return (stops or errors or lines or [""])[-1][:240]
 
 
 def failed_steps(console: str) -> list[str]:
