@@ -41,10 +41,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+# Wraps swtpm's control socket for QEMU (torture_tpm.py's proxy): given swtpm's socket,
+# yields the one QEMU connects to.
+TpmProxy = Callable[[Path], AbstractContextManager[Path]]
 
 # Exit statuses of qemu/boot (and BootResult.returncode).
 OK = 0
@@ -235,10 +240,14 @@ def qemu_argv(
     efi_vars: Path | None = None,
     boot_disk: int = 0,
     cache: str = "unsafe",
+    blkdebug: Mapping[int, Path] | None = None,
 ) -> list[str]:
     """The QEMU command line (pure; tests and --dry-run show it). With ``uefi`` the firmware
     boots disk number ``boot_disk`` first, and kernel, initrd and append are not used.
-    ``cache``: the disks' cache mode (unsafe ignores the guest's flushes)."""
+    ``cache``: the disks' cache mode (unsafe ignores the guest's flushes). ``blkdebug`` maps
+    a disk's index to a blkdebug configuration (blkdebug.py) that injects I/O errors on it."""
+    from .blkdebug import drive_spec
+
     if cache not in CACHE_MODES:
         raise HarnessError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
     argv = [
@@ -282,7 +291,8 @@ def qemu_argv(
     for i, disk in enumerate(disks):
         argv += [
             "-drive",
-            f"file={disk},format=raw,if=none,id=disk{i},cache={cache},discard=unmap",
+            f"{drive_spec(disk, (blkdebug or {}).get(i))},if=none,id=disk{i},"
+            f"cache={cache},discard=unmap",
             "-device",
             f"virtio-blk-pci,drive=disk{i},serial=disk{i}{blocks}"
             + (",bootindex=1" if uefi is not None and i == boot_disk else ""),
@@ -381,6 +391,8 @@ def boot(
     tpm_trace: Path | None = None,
     cache: str = "unsafe",
     kill_after: KillAfter | None = None,
+    blkdebug: Mapping[int, Path] | None = None,
+    tpm_proxy: TpmProxy | None = None,
 ) -> BootResult:
     """Boot ``disk`` (one image or a list; the first is vda) and watch the console.
 
@@ -388,7 +400,8 @@ def boot(
 
     With ``uefi``, OVMF boots disk ``boot_disk``'s ESP; ``efi_vars`` is the machine's
     variable store (default: ``efivars.fd`` beside ``tpm_state``; a new one is copied from
-    ``uefi.vars_template``).
+    ``uefi.vars_template``). ``blkdebug``: I/O errors injected on disks (qemu_argv);
+    ``tpm_proxy``: QEMU reaches swtpm through it (torture_tpm.py).
 
     ``kill_after`` cuts the power at an instant (KILLED); ``cache`` is the disks' cache mode.
 
@@ -421,6 +434,8 @@ def boot(
             state = Path(tpm_state) if tpm_state is not None else tmp / "tpm"
             if tpm:
                 sock = stack.enter_context(_swtpm(state, tmp, tpm_trace))
+                if tpm_proxy is not None:
+                    sock = stack.enter_context(tpm_proxy(sock))
             store = None
             if uefi is not None:
                 store = Path(efi_vars) if efi_vars is not None else efi_vars_beside(state)
@@ -439,6 +454,7 @@ def boot(
                 efi_vars=store,
                 boot_disk=boot_disk,
                 cache=cache,
+                blkdebug=blkdebug,
             )
             console.started = start
             return _run_qemu(argv, console, timeout, expect, interact, start, kill_after)

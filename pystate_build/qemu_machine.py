@@ -14,7 +14,7 @@ No ``register``: build.py imports it and adds no subcommand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,12 +76,15 @@ class Machine:
         disk: Path | Sequence[Path] | None = None,
         tpm_trace: Path | None = None,
         kill_after: harness.KillAfter | None = None,
+        blkdebug: Mapping[int, Path] | None = None,
+        tpm_proxy: harness.TpmProxy | None = None,
     ) -> harness.BootResult:
         """Boot once, ``words`` added to the kernel command line; ``disk`` boots another
         image (a modified copy) with this machine's initrd and TPM; ``expect`` replaces the
         machine's markers (``()``: none, for a boot that must stop); ``tpm_trace`` keeps
         swtpm's log of every TPM command and response; ``kill_after`` cuts the power at an
-        instant (harness.KillAfter)."""
+        instant (harness.KillAfter); ``blkdebug`` and ``tpm_proxy`` inject faults
+        (harness.boot)."""
         if self.uefi is not None and words:
             raise ValueError(f"machine {self.name} boots a UKI: its command line is fixed")
         self.boots += 1
@@ -102,6 +105,8 @@ class Machine:
             tpm_trace=tpm_trace,
             cache=self.cache,
             kill_after=kill_after,
+            blkdebug=blkdebug,
+            tpm_proxy=tpm_proxy,
         )
 
     def run(

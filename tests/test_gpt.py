@@ -821,3 +821,39 @@ def test_free_extents_against_sfdisk(
             assert any(e.first_lba <= a <= b <= e.last_lba for a, b in theirs), (theirs, ours)
     biggest = largest_free_extent(read_gpt(image))
     assert (biggest.size // 512 if biggest else 0) >= max((b - a + 1 for a, b in theirs), default=0)
+
+
+def _failing(data: bytes, bad: range) -> Callable[[int, int], bytes]:
+    """read_at over data whose bytes in ``bad`` fail with EIO (a disk's unreadable block)."""
+
+    def read_at(offset: int, length: int) -> bytes:
+        if offset < bad.stop and offset + length > bad.start:
+            raise OSError(5, "Input/output error")
+        return bytes(data[offset : offset + length])
+
+    return read_at
+
+
+@pytest.mark.parametrize("ss", SIZES)
+def test_unreadable_first_block_uses_the_backup(ss: int) -> None:
+    # Issue 14 fault torture (disk gpt-read): an I/O error on the disk's first 4 KiB
+    # (protective MBR and primary header) made the disk "cannot read the partition table"
+    # although a valid backup GPT was readable at its end.
+    data, layout = base_image(ss)
+    table = parse_gpt(_failing(data, range(0, 4096)), len(data), ss)
+    assert table.used_backup
+    assert "primary GPT damaged (unreadable (Input/output error))" in (table.warning or "")
+    assert_matches_layout(table, layout)
+
+
+def test_unreadable_primary_and_backup_is_no_valid_gpt() -> None:
+    data, _ = base_image(512)
+    primary, last = _failing(data, range(512, 1024)), len(data) - 512
+
+    def read_at(offset: int, length: int) -> bytes:
+        if offset <= last < offset + length:
+            raise OSError(5, "Input/output error")
+        return primary(offset, length)
+
+    with pytest.raises(GptError, match=r"primary unreadable .*backup at LBA \d+ unreadable"):
+        parse_gpt(read_at, len(data), 512)

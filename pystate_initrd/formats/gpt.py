@@ -356,9 +356,19 @@ def _parse_with(read_at: ReadAt, size: int, sector_size: int) -> GptTable:
     total = size // sector_size
     if total < 3:
         raise _Invalid(f"{size} bytes is too small for a GPT with {sector_size}-byte sectors")
-    _check_protective_mbr(_read_exact(read_at, 0, 512))
+    # An I/O error on the first block takes the MBR and the primary with it: a damaged
+    # primary like any other, whose backup's signature and CRCs vouch for it. A readable
+    # MBR that is not protective still refuses the disk.
+    try:
+        mbr: bytes | None = _read_exact(read_at, 0, 512)
+    except OSError as exc:
+        mbr, unreadable = None, f"unreadable ({exc.strerror or exc})"
+    if mbr is not None:
+        _check_protective_mbr(mbr)
     hint: int | None = None
     try:
+        if mbr is None:
+            raise _Invalid(unreadable)
         header, array = _load(read_at, 1, sector_size, total)
         hint = header.alternate_lba
         warning = None
@@ -370,6 +380,8 @@ def _parse_with(read_at: ReadAt, size: int, sector_size: int) -> GptTable:
         return _table(header, array, sector_size, size, warning=warning, used_backup=False)
     except _Invalid as exc:
         primary_fault = str(exc)
+    except OSError as exc:
+        primary_fault = f"unreadable ({exc.strerror or exc})"
     faults = [f"primary {primary_fault}"]
     # The primary's AlternateLBA is a second place to look (an image grown after
     # partitioning keeps its backup at the old end); the backup's CRC vouches for it.
@@ -380,13 +392,21 @@ def _parse_with(read_at: ReadAt, size: int, sector_size: int) -> GptTable:
             return _table(header, array, sector_size, size, warning=warning, used_backup=True)
         except _Invalid as exc:
             faults.append(f"backup {exc}")
+        except OSError as exc:
+            faults.append(f"backup at LBA {lba} unreadable ({exc.strerror or exc})")
     raise _Invalid("; ".join(faults))
 
 
 def _signed(read_at: ReadAt, size: int, sector_size: int) -> bool:
     """Whether LBA 1 or the last LBA starts with 'EFI PART' for this sector size."""
     last = size // sector_size - 1
-    return any(lba >= 1 and read_at(lba * sector_size, 8) == _SIGNATURE for lba in (1, last))
+    for lba in (1, last):
+        try:
+            if lba >= 1 and read_at(lba * sector_size, 8) == _SIGNATURE:
+                return True
+        except OSError:  # unreadable there: the other copy may still be signed
+            continue
+    return False
 
 
 def parse_gpt(

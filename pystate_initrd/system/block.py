@@ -118,6 +118,10 @@ class FsProbeError(PystateError):
     """The device holds no file system pystate knows, or could not be read."""
 
 
+class FsReadError(FsProbeError):
+    """The device could not be read (an I/O error): nothing is known of its content."""
+
+
 def read_head(device: str) -> bytes:
     """The first superblock.HEAD_BYTES bytes of a device or image, through the page cache.
 
@@ -131,7 +135,7 @@ def read_head(device: str) -> bytes:
     try:
         return os.pread(fd, superblock.HEAD_BYTES, 0)
     except OSError as exc:
-        raise FsProbeError(f"cannot read {device}: {exc.strerror}") from None
+        raise FsReadError(f"cannot read {device}: {exc.strerror}") from None
     finally:
         os.close(fd)
 

@@ -53,6 +53,12 @@ def check_inner(read_only: bool = False) -> tuple[str, str]:
     """The inner file system's type and fsck verdict; VolumeError stops the boot."""
     try:
         info = block.probe(DM_PATH)
+    except block.FsReadError as exc:  # the disk failed, not the image's content
+        raise VolumeError(
+            f"encrypted.img opened, but {exc}",
+            hint="nothing was written; the disk returned an I/O error (the kernel log names "
+            "the sectors): check or replace it, then reboot",
+        ) from None
     except block.FsProbeError:
         info = None
     if info is None or info.fstype not in INNER_TYPES:
