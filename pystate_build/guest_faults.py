@@ -22,7 +22,10 @@ import sys
 import threading
 import time
 
-import rt_resize as base
+try:
+    import rt_resize as base  # in the guest
+except ModuleNotFoundError:  # on the host: build.py imports every module of pystate_build
+    from pystate_build import guest_resize as base
 
 MIB = 1 << 20
 MARKER = f"{base.DATA}/torture-marker"

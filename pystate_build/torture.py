@@ -521,18 +521,6 @@ def write_json(path: Path, rows: list[dict[str, object]], **extra: object) -> No
 # --- the command ---------------------------------------------------------------------------
 
 
-def fault_module() -> Any | None:
-    """pystate_build.torture_faults (disk and TPM faults), or None where it is not merged."""
-    import importlib
-
-    try:
-        return importlib.import_module("pystate_build.torture_faults")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pystate_build.torture_faults":
-            raise
-        return None
-
-
 def campaign(
     seed: int,
     cuts: int,
@@ -543,23 +531,17 @@ def campaign(
     echo: bool = True,
 ) -> tuple[list[dict[str, object]], int]:
     """Run the campaign; the rows and an exit status (0: every row ok)."""
+    from . import torture_faults as faults  # here: its imports are not needed for cuts alone
+
     power = [k for k in plan.KINDS if only is None or k in only]
     other = set() if only is None else only - set(plan.KINDS)
+    fault_names = set(faults.KINDS) | {c.name for c in faults.CASES}
+    if other - fault_names:
+        unknown = sorted(other - fault_names)
+        print(f"torture: unknown kind(s): {', '.join(unknown)}", file=sys.stderr)
+        return [], 2
     rows: list[dict[str, object]] = []
     status = 0
-    faults = None
-    if only is None or other:
-        faults = fault_module()
-        if faults is None:
-            print("torture: pystate_build.torture_faults is not here (not merged yet): "
-                  "disk and TPM faults skipped", flush=True)  # fmt: skip
-            if other:
-                print(f"torture: unknown kind(s): {', '.join(sorted(other))}", file=sys.stderr)
-                status = 2
-        elif other - set(faults.KINDS):
-            unknown = sorted(other - set(faults.KINDS))
-            print(f"torture: unknown kind(s): {', '.join(unknown)}", file=sys.stderr)
-            return [], 2
     started = time.monotonic()
     if power:
         fs = {"btrfs"} if power == [plan.BTRFS_SHRINK] else {"ext4"}
@@ -572,10 +554,9 @@ def campaign(
             run_power_cuts(c, plan.schedule(seed, cuts, power))
         finally:
             rows = c.rows
-    if faults is not None:
-        wanted = set(faults.KINDS) if only is None else other & set(faults.KINDS)
-        if wanted:
-            rows += faults.run(wanted, random.Random(seed), work / "faults")
+    if only is None or other:
+        # A kind runs all its cases, a case name (e.g. tpm's retry-always) only that case.
+        rows += faults.run(set(faults.KINDS), random.Random(seed), work / "faults", other)
     if json_path is not None:
         write_json(json_path, rows, seed=seed, cuts=cuts,
                    seconds=round(time.monotonic() - started), cache=DISK_CACHE)  # fmt: skip
@@ -603,7 +584,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--cuts", type=int, default=40, help="power cuts in all (default 40)")
     p.add_argument(
         "--only", action="append", metavar="KIND",
-        help=f"run only this kind (repeatable): {', '.join(plan.KINDS)}, or a fault kind",
+        help=f"run only this kind (repeatable): {', '.join(plan.KINDS)}, or a fault kind or case",
     )  # fmt: skip
     p.add_argument("--json", type=Path, metavar="PATH", help="write the table as JSON too")
     p.add_argument("--work", type=Path, default=OUT / "torture", help="machines, builds, logs")

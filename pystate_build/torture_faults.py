@@ -15,7 +15,7 @@ the resize guest root with /rt/rt.py = guest_faults.py) and returns one row per 
 
 Each row is checked by fault_verdict (no traceback, no reformat, no new key, nothing lost).
 ``python -m pystate_build.torture_faults [--seed N] [--only KIND|CASE]…`` prints the table
-and the JSON; docs/reliability-faults.md has the figures.
+and the JSON; docs/reliability.md ("Disk and TPM faults, full areas") has the figures.
 """
 
 from __future__ import annotations

@@ -233,12 +233,10 @@ def test_the_summary_counts_only_cuts_made() -> None:
     assert "cut-grow" in torture.table([{**rows[0], "case": "#1", "outcome": "x"}])
 
 
-def test_the_fault_module_is_optional(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    if torture.fault_module() is not None:
-        pytest.skip("pystate_build.torture_faults is merged")
+def test_unknown_kinds_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rows, status = torture.campaign(1, 0, {"disk-eio"}, tmp_path, None, echo=False)
     assert rows == [] and status == 2
-    assert "not merged yet" in capsys.readouterr().out
+    assert "unknown kind(s): disk-eio" in capsys.readouterr().err
 
 
 # --- the harness's cut --------------------------------------------------------------------
