@@ -489,19 +489,19 @@ def read_back(loop: str, tmp_path: Path) -> str:
         mount_api.umount2(str(mnt))
 
 
+def shrink_now(state: Path, loop: str, tmp_path: Path) -> str | None:
+    """The boot's offline shrink step on an unmounted ext4 image, undo file in tmp_path."""
+    return offline_shrink.apply_pending_shrink(
+        Config(), state, loop, quiet_report(), crypt_name=None, cmdline="",
+        undo_area=PlainUndoDir(tmp_path / "undo"),
+    )  # fmt: skip
+
+
 @needs_root
 def test_offline_shrink_applies_a_valid_request(tmp_path: Path) -> None:
     with unmounted_ext4(tmp_path, 512 * MIB, 64) as (state, loop, digest):
         request_shrink(state, 300 * MIB, 512 * MIB)
-        detail = offline_shrink.apply_pending_shrink(
-            Config(),
-            state,
-            loop,
-            quiet_report(),
-            crypt_name=None,
-            cmdline="",
-            undo_area=PlainUndoDir(tmp_path / "undo"),
-        )
+        detail = shrink_now(state, loop, tmp_path)
         assert detail is not None and "512 MiB -> 300 MiB" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB
         assert block.block_size_bytes(loop) == 300 * MIB
@@ -512,18 +512,7 @@ def test_offline_shrink_applies_a_valid_request(tmp_path: Path) -> None:
         assert fsck.returncode == 0, fsck.stdout
         assert read_back(loop, tmp_path) == digest
         # Nothing pending: nothing done.
-        assert (
-            offline_shrink.apply_pending_shrink(
-                Config(),
-                state,
-                loop,
-                quiet_report(),
-                crypt_name=None,
-                cmdline="",
-                undo_area=PlainUndoDir(tmp_path / "undo"),
-            )
-            is None
-        )
+        assert shrink_now(state, loop, tmp_path) is None
 
 
 @needs_root
@@ -539,15 +528,7 @@ def test_offline_shrink_refuses_invalid_requests(
 ) -> None:
     with unmounted_ext4(tmp_path, 512 * MIB, 8) as (state, loop, digest):
         request_shrink(state, size, current)
-        detail = offline_shrink.apply_pending_shrink(
-            Config(),
-            state,
-            loop,
-            quiet_report(),
-            crypt_name=None,
-            cmdline="",
-            undo_area=PlainUndoDir(tmp_path / "undo"),
-        )
+        detail = shrink_now(state, loop, tmp_path)
         assert detail is not None and "ignored and removed" in detail and error in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 512 * MIB
         assert request_file.pending_request(state) is None
@@ -559,15 +540,7 @@ def test_offline_shrink_never_below_used_plus_margin(tmp_path: Path) -> None:
     # 250 MiB of data: a forged request for 256 MiB would leave no margin: refused.
     with unmounted_ext4(tmp_path, 600 * MIB, 250) as (state, loop, digest):
         request_shrink(state, 256 * MIB, 600 * MIB)
-        detail = offline_shrink.apply_pending_shrink(
-            Config(),
-            state,
-            loop,
-            quiet_report(),
-            crypt_name=None,
-            cmdline="",
-            undo_area=PlainUndoDir(tmp_path / "undo"),
-        )
+        detail = shrink_now(state, loop, tmp_path)
         assert detail is not None and "below used" in detail, detail
         assert os.stat(state / "encrypted.img").st_size == 600 * MIB
         assert read_back(loop, tmp_path) == digest
@@ -578,15 +551,7 @@ def test_offline_shrink_garbage_request_removed(tmp_path: Path) -> None:
     with unmounted_ext4(tmp_path, 300 * MIB, 4) as (state, loop, _):
         (state / ".pystate").mkdir()
         (state / ".pystate/shrink-request").write_bytes(b"\x00" * 5000)
-        detail = offline_shrink.apply_pending_shrink(
-            Config(),
-            state,
-            loop,
-            quiet_report(),
-            crypt_name=None,
-            cmdline="",
-            undo_area=PlainUndoDir(tmp_path / "undo"),
-        )
+        detail = shrink_now(state, loop, tmp_path)
         assert detail is not None and "over 4096" in detail
         assert not (state / ".pystate/shrink-request").exists()
 
@@ -600,15 +565,7 @@ def test_offline_shrink_repeated_after_a_crash_finishes(tmp_path: Path) -> None:
         subprocess.run(["e2fsck", "-f", "-p", loop], check=True, capture_output=True)
         subprocess.run(["resize2fs", loop, f"{300 * 1024}K"], check=True, capture_output=True)
         request_shrink(state, 300 * MIB, 512 * MIB)
-        detail = offline_shrink.apply_pending_shrink(
-            Config(),
-            state,
-            loop,
-            quiet_report(),
-            crypt_name=None,
-            cmdline="",
-            undo_area=PlainUndoDir(tmp_path / "undo"),
-        )
+        detail = shrink_now(state, loop, tmp_path)
         assert detail is not None and "-> 300 MiB" in detail
         assert os.stat(state / "encrypted.img").st_size == 300 * MIB
         assert read_back(loop, tmp_path) == digest
