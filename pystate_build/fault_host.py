@@ -29,18 +29,22 @@ HOME_MARKER = "home/torture-marker"
 
 
 @contextlib.contextmanager
-def state_mounted(layout: DiskLayout, disk: Path | None = None) -> Iterator[Path]:
-    """The state partition mounted read-only. The loop device is writable so that a journal
-    left by a power-off is replayed (metadata only, never encrypted.img's blocks)."""
+def state_mounted(
+    layout: DiskLayout, disk: Path | None = None, *, write: bool = False
+) -> Iterator[Path]:
+    """The disk image's state partition mounted on the host (read-only unless write)."""
     assert layout.state is not None
-    mnt = Path(tempfile.mkdtemp(prefix="pystate-fault."))
+    mnt = Path(tempfile.mkdtemp(prefix="pystate-state."))
+    # A writable loop even for reading: after a power cut the outer journal must be replayed
+    # to see the last fsynced changes (a read-only device would refuse the replay). The
+    # journal holds metadata only, never encrypted.img's data blocks.
     loop = subprocess.run(
         ["losetup", "-f", "--show", "-o", str(layout.state.start),
          "--sizelimit", str(layout.state.size), str(disk or layout.path)],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     try:
-        subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
+        subprocess.run(["mount", "-o", "rw" if write else "ro", loop, str(mnt)], check=True)
         try:
             yield mnt
         finally:

@@ -25,13 +25,10 @@ About 12 boots of 25-45 s; each initrd is built once (~30 s).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +38,7 @@ from conftest import BUILDERS, needs_root
 from pystate_build import qemu_harness as harness
 from pystate_build.bench_unlock import STATE_SIZE, build_initrd_in
 from pystate_build.disk import DiskLayout, build_disk
+from pystate_build.fault_host import state_mounted as state_fs  # also test_factory_qemu's
 from pystate_build.qemu_machine import Machine
 from pystate_build.roots import TESTROOT_MARKER, boot_json, build_testroot, parse_report
 from pystate_initrd.formats import recovery, tpm2_policy
@@ -55,32 +53,6 @@ pytestmark = [
 KEY_FILE = "/state/encrypted/.pystate/recovery-key"
 PCR7 = "/sys/class/tpm/tpm0/pcr-sha256/7"
 PCR15 = "/sys/class/tpm/tpm0/pcr-sha256/15"
-
-
-@contextlib.contextmanager
-def state_fs(
-    layout: DiskLayout, disk: Path | None = None, *, write: bool = False
-) -> Iterator[Path]:
-    """The disk's state partition mounted on the host (read-only unless write)."""
-    assert layout.state is not None
-    mnt = Path(tempfile.mkdtemp(prefix="pystate-state."))
-    # A writable loop even for reading: after a power cut the outer journal must be replayed
-    # to see the last fsynced changes (a read-only device would refuse the replay). The
-    # journal holds metadata only, never encrypted.img's data blocks.
-    loop = subprocess.run(
-        ["losetup", "-f", "--show", "-o", str(layout.state.start),
-         "--sizelimit", str(layout.state.size), str(disk or layout.path)],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    try:
-        subprocess.run(["mount", "-o", "rw" if write else "ro", loop, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
-        mnt.rmdir()
 
 
 def image_digest(layout: DiskLayout, disk: Path | None = None) -> str:
