@@ -205,7 +205,7 @@ def _image_rules(lab: Lab, event: str, start: int, length: int) -> list[blkdebug
 
 def _disk_boot(
     lab: Lab, case: str, rules: list[blkdebug.Injection], commands: str, *,
-    fresh: bool = False, words: tuple[str, ...] = (),
+    fresh: bool = False, words: tuple[str, ...] = (), must_say: str = "",
 ) -> Ran:  # fmt: skip
     m = lab.clone(case, fresh_disk=fresh)
     conf = blkdebug.write_config(m.work / "blkdebug.conf", rules)
@@ -213,6 +213,8 @@ def _disk_boot(
         f"rt.run={commands}", *words, answers=_answers(m), expect=(), blkdebug={0: conf}
     )
     problems = []
+    if must_say and must_say not in result.console:
+        problems.append(f"pystate did not say {must_say!r}")
     from .bench_resize import rt_result
 
     grow = rt_result(result.console, "GROW")
@@ -232,10 +234,17 @@ def _disk_boot(
 
 def case_gpt_read(lab: Lab, case: str) -> Ran:
     # The disk's first 4 KiB (protective MBR, primary GPT header) unreadable for good; the
-    # backup is at the disk's end. Without ``gpt`` the kernel, which refuses a disk whose
-    # protective MBR it cannot read, would find no root partition: pystate would not run.
+    # backup is at the disk's end. Two things before pystate would stop such a boot, and
+    # neither is pystate's: the kernel refuses a disk whose protective MBR it cannot read
+    # (``gpt`` makes it take the backup GPT), and udev's blkid cannot read the partition
+    # table either, so no /dev/disk/by-partuuid link and no root=PARTUUID= (the root is
+    # named by its kernel device instead; the last root= on the command line wins).
+    root = lab.golden().layout.root
+    assert root is not None
     rules = [blkdebug.Injection("read_aio", sector) for sector in range(8)]
-    return _disk_boot(lab, case, rules, "marker", words=("gpt",))
+    words = ("gpt", f"root=/dev/vda{root.number}")
+    # pystate's own part: the boot report names the backup it took (formats/gpt.py).
+    return _disk_boot(lab, case, rules, "marker", words=words, must_say="using the backup")
 
 
 def case_luks_header_read(lab: Lab, case: str) -> Ran:
