@@ -27,7 +27,7 @@ from pystate_initrd.config import Config, load_config
 from pystate_initrd.formats import dm_table, luks2, recovery
 from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyError, PolicyParams, initial_size
 from pystate_initrd.formats.token import TokenError, decode_token, usable_token
-from pystate_initrd.initrd import encrypted, provision, seed, unlock
+from pystate_initrd.initrd import encrypted, provision, reseal, seed, unlock
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret, new_recovery_key
@@ -377,7 +377,7 @@ def test_reseal_moves_the_tpm_keyslot(formatted: tuple[Path, bytes, str, str]) -
     header = unlock.check_header(image)
     old = usable_token(luks2.token_dicts(header.metadata))
     passphrase = recovery.recovery_passphrase(key_text)
-    detail = unlock.reseal(Config(), str(image), passphrase, old, old[0], tcti)
+    detail = reseal.reseal(Config(), str(image), passphrase, old, old[0], tcti)
     assert detail.startswith("keyslot 2 sealed to sha256:7,15")
     assert sorted(luks.keyslots(image)) == [1, 2]
     token_id, sealed, slot = usable_token(luks.tokens(image))

@@ -68,6 +68,7 @@ class KeyslotInfo:
     memory_kib: int | None  # argon2 only
     parallel: int | None  # argon2 only
     priority: int  # 0 ignore, 1 normal, 2 prefer
+    salt: str | None = None  # kdf.salt, base64: which keyslot this is (a new one has another)
 
 
 def _text(field: bytes) -> str:
@@ -192,6 +193,7 @@ def keyslot_infos(metadata: dict[str, Any]) -> dict[int, KeyslotInfo]:
             memory_kib=optional["memory"],
             parallel=optional["cpus"],
             priority=_int(slot.get("priority", 1), f"keyslot {key} priority"),
+            salt=kdf["salt"] if isinstance(kdf.get("salt"), str) else None,
         )
     return dict(sorted(result.items()))
 

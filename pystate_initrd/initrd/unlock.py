@@ -5,17 +5,18 @@ luks-header (read and check both header copies, no process) → unseal (the
 ``pystate-tpm2`` token's blob, ``tpm2_load`` + ``tpm2_unseal``) → loop-attach
 (LOOP_CONFIGURE with direct I/O, no process) → luks-open (``cryptsetup open
 --key-slot N``, key on a pipe, no token plugins) → inner-fsck (superblock
-probe, ``e2fsck -p``) → mount-encrypted → measure-pcr15.
+probe, ``e2fsck -p``) → mount-encrypted → (reseal-finish) → measure-pcr15.
 
 Refusals are stops, never repairs: a damaged header copy, a file system that
 is not there or fails its check. Nothing is written to the image before it is
-open and checked; on every failure what was set up is torn down again. Only a
-successful recovery unlock writes: the re-seal of the TPM keyslot.
+open and checked; on every failure what was set up is torn down again. Only
+two things write the header, both after the image opened: a successful recovery
+unlock re-seals the TPM keyslot, and a re-seal a power cut interrupted is
+finished (initrd/reseal.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from pystate_initrd.config import Config
 from pystate_initrd.errors import PystateError
 from pystate_initrd.formats import dm_table, luks2, recovery, tpm2_policy
 from pystate_initrd.formats.names import DM_NAME, DM_PATH
-from pystate_initrd.formats.token import TokenError, encode_token_json, pystate_tokens, usable_token
+from pystate_initrd.formats.token import TokenError, pystate_tokens, usable_token
+from pystate_initrd.initrd import reseal
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
 from pystate_initrd.system import devmapper, loopdev, luks, tpm2
@@ -57,48 +59,6 @@ def check_header(image: Path) -> luks2.Luks2Header:
             hint=f"nothing was changed; check the disk, then 'cryptsetup repair {image}'",
         )
     return header
-
-
-def _free_slot(header: luks2.Luks2Header) -> int:
-    used = luks2.keyslot_infos(header.metadata)
-    for slot in range(luks2.MAX_KEYSLOTS):
-        if slot not in used and slot != luks.RECOVERY_KEYSLOT:
-            return slot
-    raise UnlockError("encrypted.img has no free keyslot for the new TPM2 seal")
-
-
-def reseal(
-    cfg: Config,
-    device: str,
-    recovery_pass: bytearray,
-    old: tuple[int, tpm2_policy.SealedKey, int] | None,
-    token_id: int | None,
-    tcti: str | None,
-) -> str:
-    """Seal a new secret to the current PCRs into a new keyslot, then retire the old one.
-
-    Order for crash safety: add the keyslot, point the token at it (replacing the
-    old token in place), then kill the old keyslot. Stopped anywhere, one of the
-    two tokens/keyslot pairs still works or the recovery key does.
-    """
-    with Secret.random(32) as secret:
-        sealed = binding.seal(cfg, secret.value, tcti)
-        header = luks.read_header(device)
-        slot = _free_slot(header)
-        luks.add_keyslot(
-            device,
-            existing_key=recovery_pass,
-            existing_slot=luks.RECOVERY_KEYSLOT,
-            new_key=secret.value,
-            slot=slot,
-        )
-    luks.token_import(
-        device, encode_token_json(sealed, slot), token_id, replace=token_id is not None
-    )
-    if old is not None and old[2] not in (slot, luks.RECOVERY_KEYSLOT):
-        with contextlib.suppress(luks.NoKeyslot):
-            luks.kill_keyslot(device, old[2])
-    return f"keyslot {slot} sealed to {sealed.pcr_spec}"
 
 
 def volume_key_source(loop: str, key: bytearray, slot: int, log: Any) -> Callable[[], bytearray]:
@@ -247,6 +207,17 @@ def unlock(
 
     key, slot = opened_with
     try:
+        adopted = False
+        if not read_only and reseal.has_records(header):
+            # Before PCR 15 moves: the proof unseals the cut-off re-seal's blob.
+            with report.step("reseal-finish") as s:
+                try:
+                    finished = reseal.finish_interrupted(loop.path, tcti, log)
+                    adopted = finished.adopted
+                    s.detail = "; ".join(finished.lines)
+                except (tpm2.Tpm2Error, luks.LuksError, TokenError) as exc:
+                    s.detail = f"not finished: {exc}"
+                    log.warning(f"could not finish an earlier re-seal: {exc}")
         if cfg.measure_pcr15:
             with report.step("measure-pcr15") as s:
                 try:
@@ -257,13 +228,14 @@ def unlock(
                     # No TPM (recovery boot): nothing to protect in it either.
                     s.detail = f"not measured: {exc}"
                     log.warning(f"PCR 15 not extended: {exc}")
-        if how == "recovery" and cfg.reseal_on_recovery and not read_only:
+        if how == "recovery" and cfg.reseal_on_recovery and not read_only and not adopted:
             with report.step("reseal") as s:
                 try:
+                    header = luks.read_header(loop.path)
                     found = pystate_tokens(luks2.token_dicts(header.metadata))
                     old_id = token[0] if token else (found[0].token_id if found else None)
-                    s.detail = reseal(cfg, loop.path, key, token, old_id, tcti)
-                except (tpm2.Tpm2Error, luks.LuksError, UnlockError) as exc:
+                    s.detail = reseal.reseal(cfg, loop.path, key, token, old_id, tcti)
+                except (tpm2.Tpm2Error, luks.LuksError, reseal.ResealError) as exc:
                     s.detail = f"not resealed: {exc}"
                     log.warning(f"could not seal the key to the TPM again: {exc}")
     finally:

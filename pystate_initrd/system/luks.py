@@ -381,6 +381,12 @@ def token_import(
     return token_id
 
 
+def token_remove(image: str | os.PathLike[str], token_id: int) -> None:
+    """Remove token token_id (a token holds no key: nothing that opens the image is lost)."""
+    name = os.fspath(image)
+    _cryptsetup(name, "token remove", ["token", "remove", "--token-id", str(token_id), name])
+
+
 def token_export(image: str | os.PathLike[str], token_id: int) -> str:
     """The JSON text of token token_id, as cryptsetup prints it."""
     name = os.fspath(image)
