@@ -87,17 +87,37 @@ def _gpt_run(data: bytes) -> object:
 
 
 def _luks_run(data: bytes) -> object:
-    from pystate_initrd.formats import luks2, token
+    from pystate_initrd.formats import luks2, reseal_record, token
 
     header = luks2.parse_luks2_header(data)
     luks2.keyslot_infos(header.metadata)
-    return token.pystate_tokens(luks2.token_dicts(header.metadata))
+    tokens = luks2.token_dicts(header.metadata)
+    reseal_record.records(tokens)
+    return token.pystate_tokens(tokens)
 
 
 def _token_run(data: bytes) -> object:
     from pystate_initrd.formats import token
 
     return token.decode_token(data)
+
+
+def _record_run(data: bytes) -> object:
+    """A re-seal record as a LUKS2 header's token holds it: parsed as luks2.py parses the
+    JSON area (text that is no JSON object never reaches the record's decoder), decoded,
+    and what a boot would do with it."""
+    from pystate_initrd.formats import reseal_record
+
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, huge ints
+        return None
+    if not isinstance(obj, dict):
+        return None
+    reseal_record.records({0: obj})
+    record = reseal_record.decode_record(obj)
+    keyslots = {record.keyslot: "s", 0: record.retire_salt, 1: None}
+    return reseal_record.next_action(record, keyslots, {0}, {1})
 
 
 def _eventlog_run(data: bytes) -> object:
@@ -293,6 +313,18 @@ def _token_json(pcr_values: bool, slot: int = 1) -> bytes:
 
 def _token_seeds(seed_dir: Path) -> list[bytes]:
     return [_token_json(True), _token_json(False)]
+
+
+def _record_json(retire: int | None) -> bytes:
+    from pystate_initrd.formats import reseal_record
+
+    salt = None if retire is None else "c2FsdA=="
+    record = reseal_record.ResealRecord(2, _sealed_key(True), retire, salt)
+    return reseal_record.encode_record(record).encode()
+
+
+def _record_seeds(seed_dir: Path) -> list[bytes]:
+    return [_record_json(0), _record_json(None)]
 
 
 def _luks_image(metadata_size: str) -> Callable[[Path], bytes | None]:
@@ -823,6 +855,16 @@ def _register_targets() -> None:
             (TokenError,),
             _token_seeds,
             _token_strategy,
+            words=_JSON_WORDS,
+            json=True,
+            limits=_json_limits(64 * 1024),
+        ),
+        Target(
+            "reseal-record",
+            _record_run,
+            (TokenError,),
+            _record_seeds,
+            None,
             words=_JSON_WORDS,
             json=True,
             limits=_json_limits(64 * 1024),
@@ -1441,7 +1483,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--only",
         action="append",
         metavar="PARSER",
-        help="only this parser (repeatable): gpt, luks2, token, eventlog, "
+        help="only this parser (repeatable): gpt, luks2, token, reseal-record, eventlog, "
         "shrink-request, config, cmdline, escape",
     )
     p.add_argument("--json", metavar="FILE", help="write the outcome as JSON")

@@ -30,6 +30,7 @@ def test_every_parser_of_the_issue_is_a_target() -> None:
         "gpt",
         "luks2",
         "token",
+        "reseal-record",
         "eventlog",
         "shrink-request",
         "config",

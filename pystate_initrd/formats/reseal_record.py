@@ -30,6 +30,7 @@ from pystate_initrd.formats.token import (
     MAX_KEYSLOT,
     TOKEN_TYPE,
     TokenError,
+    _show,
     decode_token,
     encode_token,
 )
@@ -66,7 +67,7 @@ def encode_record(record: ResealRecord) -> str:
 
 def _slot(value: object, what: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_KEYSLOT:
-        raise TokenError(f"re-seal record: {what} {str(value)[:40]!r} is not a keyslot 0-31")
+        raise TokenError(f"re-seal record: {what} {_show(value)} is not a keyslot 0-31")
     return value
 
 
