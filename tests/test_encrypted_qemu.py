@@ -16,6 +16,8 @@ Two machines, each one disk and one swtpm state kept across its boots, booted in
   PCR 15 is no longer zero, so A's sealed key is out of reach).
 - machine B: the power is cut (``pystate.debug-stop``, sysrq o) after allocate, after
   layout and after commit; the next boots end with one complete image, unlocked by TPM.
+  Then a cut inside the re-seal after a recovery unlock, right after the new keyslot was
+  added: the next boot proves that keyslot through the TPM and adopts it, nothing leaks.
 
 Machines A, B and M use a hook (a PCR extend, power cuts): their initrds are test builds
 (``build.py initrd --test-hooks``); the Debian and shell boots run the production program.
@@ -356,6 +358,42 @@ def test_swapped_image_boots_by_its_key_but_cannot_reach_the_real_seal(
         measurement = tpm2_policy.measure_volume(vk, luks.uuid(image))
     assert pcr15 == hashlib.sha256(bytes(32) + measurement).digest()
     disk.unlink()
+
+
+def header_of(layout: DiskLayout) -> tuple[list[int], list[str]]:
+    """The image's keyslots and token types, read from the disk image on the host."""
+    with state_fs(layout) as mnt:
+        header = luks.read_header(mnt / "encrypted.img")
+    tokens = header.metadata["tokens"].values()
+    return sorted(int(k) for k in header.metadata["keyslots"]), [t["type"] for t in tokens]
+
+
+def test_power_cut_inside_the_reseal_is_finished_by_the_next_boot(machine_b: Machine) -> None:
+    # PCR 7 changes; the recovery key opens the image; the re-seal is cut right after it
+    # added the new keyslot, before the token names it (a keyslot nobody could use).
+    m = machine_b
+    m.need("complete")  # after the swapped-image test, which wants B's keyslot 0
+    recover = [f"(try 1 of 3):={m.recovery_key}"]
+    result = m.boot(
+        "pystate.debug-extend-pcr=7", "pystate.debug-stop=reseal-add-keyslot",
+        answers=recover, expect=(),
+    )  # fmt: skip
+    assert "debug-stop after reseal-add-keyslot" in result.console, harness.describe(result)
+    assert header_of(m.layout) == ([0, 1, 2], ["pystate-tpm2", "pystate-reseal"])
+    # The next boot (PCR 7 changed the same way): the old seal is refused, the recovery key
+    # opens, and the journal proves keyslot 2 through the TPM: it is adopted, no new seal.
+    result = m.boot("pystate.debug-extend-pcr=7", answers=recover)
+    assert result.ok, harness.describe(result)
+    s = steps(result)
+    assert s["recovery"]["ok"] and "proven" in str(s["reseal-finish"]["detail"]), s
+    assert "reseal" not in s and "seal" not in s, s
+    assert header_of(m.layout) == ([1, 2], ["pystate-tpm2"])  # nothing leaked
+    # And the TPM unlocks by keyslot 2 from then on.
+    result = m.boot("pystate.debug-extend-pcr=7")
+    assert result.ok, harness.describe(result)
+    s = steps(result)
+    assert "recovery" not in s and "reseal-finish" not in s, s
+    assert "keyslot 2" in str(s["luks-open"]["detail"]), s
 
 
 # --- the real OS ------------------------------------------------------------------------------

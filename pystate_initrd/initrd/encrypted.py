@@ -191,7 +191,10 @@ def setup(
     hooks.before_unseal(cmdline, str(cfg.pcr_bank), tcti, log.warning)
 
     if _check_image(image):
-        opened = unlock.unlock(cfg, image, mountpoint, report, ask=ask, tcti=tcti)
+        opened = unlock.unlock(
+            cfg, image, mountpoint, report, ask=ask, tcti=tcti,
+            hook=hooks.provision_hook(cmdline, report.log.error),
+        )  # fmt: skip
         report.facts["encrypted"] = opened.to_json()
         result: Path | None = opened.mountpoint
     else:

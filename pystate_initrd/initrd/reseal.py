@@ -21,7 +21,7 @@ from pystate_initrd.formats.reseal_record import Action, ResealRecord
 from pystate_initrd.formats.token import encode_token_json, pystate_tokens
 from pystate_initrd.secret import Secret
 from pystate_initrd.system import luks, tpm2
-from pystate_initrd.volume import binding
+from pystate_initrd.volume import binding, hooks
 
 
 class ResealError(PystateError):
@@ -112,13 +112,18 @@ def reseal(
     old: tuple[int, tpm2_policy.SealedKey, int] | None,
     token_id: int | None,
     tcti: str | None,
+    hook: hooks.Hook = hooks.no_hook,
 ) -> str:
-    """Seal a new secret to the current PCRs into a new keyslot, then retire the old one."""
+    """Seal a new secret to the current PCRs into a new keyslot, then retire the old one.
+
+    `hook` is called after each step with ``reseal-<step>`` (a test build cuts the power
+    there: volume/hooks.py)."""
     r = Reseal(cfg, device, recovery_pass, old, token_id, tcti)
     try:
         for step in (r.seal, r.write_record, r.add_keyslot, r.point_token, r.retire_old,
                      r.remove_record):  # fmt: skip
             step()
+            hook("reseal-" + step.__name__.replace("_", "-"))
     finally:
         r.wipe()
     assert r.record is not None

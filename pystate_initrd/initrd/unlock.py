@@ -30,7 +30,7 @@ from pystate_initrd.initrd import reseal
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret
 from pystate_initrd.system import devmapper, loopdev, luks, tpm2
-from pystate_initrd.volume import binding, stack
+from pystate_initrd.volume import binding, hooks, stack
 
 # ask(prompt, attempt) -> the typed text in a bytearray (caller wipes), None: nobody there.
 Ask = Callable[[str, int], bytearray | None]
@@ -119,6 +119,7 @@ def unlock(
     tcti: str | None = None,
     read_only: bool = False,
     event_log: str | None = None,
+    hook: hooks.Hook = hooks.no_hook,
 ) -> stack.Opened:
     """Open, check and mount image at mountpoint; the TPM first, then the recovery key.
 
@@ -234,7 +235,7 @@ def unlock(
                     header = luks.read_header(loop.path)
                     found = pystate_tokens(luks2.token_dicts(header.metadata))
                     old_id = token[0] if token else (found[0].token_id if found else None)
-                    s.detail = reseal.reseal(cfg, loop.path, key, token, old_id, tcti)
+                    s.detail = reseal.reseal(cfg, loop.path, key, token, old_id, tcti, hook)
                 except (tpm2.Tpm2Error, luks.LuksError, reseal.ResealError) as exc:
                     s.detail = f"not resealed: {exc}"
                     log.warning(f"could not seal the key to the TPM again: {exc}")

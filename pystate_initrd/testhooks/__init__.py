@@ -10,7 +10,8 @@ line, the files or the environment say.
 What a test boot can ask for, on the (trusted) kernel command line:
 
 - ``pystate.debug-stop=STEP``: cut the power right after provisioning step STEP (allocate,
-  luks-format, mkfs, layout, commit);
+  luks-format, mkfs, layout, commit) or re-seal step STEP (reseal-seal, reseal-write-record,
+  reseal-add-keyslot, reseal-point-token, reseal-retire-old, reseal-remove-record);
 - ``pystate.debug-resize-stop=STEP``: the same after a step of the offline ext4 shrink
   (e2fsck, resize2fs, crypt-resize, truncate, loop-capacity), or
   ``resize2fs-running:SECONDS``: that many seconds after resize2fs started, while it runs;
