@@ -27,7 +27,7 @@ from pystate_initrd.config import Config, load_config
 from pystate_initrd.formats import dm_table, luks2, recovery
 from pystate_initrd.formats.resize_policy import GIB, MIB, PolicyError, PolicyParams, initial_size
 from pystate_initrd.formats.token import TokenError, decode_token, usable_token
-from pystate_initrd.initrd import encrypted, provision, reseal, seed, unlock
+from pystate_initrd.initrd import encrypted, provision, seed, unlock
 from pystate_initrd.log import Log
 from pystate_initrd.report import BootReport
 from pystate_initrd.secret import Secret, new_recovery_key
@@ -368,21 +368,6 @@ def test_unseal_refused_once_pcr15_is_extended(formatted: tuple[Path, bytes, str
     binding.extend_pcr15(os.urandom(64), luks.uuid(image), "sha256", tcti)
     with pytest.raises(tpm2.PcrMismatch):
         tpm2.unseal(sealed, tcti=tcti)
-
-
-@needs_swtpm
-@needs_root
-def test_reseal_moves_the_tpm_keyslot(formatted: tuple[Path, bytes, str, str]) -> None:
-    image, secret, key_text, tcti = formatted
-    header = unlock.check_header(image)
-    old = usable_token(luks2.token_dicts(header.metadata))
-    passphrase = recovery.recovery_passphrase(key_text)
-    detail = reseal.reseal(Config(), str(image), passphrase, old, old[0], tcti)
-    assert detail.startswith("keyslot 2 sealed to sha256:7,15")
-    assert sorted(luks.keyslots(image)) == [1, 2]
-    token_id, sealed, slot = usable_token(luks.tokens(image))
-    assert (token_id, slot) == (0, 2)
-    luks.check_key(image, key=tpm2.unseal(sealed, tcti=tcti), key_slot=2)
 
 
 def test_damaged_header_copy_is_refused_and_left_alone(tmp_path: Path) -> None:

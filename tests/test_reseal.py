@@ -221,8 +221,8 @@ def test_a_whole_reseal_leaves_no_record(formatted: tuple[Path, bytes, str, str]
     image, _, key_text, tcti = formatted
     header = luks.read_header(image)
     old = usable_token(luks2.token_dicts(header.metadata))
-    detail = reseal.reseal(Config(), str(image), recovery.recovery_passphrase(key_text), old,
-                           old[0], tcti)  # fmt: skip
+    passphrase = recovery.recovery_passphrase(key_text)
+    detail = reseal.reseal(reseal.Reseal(Config(), str(image), passphrase, old, old[0], tcti))
     assert detail.startswith("keyslot 2 sealed to sha256:")
     assert _assert_healthy(image, key_text, tcti) == 2
     assert not reseal.has_records(luks.read_header(image))

@@ -105,20 +105,10 @@ class Reseal:
             self.secret.wipe()
 
 
-def reseal(
-    cfg: Config,
-    device: str,
-    recovery_pass: bytearray,
-    old: tuple[int, tpm2_policy.SealedKey, int] | None,
-    token_id: int | None,
-    tcti: str | None,
-    hook: hooks.Hook = hooks.no_hook,
-) -> str:
-    """Seal a new secret to the current PCRs into a new keyslot, then retire the old one.
-
-    `hook` is called after each step with ``reseal-<step>`` (a test build cuts the power
-    there: volume/hooks.py)."""
-    r = Reseal(cfg, device, recovery_pass, old, token_id, tcti)
+def reseal(r: Reseal, hook: hooks.Hook = hooks.no_hook) -> str:
+    """Run every step of `r`: a new secret sealed to the current PCRs in a new keyslot, the
+    old keyslot retired. `hook` is called after each step with ``reseal-<step>`` (a test
+    build cuts the power there: volume/hooks.py)."""
     try:
         for step in (r.seal, r.write_record, r.add_keyslot, r.point_token, r.retire_old,
                      r.remove_record):  # fmt: skip

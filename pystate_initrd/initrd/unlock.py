@@ -235,7 +235,8 @@ def unlock(
                     header = luks.read_header(loop.path)
                     found = pystate_tokens(luks2.token_dicts(header.metadata))
                     old_id = token[0] if token else (found[0].token_id if found else None)
-                    s.detail = reseal.reseal(cfg, loop.path, key, token, old_id, tcti, hook)
+                    job = reseal.Reseal(cfg, loop.path, key, token, old_id, tcti)
+                    s.detail = reseal.reseal(job, hook)
                 except (tpm2.Tpm2Error, luks.LuksError, reseal.ResealError) as exc:
                     s.detail = f"not resealed: {exc}"
                     log.warning(f"could not seal the key to the TPM again: {exc}")
