@@ -493,6 +493,22 @@ def frozen_check(mountpoint, device, fstype):
     }
 
 
+def unnamed_keyslots():
+    """Keyslots of encrypted.img that no token names, besides the recovery keyslot (1):
+    what a cut re-seal would leak (none once the next boot finished it)."""
+    if not os.path.exists(IMG):
+        return None
+    proc = subprocess.run(
+        ["cryptsetup", "luksDump", "--dump-json-metadata", IMG],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        return None
+    meta = json.loads(proc.stdout)
+    named = {int(k) for t in meta["tokens"].values() for k in t.get("keyslots", [])}
+    return sorted(int(k) for k in meta["keyslots"] if int(k) not in named | {1})
+
+
 def cmd_tt_check():
     """What the previous boot left: markers, image, every writer file's sha, both fsck."""
     quiet_console()
@@ -502,6 +518,7 @@ def cmd_tt_check():
         "mapped": os.path.exists(DM),
         "mounted": source_of(ENC) is not None,
         "size": os.stat(IMG).st_size if os.path.exists(IMG) else None,
+        "unnamed_keyslots": unnamed_keyslots(),
     }
     out("TT-IMAGE", **image)
     for name, path in (("outer", OUTER_MARK), ("inner", INNER_MARK)):

@@ -233,6 +233,8 @@ def verdict(
         problems.append("no complete image unlocked")
     if image.get("new"):
         problems.append("encrypted.img.new left over")
+    if image.get("unnamed_keyslots"):
+        problems.append(f"keyslot(s) {image['unnamed_keyslots']} left that no token names")
     if check.done and check.have is None:
         problems.append("the file list did not arrive whole")
     if marks.get("outer") and check.marks.get("outer") != marks["outer"]:

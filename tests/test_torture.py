@@ -195,6 +195,20 @@ def test_fsck_errors_and_a_leftover_new_image_fail() -> None:
     assert not row["ok"] and "encrypted.img.new" in str(row["outcome"])
 
 
+def test_a_keyslot_no_token_names_fails() -> None:
+    # What a cut re-seal leaked before its journal: a keyslot whose secret nobody has.
+    reseal = Cut(4, torture_plan.RESEAL, "", 0.6)
+    image = {**RT_OK["TT-IMAGE"], "unnamed_keyslots": [2]}
+    row = judge(
+        reseal, torture_plan.parse_check(check_console({}), {**RT_OK, "TT-IMAGE": image}), {}
+    )
+    assert not row["ok"] and "keyslot(s) [2] left that no token names" in str(row["outcome"])
+    image = {**RT_OK["TT-IMAGE"], "unnamed_keyslots": []}
+    assert judge(
+        reseal, torture_plan.parse_check(check_console({}), {**RT_OK, "TT-IMAGE": image}), {}
+    )["ok"]
+
+
 def test_a_remade_image_or_state_is_a_reformat() -> None:
     check = torture_plan.parse_check(check_console({}, inner="absent"), RT_OK)
     row = judge(GROW_CUT, check, {})
