@@ -84,6 +84,9 @@ def _error(call: str, rc: int) -> esys.CallError:
         ("Esys_Load", 0x902, Tpm2Error, "load"),  # out of object memory: not the blob
         ("Esys_PolicyPCR", 0x99D, Tpm2Error, "policypcr"),  # a policy failure elsewhere
         ("Esys_Unseal", 0x70001, Tpm2Error, "unseal"),  # ESAPI's own layer
+        ("Esys_Unseal", 0x101, Tpm2Error, "is in failure mode and answered the unseal"),
+        ("Esys_Load", 0xA000A, Tpm2Error, "stopped answering during the load"),
+        ("Esys_Unseal", 0xA0008, Tpm2Error, "TSS2_TCTI_RC_NO_CONNECTION"),
     ],
 )
 def test_classify_esys(call: str, rc: int, kind: type[Tpm2Error], fragment: str) -> None:

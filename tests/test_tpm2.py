@@ -271,6 +271,8 @@ def _warning(rc: int) -> str:
         ("unseal", _warning(0x908), TpmBusy, "TPM_RC_YIELDED"),
         ("load", _warning(0x90A), TpmBusy, "TPM_RC_TESTING"),
         ("unseal", _warning(0x80921), Tpm2Error, "ErrorCode"),  # another layer: not the TPM's
+        ("unseal", _warning(0x101), Tpm2Error, "TPM_RC_FAILURE (0x101)"),
+        ("unseal", _warning(0xA000A), Tpm2Error, "stopped answering during the unseal"),
         ("unseal", POLICY_FAIL, PcrMismatch, "PCR policy check failed"),
         ("unseal", PCR_CHANGED, PcrMismatch, "PCRs changed"),
         ("load", INTEGRITY, BadBlob, "integrity check failed"),

@@ -83,6 +83,10 @@ def _is_policy_failure(rc: int) -> bool:
 # Warnings (format 0, TPM_RC_WARN | TPM_RC_VER1) that say "not now", not "not this key".
 TPM_RC_LOCKOUT = 0x921
 _TPM_RC_BUSY = {0x922: "TPM_RC_RETRY", 0x908: "TPM_RC_YIELDED", 0x90A: "TPM_RC_TESTING"}
+TPM_RC_FAILURE = 0x101
+# TCTI-layer codes (tss2_common.h) that mean the channel to the TPM broke mid-command.
+TSS2_TCTI_LAYER = 0x0A
+_TCTI_GONE = {0x0A: "TSS2_TCTI_RC_IO_ERROR", 0x08: "TSS2_TCTI_RC_NO_CONNECTION"}
 
 
 def _reason(stderr: str) -> str:
@@ -126,6 +130,17 @@ def classify_rc(step: str, tcti: str, rc: int, what: str) -> Tpm2Error | None:
         return PcrMismatch(
             f"TPM2 on {tcti} refused to unseal {what}: PCR policy check failed, the PCRs "
             f"changed since sealing (TPM_RC {rc:#x})"
+        )
+    if tpm_layer and rc == TPM_RC_FAILURE:
+        # Also what QEMU's TPM emulation answers once swtpm is gone.
+        return Tpm2Error(
+            f"TPM2 on {tcti} is in failure mode and answered the {step} of {what} with "
+            f"TPM_RC_FAILURE ({rc:#x}): the TPM stopped working; a power cycle resets it"
+        )
+    if rc >> 16 == TSS2_TCTI_LAYER and rc & 0xFFFF in _TCTI_GONE:
+        return Tpm2Error(
+            f"TPM2 on {tcti} stopped answering during the {step} of {what} "
+            f"({_TCTI_GONE[rc & 0xFFFF]} {rc:#x}): the TPM or its driver failed"
         )
     return None
 
