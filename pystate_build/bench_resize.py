@@ -181,7 +181,10 @@ def _cmd(args: argparse.Namespace) -> int:
         m = make_machine(work / f"m{run}", initrd, root)
         # The shrink request needs a small buffer: with 50:50 weights an image that took the
         # whole pool never shrinks (docs/resize.md, known limits).
-        first = m.run(f"bench-grow,{args.grows};fill,32,0;delete-and-shrink,--buffer-min,64M")
+        flags = f"dm-flags,{','.join(args.dm_flag)};" if args.dm_flag else ""
+        first = m.run(
+            f"{flags}bench-grow,{args.grows};fill,32,0;delete-and-shrink,--buffer-min,64M"
+        )
         grow = rt_result(first.console, "BENCH-GROW")
         if grow is None or not grow["latencies"]:
             print(harness.describe(first), file=sys.stderr)
@@ -212,6 +215,7 @@ def _cmd(args: argparse.Namespace) -> int:
         f"VM: QEMU {harness._accel()} (TCG unless PYSTATE_QEMU_ACCEL), 1 vCPU, {MEMORY} MiB, "
         f"virtio-blk raw sparse file (cache=unsafe), state ext4 {BENCH_STATE_SIZE // GIB} GiB, "
         "encrypted.img LUKS2 aes-xts-plain64 4K sectors, inner ext4, loop direct I/O"
+        + (f", dm-crypt flags added: {' '.join(args.dm_flag)}" if args.dm_flag else "")
     )
     print(
         f"grow watermark -> larger size usable: median {_median(latencies):.2f} s "
@@ -241,4 +245,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--runs", type=int, default=3, help="machines to boot (default 3)")
     p.add_argument("--grows", type=int, default=5, help="grows measured per machine (default 5)")
+    p.add_argument(
+        "--dm-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a dm-crypt optional flag added to the mapping's table before the grows "
+        "(repeatable; e.g. no_write_workqueue: a lever measured, docs/performance.md)",
+    )
     p.set_defaults(func=_cmd)

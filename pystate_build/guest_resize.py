@@ -664,6 +664,48 @@ def cmd_tt_arm_shrink(boot, mib="192"):
     out("TT-ARMED", grown=grown, request=request, armed=armed, writer=written, size=size)
 
 
+def cmd_dm_flags(*flags):
+    """Reload the mapping's table with dm-crypt optional flags added (a benchmark's lever).
+
+    ``bench-resize --dm-flag no_write_workqueue`` measures whether a flag shortens the grow's
+    table swap. The parameters hold the key: they stay in bytearrays, wiped after the load.
+    """
+    from pystate_initrd.formats import dm_table
+    from pystate_initrd.system import devmapper
+
+    name = DM.rsplit("/", 1)[1]
+    status = dm_table.dm_table_request(name)
+    params = bytearray()
+    load = bytearray()
+    try:
+        devmapper._ioctl(dm_table.DM_TABLE_STATUS, status, f"reading the table of {name}")
+        target = dm_table.dm_crypt_target(status, name)
+        fields = status[target.params].split(b" ")
+        optional = fields[6:] + [flag.encode() for flag in flags]
+        params = bytearray(b" ".join([*fields[:5], str(len(optional)).encode(), *optional]))
+        for field in fields:
+            field[:] = bytes(len(field))
+        reply = params + b"\0"
+        new = dm_table.CryptTarget(
+            target.start, target.length, target.readonly, slice(0, len(params))
+        )
+        load = dm_table.dm_table_load_request(name, new, reply, target.length)
+        reply[:] = bytes(len(reply))
+        devmapper._ioctl(dm_table.DM_TABLE_LOAD, load, f"loading the table of {name}")
+        devmapper._ioctl(dm_table.DM_DEV_SUSPEND, dm_table.dm_resume_request(name), "resume")
+    finally:
+        for buf in (status, params, load):
+            buf[:] = bytes(len(buf))
+    status = dm_table.dm_table_request(name)  # read back: the options the kernel now has
+    try:
+        devmapper._ioctl(dm_table.DM_TABLE_STATUS, status, f"reading the table of {name}")
+        target = dm_table.dm_crypt_target(status, name)
+        options = [bytes(f).decode() for f in status[target.params].split(b" ")[6:]]
+    finally:
+        status[:] = bytes(len(status))
+    out("DM-FLAGS", asked=list(flags), options=options)
+
+
 COMMANDS = {
     "fill": cmd_fill,
     "markers": cmd_markers,
@@ -672,6 +714,7 @@ COMMANDS = {
     "home": cmd_home,
     "crash": cmd_crash,
     "bench-grow": cmd_bench_grow,
+    "dm-flags": cmd_dm_flags,
     "tt-check": cmd_tt_check,
     "tt-grow": cmd_tt_grow,
     "tt-shrink": cmd_tt_shrink,
