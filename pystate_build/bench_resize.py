@@ -12,7 +12,9 @@ the larger size, and the grow throughput (image bytes added per second of the se
 grow steps, from /run/pystate/resize.json); it then fills and empties the image and leaves
 an ext4 shrink request; boot 2 carries the shrink out offline (the initrd's code, on the
 unmounted image) and reports its time per GiB removed. Repeated ``--runs`` times for the
-offline figure. Medians are printed with the VM's configuration.
+offline figure. Medians are printed with the VM's configuration. ``--baseline`` boots, run by
+run and alternating, a second machine with ``pystate.no-write-workqueue=0`` and prints both
+and their ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,8 @@ RT_PREFIX = "RT-"
 BENCH_STATE_SIZE = 2 * 1024**3
 MEMORY = 1024
 GIB = 1024**3
+# The baseline of --baseline: dm-crypt as the kernel sets it up by default.
+BASELINE = "pystate.no-write-workqueue=0"
 
 GUEST_INIT = r"""#!/bin/busybox sh
 # PID 1 of the resize test guest: run /rt/rt.py (rt.run= on the command line), power off.
@@ -165,6 +170,82 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+@dataclass
+class Figures:
+    """One variant's figures over all its runs."""
+
+    words: tuple[str, ...]  # kernel command-line words of its boots
+    latencies: list[float] = field(default_factory=list)  # s, watermark -> larger size usable
+    throughputs: list[float] = field(default_factory=list)  # image bytes per s of grow steps
+    offline: list[float] = field(default_factory=list)  # s per GiB removed by the offline shrink
+    step_ms: dict[str, list[float]] = field(default_factory=dict)
+    methods: dict[str, int] = field(default_factory=dict)  # grows per crypt-resize method
+
+
+def _measure(m: Machine, fig: Figures, args: argparse.Namespace, label: str) -> bool:
+    """Two boots of a fresh machine: grows under a writer, then the offline shrink."""
+    # The shrink request needs a small buffer: with 50:50 weights an image that took the
+    # whole pool never shrinks (docs/resize.md, known limits).
+    flags = f"dm-flags,{','.join(args.dm_flag)};" if args.dm_flag else ""
+    first = m.run(
+        f"{flags}bench-grow,{args.grows};dm-options;fill,32,0;delete-and-shrink,--buffer-min,64M",
+        words=fig.words,
+    )
+    grow = rt_result(first.console, "BENCH-GROW")
+    if grow is None or not grow["latencies"]:
+        print(harness.describe(first), file=sys.stderr)
+        return False
+    fig.latencies += [float(x) for x in grow["latencies"]]  # type: ignore[attr-defined]
+    fig.throughputs += [float(x) for x in grow["throughputs"]]  # type: ignore[attr-defined]
+    for change in grow.get("grows", []):  # type: ignore[attr-defined]
+        for name, ms in change["steps"].items():
+            fig.step_ms.setdefault(name, []).append(float(ms))
+        method = str(change.get("crypt_method", "?"))
+        fig.methods[method] = fig.methods.get(method, 0) + 1
+    options = first_result(first, "DM-OPTIONS")["options"]
+    image_before = int(first_result(first, "SHRINK")["after"]["image"])  # type: ignore[index]
+    second = m.run("offline-shrink", words=fig.words)
+    shrink = rt_result(second.console, "OFFLINE")
+    seconds = offline_seconds(second.console, shrink)
+    if shrink is None or seconds is None:
+        print(harness.describe(second), file=sys.stderr)
+        return False
+    removed = (image_before - int(shrink["after"]["file"])) / GIB  # type: ignore[index]
+    fig.offline.append(seconds / removed)
+    print(
+        f"{label}: dm-crypt options {options}; grow latencies "
+        f"{[round(x, 2) for x in grow['latencies']]} s; "  # type: ignore[attr-defined]
+        f"offline shrink {removed:.2f} GiB in {seconds:.1f} s",
+        flush=True,
+    )
+    return True
+
+
+def _report(name: str, fig: Figures) -> None:
+    print(f"{name}:")
+    print(
+        f"  grow watermark -> larger size usable: median {_median(fig.latencies):.2f} s "
+        f"(min {min(fig.latencies):.2f}, max {max(fig.latencies):.2f}) "
+        f"over {len(fig.latencies)} grows"
+    )
+    print(
+        f"  grow throughput: median {_median(fig.throughputs) / GIB:.3f} GiB/s "
+        f"({_median(fig.throughputs) / 2**20:.1f} MiB/s) of image over "
+        f"{len(fig.throughputs)} grows"
+    )
+    print(
+        "  grow steps, median ms: "
+        + ", ".join(f"{name} {_median(values):.0f}" for name, values in fig.step_ms.items())
+        + " (crypt-resize: the mapping's table swapped by "
+        + ", ".join(f"{m} in {n} grows" for m, n in sorted(fig.methods.items()))
+        + "; dm-table: DM_TABLE_LOAD and a resume without freezing the file system)"
+    )
+    print(
+        f"  offline ext4 shrink at boot: median {_median(fig.offline):.1f} s per GiB removed "
+        f"over {len(fig.offline)} runs ({', '.join(f'{x:.1f}' for x in fig.offline)})"
+    )
+
+
 def _cmd(args: argparse.Namespace) -> int:
     work = OUT / "bench-resize"
     if work.exists():
@@ -172,70 +253,29 @@ def _cmd(args: argparse.Namespace) -> int:
     work.mkdir(parents=True)
     initrd = build_initrd_for(work, work / "initrd.img")
     root = build_guest_root(work / "root", work)
-    latencies: list[float] = []
-    throughputs: list[float] = []
-    offline: list[float] = []
-    step_ms: dict[str, list[float]] = {}
-    methods: dict[str, int] = {}  # how crypt-resize swapped the table, grows per method
+    variants = {"pystate (defaults)": Figures(words=())}
+    if args.baseline:
+        variants[BASELINE] = Figures(words=(BASELINE,))
     for run in range(args.runs):
-        m = make_machine(work / f"m{run}", initrd, root)
-        # The shrink request needs a small buffer: with 50:50 weights an image that took the
-        # whole pool never shrinks (docs/resize.md, known limits).
-        flags = f"dm-flags,{','.join(args.dm_flag)};" if args.dm_flag else ""
-        first = m.run(
-            f"{flags}bench-grow,{args.grows};fill,32,0;delete-and-shrink,--buffer-min,64M"
-        )
-        grow = rt_result(first.console, "BENCH-GROW")
-        if grow is None or not grow["latencies"]:
-            print(harness.describe(first), file=sys.stderr)
-            return 1
-        latencies += [float(x) for x in grow["latencies"]]  # type: ignore[attr-defined]
-        throughputs += [float(x) for x in grow["throughputs"]]  # type: ignore[attr-defined]
-        for change in grow.get("grows", []):  # type: ignore[attr-defined]
-            for name, ms in change["steps"].items():
-                step_ms.setdefault(name, []).append(float(ms))
-            methods[str(change.get("crypt_method", "?"))] = (
-                methods.get(str(change.get("crypt_method", "?")), 0) + 1
-            )
-        image_before = int(first_result(first, "SHRINK")["after"]["image"])  # type: ignore[index]
-        second = m.run("offline-shrink")
-        shrink = rt_result(second.console, "OFFLINE")
-        seconds = offline_seconds(second.console, shrink)
-        if shrink is None or seconds is None:
-            print(harness.describe(second), file=sys.stderr)
-            return 1
-        removed = (image_before - int(shrink["after"]["file"])) / GIB  # type: ignore[index]
-        offline.append(seconds / removed)
-        print(
-            f"run {run + 1}: grow latencies {[round(x, 2) for x in grow['latencies']]} s; "  # type: ignore[attr-defined]
-            f"offline shrink {removed:.2f} GiB in {seconds:.1f} s",
-            flush=True,
-        )
+        for i, (name, fig) in enumerate(variants.items()):  # alternating: A B A B ...
+            m = make_machine(work / f"m{run}-{i}", initrd, root)
+            if not _measure(m, fig, args, f"run {run + 1} {name}"):
+                return 1
     print(
         f"VM: QEMU {harness._accel()} (TCG unless PYSTATE_QEMU_ACCEL), 1 vCPU, {MEMORY} MiB, "
         f"virtio-blk raw sparse file (cache=unsafe), state ext4 {BENCH_STATE_SIZE // GIB} GiB, "
         "encrypted.img LUKS2 aes-xts-plain64 4K sectors, inner ext4, loop direct I/O"
         + (f", dm-crypt flags added: {' '.join(args.dm_flag)}" if args.dm_flag else "")
     )
-    print(
-        f"grow watermark -> larger size usable: median {_median(latencies):.2f} s "
-        f"over {len(latencies)} grows"
-    )
-    print(
-        f"grow throughput: median {_median(throughputs) / GIB:.3f} GiB/s "
-        f"({_median(throughputs) / 2**20:.1f} MiB/s) of image over {len(throughputs)} grows"
-    )
-    print(
-        "grow steps, median ms: "
-        + ", ".join(f"{name} {_median(values):.0f}" for name, values in step_ms.items())
-        + " (crypt-resize: the mapping's table swapped by "
-        + ", ".join(f"{m} in {n} grows" for m, n in sorted(methods.items()))
-        + "; dm-table: DM_TABLE_LOAD and a resume without freezing the file system)"
-    )
-    print(
-        f"offline ext4 shrink at boot: median {_median(offline):.1f} s per GiB removed "
-        f"over {len(offline)} runs"
-    )
+    for name, fig in variants.items():
+        _report(name, fig)
+    if args.baseline:
+        a, b = variants.values()
+        print(
+            f"ratios, defaults / {BASELINE}: grow reaction "
+            f"{_median(a.latencies) / _median(b.latencies):.2f}, offline shrink per GiB "
+            f"{_median(a.offline) / _median(b.offline):.2f}"
+        )
     return 0
 
 
@@ -252,5 +292,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FLAG",
         help="a dm-crypt optional flag added to the mapping's table before the grows "
         "(repeatable; e.g. no_write_workqueue: a lever measured, docs/performance.md)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help=f"also boot machines with {BASELINE} (alternating with the defaults) and print "
+        "the ratios",
     )
     p.set_defaults(func=_cmd)

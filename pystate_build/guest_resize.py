@@ -696,14 +696,27 @@ def cmd_dm_flags(*flags):
     finally:
         for buf in (status, params, load):
             buf[:] = bytes(len(buf))
-    status = dm_table.dm_table_request(name)  # read back: the options the kernel now has
+    out("DM-FLAGS", asked=list(flags), options=_dm_options())  # read back from the kernel
+
+
+def _dm_options():
+    """The optional parameters of the mapping's dm-crypt table (flags; the key is not one)."""
+    from pystate_initrd.formats import dm_table
+    from pystate_initrd.system import devmapper
+
+    name = DM.rsplit("/", 1)[1]
+    status = dm_table.dm_table_request(name)
     try:
         devmapper._ioctl(dm_table.DM_TABLE_STATUS, status, f"reading the table of {name}")
         target = dm_table.dm_crypt_target(status, name)
-        options = [bytes(f).decode() for f in status[target.params].split(b" ")[6:]]
+        return [bytes(f).decode() for f in status[target.params].split(b" ")[6:]]
     finally:
         status[:] = bytes(len(status))
-    out("DM-FLAGS", asked=list(flags), options=options)
+
+
+def cmd_dm_options():
+    """Print the mapping's dm-crypt flags (the table as the kernel has it now)."""
+    out("DM-OPTIONS", options=_dm_options())
 
 
 COMMANDS = {
@@ -715,6 +728,7 @@ COMMANDS = {
     "crash": cmd_crash,
     "bench-grow": cmd_bench_grow,
     "dm-flags": cmd_dm_flags,
+    "dm-options": cmd_dm_options,
     "tt-check": cmd_tt_check,
     "tt-grow": cmd_tt_grow,
     "tt-shrink": cmd_tt_shrink,

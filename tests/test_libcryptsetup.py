@@ -226,6 +226,9 @@ def test_activate_flags_match_the_binary() -> None:
     assert f(check_only=False, readonly=True) == libcryptsetup.CRYPT_ACTIVATE_READONLY == 1
     assert f(check_only=False, discards=True) == 1 << 3
     assert f(check_only=False, readonly=True, discards=True) == 0b1001
+    # --perf-no_write_workqueue: CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE, libcryptsetup.h (2.3.4+)
+    assert f(check_only=False, no_write_workqueue=True) == 1 << 25
+    assert f(check_only=False, readonly=True, no_write_workqueue=True) == (1 << 25) | 1
 
 
 @pytest.mark.skipif(HAS_DM, reason="this host has device-mapper: the QEMU tests activate")

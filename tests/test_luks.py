@@ -437,6 +437,19 @@ def test_open_argv() -> None:
     assert test[-2:] == ["--test-passphrase", "x.img"]
 
 
+def test_open_argv_no_write_workqueue_is_an_option_the_binary_takes(image: Path) -> None:
+    """[image] no-write-workqueue reaches the CLI fallback as --perf-no_write_workqueue, a
+    spelling the real cryptsetup accepts (a misspelt option fails before any key is read)."""
+    argv = luks.open_argv("/dev/loop3", key_slot=0, no_write_workqueue=True)
+    assert "--perf-no_write_workqueue" in argv
+    assert "--perf-no_write_workqueue" not in luks.open_argv("/dev/loop3", key_slot=0)
+    test = luks.open_argv(str(image), None, key_slot=0, no_write_workqueue=True, test=True)
+    assert cryptsetup(*test, key=KEY).returncode == 0
+    wrong = cryptsetup(*test, key=b"not the key")
+    assert wrong.returncode == 2, wrong.stderr  # bad key, not a refused option (exit 1)
+    assert cryptsetup(*test, "--perf-no_write_workqueues", key=KEY).returncode == 1
+
+
 def test_open_argv_needs_name() -> None:
     with pytest.raises(luks.LuksError, match="needs a device-mapper name"):
         luks.open_argv("/dev/loop3", "", key_slot=0)

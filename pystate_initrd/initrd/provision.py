@@ -260,7 +260,12 @@ def provision(
             # wiped by the outer ExitStack either way.
             undo = held.enter_context(contextlib.ExitStack())
             undo.callback(stack.teardown, loop.path, state_dir / MOUNT_DIR)
-            luks.open(loop.path, key=secret.value, key_slot=luks.TPM2_KEYSLOT)
+            luks.open(
+                loop.path,
+                key=secret.value,
+                key_slot=luks.TPM2_KEYSLOT,
+                no_write_workqueue=cfg.no_write_workqueue,
+            )
             try:
                 run(mkfs_argv(DM_PATH, str(cfg.inner_fs)))
             except CommandError as exc:

@@ -78,9 +78,10 @@ def volume_key_source(loop: str, key: bytearray, slot: int, log: Any) -> Callabl
 # --- the whole unlock ---------------------------------------------------------------------
 
 
-def _recover(loop: str, image: Path, ask: Ask, tries: int, reason: str, log: Any) -> bytearray:
-    """Ask for the recovery key up to `tries` times; the passphrase that opened the image."""
+def _recover(loop: str, image: Path, ask: Ask, cfg: Config, reason: str, log: Any) -> bytearray:
+    """Ask for the recovery key up to cfg.recovery_tries times; the passphrase that opened it."""
     log.warning(f"the TPM did not unlock {image}: {reason}")
+    tries = cfg.recovery_tries
     for attempt in range(1, tries + 1):
         prompt = f"pystate: recovery key for {image} (try {attempt} of {tries}):"
         typed = ask(prompt, attempt)
@@ -94,7 +95,12 @@ def _recover(loop: str, image: Path, ask: Ask, tries: int, reason: str, log: Any
         finally:
             typed[:] = bytes(len(typed))
         try:
-            luks.open(loop, key=passphrase, key_slot=luks.RECOVERY_KEYSLOT)
+            luks.open(
+                loop,
+                key=passphrase,
+                key_slot=luks.RECOVERY_KEYSLOT,
+                no_write_workqueue=cfg.no_write_workqueue,
+            )
         except luks.BadKey:
             passphrase[:] = bytes(len(passphrase))
             log.error(f"that recovery key does not open {image}")
@@ -107,6 +113,10 @@ def _recover(loop: str, image: Path, ask: Ask, tries: int, reason: str, log: Any
         f"the TPM did not unlock {image} ({reason}) and no valid recovery key was given",
         hint="nothing was changed; reboot to try again, or boot with pystate=0",
     )
+
+
+def _flags(cfg: Config) -> str:
+    return ", no_write_workqueue" if cfg.no_write_workqueue else ""
 
 
 def unlock(
@@ -160,18 +170,24 @@ def unlock(
         if secret is not None and token is not None:
             with report.step("luks-open") as s:
                 try:
-                    luks.open(loop.path, key=secret, key_slot=token[2], readonly=read_only)
+                    luks.open(
+                        loop.path,
+                        key=secret,
+                        key_slot=token[2],
+                        readonly=read_only,
+                        no_write_workqueue=cfg.no_write_workqueue,
+                    )
                     opened_with = (secret, token[2])
-                    s.detail = f"keyslot {token[2]} as {DM_NAME}"
+                    s.detail = f"keyslot {token[2]} as {DM_NAME}{_flags(cfg)}"
                 except (luks.BadKey, luks.NoKeyslot) as exc:
                     reason = f"the unsealed key does not open keyslot {token[2]}: {exc}"
                     s.detail = f"failed: {reason}"
         how = "tpm2"
         if opened_with is None:
             with report.step("recovery") as s:
-                passphrase = _recover(loop.path, image, ask, cfg.recovery_tries, reason, log)
+                passphrase = _recover(loop.path, image, ask, cfg, reason, log)
                 opened_with = (passphrase, luks.RECOVERY_KEYSLOT)
-                s.detail = f"recovery key, keyslot {luks.RECOVERY_KEYSLOT}"
+                s.detail = f"recovery key, keyslot {luks.RECOVERY_KEYSLOT}{_flags(cfg)}"
             how = "recovery"
         undo_area = None
         if not read_only:

@@ -58,6 +58,7 @@ CRYPT_SLOT_ACTIVE, CRYPT_SLOT_ACTIVE_LAST = 2, 3  # enum crypt_keyslot_info
 CRYPT_ACTIVATE_READONLY = 1 << 0
 CRYPT_ACTIVATE_ALLOW_DISCARDS = 1 << 3
 CRYPT_ACTIVATE_KEYRING_KEY = 1 << 11
+CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE = 1 << 25  # dm-crypt's no_write_workqueue (kernel 5.9)
 CRYPT_ACTIVATE_ALLOW_UNBOUND_KEY = 1 << 16
 
 Key = bytes | bytearray | memoryview
@@ -166,7 +167,12 @@ def _luks2(h: _Lib, device: str) -> Iterator[Any]:
 
 
 def activate_flags(
-    *, check_only: bool, keyring: bool = False, readonly: bool = False, discards: bool = False
+    *,
+    check_only: bool,
+    keyring: bool = False,
+    readonly: bool = False,
+    discards: bool = False,
+    no_write_workqueue: bool = False,
 ) -> int:
     """The CRYPT_ACTIVATE_* flags cryptsetup 2.6's CLI sets for the same options (pure).
 
@@ -180,6 +186,8 @@ def activate_flags(
         flags |= CRYPT_ACTIVATE_READONLY
     if discards:
         flags |= CRYPT_ACTIVATE_ALLOW_DISCARDS
+    if no_write_workqueue:  # --perf-no_write_workqueue
+        flags |= CRYPT_ACTIVATE_NO_WRITE_WORKQUEUE
     return flags
 
 
@@ -192,6 +200,7 @@ def activate(
     keyring: bool = False,
     readonly: bool = False,
     discards: bool = False,
+    no_write_workqueue: bool = False,
 ) -> int:
     """Open keyslot key_slot of device with key and map it as /dev/mapper/name; the slot.
 
@@ -200,7 +209,11 @@ def activate(
     h = _lib()
     ffi, lib = h.ffi, h.lib
     flags = activate_flags(
-        check_only=name is None, keyring=keyring, readonly=readonly, discards=discards
+        check_only=name is None,
+        keyring=keyring,
+        readonly=readonly,
+        discards=discards,
+        no_write_workqueue=no_write_workqueue,
     )
     # Global in the library, so set for every call: off = the key in the dm table.
     lib.crypt_volume_key_keyring(ffi.NULL, 1 if keyring else 0)

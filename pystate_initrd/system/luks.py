@@ -401,6 +401,7 @@ def open_argv(
     keyring: bool = False,
     readonly: bool = False,
     discards: bool = False,
+    no_write_workqueue: bool = False,
     test: bool = False,
 ) -> list[str]:
     """``cryptsetup open`` for one keyslot, key on stdin, no token tried (SPEC §10).
@@ -409,6 +410,7 @@ def open_argv(
     loading; --key-slot keeps cryptsetup from trying the other slots. Without
     keyring the volume key goes into the dm table instead of the kernel keyring,
     so that ``cryptsetup resize`` needs no key in the booted system (docs/luks.md).
+    no_write_workqueue: dm-crypt encrypts writes in the writer's context (config.py).
     test: only check the key (--test-passphrase), no device-mapper needed.
     """
     argv = ["open", "--type", "luks2", "--key-slot", str(key_slot), "--key-file=-"]
@@ -419,6 +421,8 @@ def open_argv(
         argv.append("--readonly")
     if discards:
         argv.append("--allow-discards")
+    if no_write_workqueue:
+        argv.append("--perf-no_write_workqueue")
     if test:
         return [*argv, "--test-passphrase", device]
     if not name:
@@ -435,6 +439,7 @@ def open(
     keyring: bool = False,
     readonly: bool = False,
     discards: bool = False,
+    no_write_workqueue: bool = False,
 ) -> None:
     """Activate /dev/mapper/name from device (a loop device or the image) with one keyslot."""
     path = os.fspath(device)
@@ -451,12 +456,19 @@ def open(
                 keyring=keyring,
                 readonly=readonly,
                 discards=discards,
+                no_write_workqueue=no_write_workqueue,
             )
         except libcryptsetup.CallError as exc:
             raise _library_error(path, "open", exc, key_slot) from None
         return
     argv = open_argv(
-        path, name, key_slot=key_slot, keyring=keyring, readonly=readonly, discards=discards
+        path,
+        name,
+        key_slot=key_slot,
+        keyring=keyring,
+        readonly=readonly,
+        discards=discards,
+        no_write_workqueue=no_write_workqueue,
     )
     _with_keys(path, "open", lambda _fd: argv, key=key, slot=key_slot)
 
