@@ -40,16 +40,16 @@ install() {
 	# cp (coreutils, for xattrs and ACLs) seeds new entries; mkfs makes the image's fs.
 	inst_multiple e2fsck resize2fs e2undo cryptsetup mkfs.ext4 cp
 	inst_multiple -o btrfs mkfs.btrfs xfs_growfs fsck.ext4 /etc/mke2fs.conf \
-		systemd-ask-password tpm2_createprimary tpm2_createpolicy tpm2_create \
-		tpm2_load tpm2_unseal tpm2_pcrread tpm2_pcrextend tpm2_flushcontext tpm2_readpublic \
-		tpm2_startauthsession
-	# tpm2-tools dlopen() their TCTI; dracut cannot see that dependency.
-	inst_libdir_file "libtss2-tcti-device.so*"
+		systemd-ask-password
 	# pystate dlopen()s libcryptsetup (system/libcryptsetup.py); cryptsetup links it too.
 	inst_libdir_file "libcryptsetup.so.12*"
-	# ... and tpm2-tss's ESAPI for the unseal (system/esys.py); tpm2-tools link them too.
+	# Every TPM command goes through tpm2-tss's ESAPI in process (system/esys.py): these
+	# libraries and the TCTI that libtss2-tctildr dlopen()s (dracut cannot see that) are all
+	# the initrd needs. tpm2-tools, pystate's fallback where ESAPI does not load, are not
+	# copied: they link these same libraries, so they could not run where ESAPI cannot, and
+	# the `tpm2` binary brings libcurl, GnuTLS, Kerberos and LDAP (docs/performance.md).
 	inst_libdir_file "libtss2-esys.so.0*" "libtss2-tctildr.so.0*" "libtss2-mu.so.0*" \
-		"libtss2-rc.so.0*"
+		"libtss2-rc.so.0*" "libtss2-sys.so.1*" "libtss2-tcti-device.so.0*"
 
 	local conf="${PYSTATE_CONF:-/etc/pystate/pystate.conf}"
 	[[ -e "$conf" ]] && inst_simple "$conf" /etc/pystate/pystate.conf

@@ -75,8 +75,10 @@ DRACUT_FILES = (
 # cryptsetup-bin: cryptsetup (check(), the service). coreutils (cp) and init-system-helpers
 # (the maintainer scripts) are Essential. The libraries come from dpkg-shlibdeps.
 DEPENDS = ("python3.11", "e2fsprogs", "cryptsetup-bin")
-# The dracut module installs tpm2-tools and its TCTI only when present (inst_multiple -o):
-# without them no key is sealed and every boot asks for the recovery key. btrfs-progs:
+# tpm2-tools bring tpm2-tss's ESAPI libraries, which the dracut module copies into the
+# initrd when present (not the tools themselves) and the booted system uses; tpm2-tools are
+# the fallback there. The TCTI is dlopen()ed: nothing else brings libtss2-tcti-device0.
+# Without them no key is sealed and every boot asks for the recovery key. btrfs-progs:
 # btrfs as the image's inner file system (mkfs.btrfs, `btrfs filesystem resize`).
 RECOMMENDS = ("tpm2-tools", "libtss2-tcti-device0", "btrfs-progs")
 # An initrd builder (the module and the drop-in do nothing without one); xfs_growfs for an

@@ -77,7 +77,8 @@ def test_mkosi_reads_the_drop_in(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     image = json.loads(done.stdout)["Images"][-1]
     packages = set(image["Packages"])
-    assert {"python3.11-minimal", "libffi8", "tpm2-tools", "libtss2-tcti-device0"} <= packages
+    assert {"python3.11-minimal", "libffi8", "libtss2-esys-3.0.2-0", "libtss2-rc0"} <= packages
+    assert {"libtss2-tctildr0", "libtss2-tcti-device0"} <= packages  # ESAPI and its TCTI
     assert {"cryptsetup-bin", "e2fsprogs", "btrfs-progs", "coreutils", "systemd"} <= packages
     trees = {t["Target"]: Path(t["Source"]) for t in image["ExtraTrees"] if t["Target"]}
     assert trees["/usr/lib/pystate"] == (tmp_path / "payload").resolve()

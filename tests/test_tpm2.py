@@ -476,6 +476,30 @@ def test_no_tpm(tcti: str) -> None:
         tpm2.pcr_read("sha256", [7], tcti)
 
 
+def test_an_initrd_without_esapi_or_tools_says_why_esapi_did_not_load(
+    swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The dracut module copies tpm2-tss's libraries, not tpm2-tools: where a library is
+    missing after all (a distributor's own initrd), the error names the library, not only
+    the fallback's missing binary. Both faults are real: a dlopen() of a name that does not
+    exist, and a PATH without tpm2-tools."""
+    from pystate_initrd.system import esys
+    from pystate_initrd.system import run as run_module
+
+    monkeypatch.delenv("PYSTATE_TPM2", raising=False)  # auto: ESAPI, else tpm2-tools
+    monkeypatch.setitem(esys.LIBRARIES, "rc", "libtss2-rc.so.999")
+    esys._load.cache_clear()
+    monkeypatch.setitem(run_module._BASE_ENV, "PATH", str(tmp_path))
+    try:
+        with pytest.raises(NoTpm) as info:
+            tpm2.pcr_read("sha256", [7], swtpm.tcti)
+    finally:
+        esys._load.cache_clear()
+    message = str(info.value)
+    assert "tpm2_pcrread not found" in message
+    assert "cannot load tpm2-tss's ESAPI" in message and "libtss2-rc.so.999" in message
+
+
 @pytest.mark.parametrize("mode", ["library", "cli"])
 def test_no_tpm_dead_port(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYSTATE_TPM2", mode)

@@ -259,7 +259,11 @@ def _tool(
         )
     except _run.CommandError as e:
         if e.returncode is None:  # binary missing
-            raise NoTpm(f"cannot use the TPM2 on {tcti}: {e}") from None
+            # The fallback is missing too (an initrd carries ESAPI only): say why ESAPI was not
+            # used, which is what the distributor has to fix.
+            loaded = esys._load() if esys.mode() == "auto" else None
+            why = f"; {loaded}" if isinstance(loaded, str) else ""
+            raise NoTpm(f"cannot use the TPM2 on {tcti}: {e}{why}") from None
         raise classify(step, tcti, e.stderr, what) from None
 
 
