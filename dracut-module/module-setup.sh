@@ -36,6 +36,9 @@ install() {
 	for so in "$payload"/lib-dynload/*.so; do
 		[[ -e "$so" ]] && inst_library "$so" "/usr/lib/python3.11/lib-dynload/${so##*/}"
 	done
+	# What those link: dracut-install resolves the libraries of executable files only, and
+	# extension modules are 0644 (_cffi_backend: libffi; _uuid: libuuid).
+	inst_libdir_file "libffi.so.8*" "libuuid.so.1*"
 
 	# cp (coreutils, for xattrs and ACLs) seeds new entries; mkfs makes the image's fs.
 	inst_multiple e2fsck resize2fs e2undo cryptsetup mkfs.ext4 cp
