@@ -132,6 +132,14 @@ def mode() -> str:
     return library_mode.mode(ENV)
 
 
+def load_failure() -> str | None:
+    """Why "auto" does not use ESAPI (its libraries did not load), else None."""
+    if mode() != "auto":
+        return None
+    loaded = _load()
+    return loaded if isinstance(loaded, str) else None
+
+
 def available() -> bool:
     """ESAPI in process (True) or tpm2-tools (False): the one place that decides."""
     return library_mode.use_library(ENV, _load, Tpm2Error)

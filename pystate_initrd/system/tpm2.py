@@ -261,9 +261,8 @@ def _tool(
         if e.returncode is None:  # binary missing
             # The fallback is missing too (an initrd carries ESAPI only): say why ESAPI was not
             # used, which is what the distributor has to fix.
-            loaded = esys._load() if esys.mode() == "auto" else None
-            why = f"; {loaded}" if isinstance(loaded, str) else ""
-            raise NoTpm(f"cannot use the TPM2 on {tcti}: {e}{why}") from None
+            why = esys.load_failure()
+            raise NoTpm(f"cannot use the TPM2 on {tcti}: {e}{f'; {why}' if why else ''}") from None
         raise classify(step, tcti, e.stderr, what) from None
 
 
